@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from . import triton_gather
 from .plan import GatherPlan
+
+# "torch" forces the portable path on CUDA too (benchmarks and GPU tests compare both).
+_KERNEL = os.environ.get("NVFP4_PREP_GATHER", "auto")
 
 
 def _words(tensor: torch.Tensor, plan: GatherPlan, rows: int, cols: int) -> torch.Tensor:
@@ -15,13 +21,17 @@ def _words(tensor: torch.Tensor, plan: GatherPlan, rows: int, cols: int) -> torc
 def apply(plan: GatherPlan, source: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Write the prepared bytes of ``source`` ([E, ...], any byte dtype) into ``out``.
 
-    Each input word is scattered once to its destination (the maps are
-    injective), then only the padding is zeroed: no intermediate copy of the
-    tensor is made.
+    On CUDA a Triton kernel gathers every output word once. The torch path
+    scatters each input word once to its destination (the maps are
+    injective), then zeroes only the padding. Neither makes an intermediate
+    copy of the tensor.
     """
-    inverse, padding = plan.maps(source.device)
+    src_map, inverse, padding = plan.maps(source.device)
     src = _words(source.contiguous(), plan, plan.in_rows, plan.in_cols)
     dst = _words(out, plan, plan.out_rows, plan.out_cols)
+    if _KERNEL != "torch" and triton_gather.available(source):
+        triton_gather.gather(src_map, src, dst)
+        return out
     data = dst if plan.out_cols == plan.in_cols else dst.narrow(2, 0, plan.in_cols)
     data.index_copy_(1, inverse, src)
     if padding.numel():
@@ -33,7 +43,7 @@ def apply(plan: GatherPlan, source: torch.Tensor, out: torch.Tensor) -> torch.Te
 
 def invert(plan: GatherPlan, prepared: torch.Tensor) -> torch.Tensor:
     """The source bytes back from prepared ones, as a ``[E, in_rows * in_cols]`` word tensor."""
-    inverse, _ = plan.maps(prepared.device)
+    _, inverse, _ = plan.maps(prepared.device)
     dst = _words(prepared.contiguous(), plan, plan.out_rows, plan.out_cols)
     data = dst if plan.out_cols == plan.in_cols else dst.narrow(2, 0, plan.in_cols)
     return torch.index_select(data, 1, inverse)
@@ -41,7 +51,7 @@ def invert(plan: GatherPlan, prepared: torch.Tensor) -> torch.Tensor:
 
 def padding_is_zero(plan: GatherPlan, prepared: torch.Tensor) -> bool:
     """Whether every padding byte of ``prepared`` is 0x00, as SPEC section 1 requires."""
-    _, padding = plan.maps(prepared.device)
+    _, _, padding = plan.maps(prepared.device)
     dst = _words(prepared.contiguous(), plan, plan.out_rows, plan.out_cols)
     if padding.numel() and bool(torch.index_select(dst, 1, padding).any()):
         return False

@@ -45,12 +45,12 @@ class GatherPlan:
         self.inverse[self.src[valid]] = valid.nonzero().flatten()
         self.padding = (~valid).nonzero().flatten()
 
-    def maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inverse, padding) on ``device``, copied there once."""
+    def maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(src, inverse, padding) on ``device``, copied there once."""
         key = str(device)
         with self._lock:
             if key not in self._on_device:
-                self._on_device[key] = (self.inverse.to(device), self.padding.to(device))
+                self._on_device[key] = tuple(m.to(device) for m in (self.src, self.inverse, self.padding))
             return self._on_device[key]
 
 
