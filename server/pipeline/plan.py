@@ -108,7 +108,7 @@ def _scale_plan(rows: torch.Tensor, in_rows: int, in_cols: int, out_cols: int) -
     """Row gather, column padding and 128x4 tiling folded into one flat map."""
     tiled_rows, tiled_cols = tiled_shape(len(rows), out_cols)
     width = next(w for w in SCALE_WORDS if in_cols % w == 0)
-    dest = tile_offsets(len(rows), in_cols)[:, ::width] // width
+    dest = tile_offsets(len(rows), in_cols, tiled_cols)[:, ::width] // width
     words_per_row = in_cols // width
     source = rows.unsqueeze(1) * words_per_row + torch.arange(words_per_row, dtype=torch.long)
     valid = (rows >= 0).unsqueeze(1).expand_as(dest)

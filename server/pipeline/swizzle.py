@@ -16,9 +16,13 @@ def tiled_shape(rows: int, cols: int) -> tuple[int, int]:
     return round_up(rows, TILE_ROWS), round_up(cols, TILE_COLS)
 
 
-def tile_offsets(rows: int, cols: int) -> torch.Tensor:
-    """``off(m, k)`` for every ``m < rows``, ``k < cols`` as a ``[rows, cols]`` long tensor."""
-    _, cols_padded = tiled_shape(rows, cols)
+def tile_offsets(rows: int, cols: int, cols_padded: int | None = None) -> torch.Tensor:
+    """``off(m, k)`` for every ``m < rows``, ``k < cols`` as a ``[rows, cols]`` long tensor.
+
+    ``cols_padded`` is the tiled width Kp when the matrix is also zero-padded
+    beyond ``cols`` (TRT-LLM and non-gated CUTLASS padding of I).
+    """
+    cols_padded = cols_padded if cols_padded is not None else tiled_shape(rows, cols)[1]
     m = torch.arange(rows, dtype=torch.long).unsqueeze(1)
     k = torch.arange(cols, dtype=torch.long).unsqueeze(0)
     return (

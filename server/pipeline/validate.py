@@ -72,6 +72,9 @@ def validate(tensors: Mapping[str, torch.Tensor], backend: str, activation: str,
     check_choice("activation", activation, ACTIVATIONS)
     check_choice("input_scale_policy", policy, INPUT_SCALE_POLICIES)
     gated = activation in GATED_ACTIVATIONS
+    devices = {t.device for name in STACKED_NAMES if isinstance(t := tensors.get(name), torch.Tensor)}
+    if len(devices) > 1:
+        raise PrepError("tensors", f"live on devices {sorted(map(str, devices))}", "one device")
 
     w13 = _tensor(tensors, "w13_weight")
     _dtype("w13_weight", w13, (torch.uint8,))
@@ -104,10 +107,6 @@ def validate(tensors: Mapping[str, torch.Tensor], backend: str, activation: str,
     _global_scale("w13_input_scale", _tensor(tensors, "w13_input_scale"), experts, True)
     _global_scale("w2_weight_scale_2", _tensor(tensors, "w2_weight_scale_2"), experts, False)
     _global_scale("w2_input_scale", _tensor(tensors, "w2_input_scale"), experts, False)
-
-    devices = {tensors[name].device for name in STACKED_NAMES}
-    if len(devices) > 1:
-        raise PrepError("tensors", f"live on devices {sorted(map(str, devices))}", "one device")
 
     dims = padded_dims(backend, experts, hidden, inter, gated)
     _alignment(backend, dims)
