@@ -1,0 +1,212 @@
+"""Benchmark of ``prepare`` on a whole checkpoint against plainly reading the same files.
+
+Writes a synthetic ModelOpt NVFP4 checkpoint (one shard per MoE layer, with an
+index), then measures in the same run, on the same hot page cache:
+
+- baselines: a Python read loop over every file, ``cat`` of every file, and a
+  copy loop (read, write and fsync every file), since prepare writes as many
+  bytes as it reads;
+- prepare through the in-process pipeline (no gRPC);
+- prepare embedded (what ``nvfp4-prep prepare`` does without --server: a server
+  started in this process, the SDK over loopback);
+- prepare through a separately started server process.
+
+Each prepare run reads every shard, prepares every layer and writes (and fsyncs)
+a complete prepared checkpoint. GB/s is source checkpoint bytes over wall time;
+the ratios are that over the read loop's and the copy loop's GB/s (1.0 = as
+fast as reading, or as copying, the files).
+
+    python bench/checkpoint.py                   # here (2 cores): a 0.7 GB checkpoint
+    python bench/checkpoint.py --size-gb 8       # device machine: Qwen3-30B-A3B-shaped, ~8 GB
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from nvfp4_prep.checkpoint import open_checkpoint
+from nvfp4_prep.checkpoint.prepare_job import prepare_checkpoint
+from nvfp4_prep.client.checkpoint_commands import layer_preparers
+from nvfp4_prep.client.sdk import PrepClient
+from nvfp4_prep.pipeline import BACKENDS, prepare
+
+SERVER = ("import sys; from nvfp4_prep.server.config import ServeConfig; from nvfp4_prep.server.server import run; "
+          "sys.exit(run(ServeConfig(host='127.0.0.1', port=int(sys.argv[1]), metrics_port=0, log_level='WARNING')))")
+
+
+def layer_bytes(experts: int, hidden: int, inter: int) -> int:
+    per_projection = inter * hidden // 2 + inter * hidden // 16 + 8
+    return experts * 3 * per_projection
+
+
+def write_layer(path: Path, layer: int, experts: int, hidden: int, inter: int, gen: torch.Generator) -> None:
+    prefix = f"model.layers.{layer}.mlp.experts"
+    tensors = {f"model.layers.{layer}.mlp.gate.weight": torch.randn(experts, hidden, generator=gen).to(torch.bfloat16)}
+    for e in range(experts):
+        shared_scale = torch.rand((), generator=gen) + 0.5  # gate and up share it, as quantizers do
+        for proj, (rows, cols) in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
+                                   ("down_proj", (hidden, inter))):
+            name = f"{prefix}.{e}.{proj}"
+            tensors[f"{name}.weight"] = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, generator=gen)
+            tensors[f"{name}.weight_scale"] = torch.randint(
+                0, 0x7F, (rows, cols // 16), dtype=torch.uint8, generator=gen).view(torch.float8_e4m3fn)
+            global_scale = torch.rand((), generator=gen) + 0.5 if proj == "down_proj" else shared_scale
+            tensors[f"{name}.weight_scale_2"] = global_scale.clone()
+            tensors[f"{name}.input_scale"] = torch.rand((), generator=gen) + 0.5
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def write_checkpoint(directory: Path, layers: int, experts: int, hidden: int, inter: int) -> list[Path]:
+    """A ModelOpt NVFP4 checkpoint with ``layers`` MoE layers, one shard each, plus embeddings."""
+    directory.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    total = layers + 1
+    weight_map, files = {}, []
+    for number in range(total):
+        path = directory / f"model-{number + 1:05d}-of-{total:05d}.safetensors"
+        if number < layers:
+            write_layer(path, number, experts, hidden, inter, gen)
+        else:
+            save_file({"model.embed_tokens.weight": torch.randn(1024, hidden, generator=gen).to(torch.bfloat16)}, path)
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        weight_map.update({name: path.name for name in header if name != "__metadata__"})
+        files.append(path)
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (directory / "config.json").write_text(json.dumps({"model_type": "synthetic_moe", "quantization_config": {
+        "quant_method": "modelopt", "quant_algo": "NVFP4", "ignore": []}}))
+    return files
+
+
+def read_loop(files: list[Path]) -> float:
+    buffer = bytearray(16 << 20)
+    view = memoryview(buffer)
+    start = time.perf_counter()
+    for path in files:
+        with open(path, "rb", buffering=0) as handle:
+            while handle.readinto(view):
+                pass
+    return time.perf_counter() - start
+
+
+def copy_loop(files: list[Path], target: Path) -> float:
+    """Read + write + fsync of every file: the floor for any job that reads and writes as many bytes."""
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir()
+    buffer = bytearray(16 << 20)
+    view = memoryview(buffer)
+    start = time.perf_counter()
+    for path in files:
+        with open(path, "rb", buffering=0) as source, open(target / path.name, "wb", buffering=0) as sink:
+            while count := source.readinto(view):
+                sink.write(view[:count])
+            os.fsync(sink.fileno())
+    seconds = time.perf_counter() - start
+    shutil.rmtree(target)
+    return seconds
+
+
+def cat(files: list[Path]) -> float:
+    start = time.perf_counter()
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - start
+
+
+def timed_prepare(source: Path, out: Path, preparers: list, backend: str) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    summary = prepare_checkpoint(open_checkpoint(source), out, preparers, backend, progress=False)
+    seconds = time.perf_counter() - start
+    if summary.layers_skipped:
+        raise RuntimeError("a benchmark run resumed an earlier output")
+    shutil.rmtree(out)
+    return seconds
+
+
+def in_process_preparer(device: torch.device):
+    def run(stacked, backend: str, activation: str, policy: str):
+        return prepare({name: tensor.to(device) for name, tensor in stacked.items()}, backend, activation, policy)
+    return run
+
+
+def start_server_process() -> tuple[subprocess.Popen, str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-c", SERVER, str(port)])
+    address = f"127.0.0.1:{port}"
+    with PrepClient(address, retries=30, backoff=0.2, max_backoff=1.0) as client:
+        client.capabilities(timeout=120)
+    return process, address
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-gb", type=float, default=0.7, help="checkpoint size in GB (default: %(default)s)")
+    parser.add_argument("--experts", type=int, default=128, help="experts per layer (default: %(default)s)")
+    parser.add_argument("--hidden", type=int, default=2048, help="hidden size (default: %(default)s)")
+    parser.add_argument("--intermediate", type=int, default=768, help="expert intermediate size (default: %(default)s)")
+    parser.add_argument("--backend", choices=BACKENDS, default="flashinfer_cutedsl")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device of the in-process pipeline run (default: %(default)s)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each measurement; the best is kept")
+    parser.add_argument("--work-dir", type=Path, default=None, help="where to write (default: a temporary directory)")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="nvfp4-prep-bench-", dir=args.work_dir))
+    try:
+        per_layer = layer_bytes(args.experts, args.hidden, args.intermediate)
+        layers = max(1, round(args.size_gb * 1e9 / per_layer))
+        source, out = work / "source", work / "out"
+        started = time.perf_counter()
+        files = write_checkpoint(source, layers, args.experts, args.hidden, args.intermediate)
+        size = sum(path.stat().st_size for path in files)
+        print(f"checkpoint: {layers} MoE layers x {args.experts} experts (H={args.hidden}, I={args.intermediate}), "
+              f"{size / 1e9:.2f} GB in {len(files)} shards, written in {time.perf_counter() - started:.1f}s; "
+              f"backend {args.backend}; hot page cache; best of {args.repeat}")
+        read_loop(files)  # warm the page cache
+
+        def best(fn) -> float:
+            return min(fn() for _ in range(args.repeat))
+
+        results = [("read loop (baseline)", best(lambda: read_loop(files))), ("cat", best(lambda: cat(files))),
+                   ("copy loop (read+write+fsync)", best(lambda: copy_loop(files, out)))]
+        device = torch.device(args.device)
+        results.append((f"prepare in-process ({device.type})",
+                        best(lambda: timed_prepare(source, out, [in_process_preparer(device)], args.backend))))
+        with layer_preparers([]) as preparers:
+            results.append(("prepare embedded server",
+                            best(lambda: timed_prepare(source, out, preparers, args.backend))))
+        process, address = start_server_process()
+        try:
+            with layer_preparers([address]) as preparers:
+                results.append(("prepare server process",
+                                best(lambda: timed_prepare(source, out, preparers, args.backend))))
+        finally:
+            process.terminate()
+            process.wait(60)
+
+        read_rate, copy_rate = size / results[0][1], size / results[2][1]
+        print(f"{'run':<30} {'seconds':>9} {'GB/s':>8} {'vs read':>8} {'vs copy':>8}")
+        for name, seconds in results:
+            rate = size / seconds
+            print(f"{name:<30} {seconds:9.3f} {rate / 1e9:8.2f} {rate / read_rate:8.3f} {rate / copy_rate:8.3f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

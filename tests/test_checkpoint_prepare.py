@@ -1,0 +1,232 @@
+"""Writing prepared checkpoints through the real pipeline, verifying them, and resuming."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint_factory import CT_CHECKPOINT, MODELOPT_CHECKPOINT, load_all, moe_layer_tensors, sharded_copy, \
+    write_checkpoint
+from nvfp4_prep.checkpoint import CheckpointError, open_checkpoint
+from nvfp4_prep.checkpoint.manifest import MANIFEST_NAME
+from nvfp4_prep.checkpoint.prepare_job import prepare_checkpoint
+from nvfp4_prep.checkpoint.verify import verify_prepared
+from nvfp4_prep.pipeline import BACKENDS, PREPARED_NAMES, PrepError, prepare
+
+SHARED = {"compressed-tensors": CT_CHECKPOINT, "modelopt": MODELOPT_CHECKPOINT}
+INDEX = "model.safetensors.index.json"
+
+
+def run(source: Path, out: Path, backend: str = "flashinfer_cutedsl", **options: object):
+    return prepare_checkpoint(open_checkpoint(source), out, [prepare], backend, progress=False, **options)
+
+
+def flip_byte(shard: Path, tensor: str) -> None:
+    """Flips one bit in the middle of ``tensor``'s bytes in place."""
+    header = load_header(shard)
+    begin, end = header[tensor]["data_offsets"]
+    at = 8 + header_length(shard) + (begin + end) // 2
+    data = bytearray(shard.read_bytes())
+    data[at] ^= 0x10
+    shard.write_bytes(bytes(data))
+
+
+def header_length(shard: Path) -> int:
+    return int.from_bytes(shard.read_bytes()[:8], "little")
+
+
+def load_header(shard: Path) -> dict:
+    return json.loads(shard.read_bytes()[8:8 + header_length(shard)])
+
+
+def shard_of(out: Path, tensor: str) -> Path:
+    return out / json.loads((out / INDEX).read_text())["weight_map"][tensor]
+
+
+@pytest.mark.parametrize("fmt", sorted(SHARED))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prepare_then_verify_round_trips(tmp_path: Path, fmt: str, backend: str) -> None:
+    source = SHARED[fmt]
+    summary = run(source, tmp_path / "out", backend)
+    assert (summary.layers_prepared, summary.layers_skipped) == (2, 0)
+    assert verify_prepared(tmp_path / "out", source) == []
+
+    # The output is an ordinary sharded safetensors checkpoint: read it with the library itself.
+    index = json.loads((tmp_path / "out" / INDEX).read_text())
+    tensors = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors.update(load_all(tmp_path / "out" / shard))
+    assert set(tensors) == set(index["weight_map"])
+    reference = open_checkpoint(source)
+    for prefix in reference.moe_layers():
+        expected = prepare(reference.read_layer(prefix), backend)
+        for name in PREPARED_NAMES:
+            got, want = tensors[f"{prefix}.{name}"], expected.tensors[name]
+            assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name
+        metadata_layout = json.loads(_metadata(shard_of(tmp_path / "out", f"{prefix}.w13_weight"))["nvfp4_prep_layout"])
+        assert metadata_layout["layers"][prefix]["hidden_dim_unpadded"] == 512
+        assert metadata_layout["layout_id"] == expected.layout["layout_id"]
+    source_tensors = load_all(source / "model.safetensors")
+    for name in reference.other_tensor_names():
+        assert torch.equal(tensors[name].reshape(-1).view(torch.uint8), source_tensors[name].reshape(-1).view(torch.uint8))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["nvfp4_prep"]["backend"] == backend and config["nvfp4_prep"]["prepared"] is True
+    assert config["quantization_config"] == json.loads((source / "config.json").read_text())["quantization_config"]
+
+
+def _metadata(shard: Path) -> dict:
+    return load_header(shard)["__metadata__"]
+
+
+def test_strict_policy_round_trips_where_the_source_allows_it(tmp_path: Path) -> None:
+    run(MODELOPT_CHECKPOINT, tmp_path / "out", "flashinfer_trtllm", input_scale_policy="strict")
+    assert verify_prepared(tmp_path / "out", MODELOPT_CHECKPOINT) == []
+
+
+def test_strict_policy_failure_leaves_no_complete_looking_output(tmp_path: Path) -> None:
+    with pytest.raises(PrepError, match="w2_input_scale"):
+        run(CT_CHECKPOINT, tmp_path / "out", "flashinfer_cutlass", input_scale_policy="strict")
+    assert not (tmp_path / "out" / INDEX).exists()
+    assert json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["complete"] is False
+    assert not list((tmp_path / "out").glob(".*.partial"))
+    assert verify_prepared(tmp_path / "out", CT_CHECKPOINT)[0].tensor == MANIFEST_NAME
+
+
+def test_sharded_copy_gives_the_same_output(tmp_path: Path) -> None:
+    sharded = sharded_copy(CT_CHECKPOINT, tmp_path / "sharded", 3)
+    run(CT_CHECKPOINT, tmp_path / "a", "flashinfer_trtllm")
+    run(sharded, tmp_path / "b", "flashinfer_trtllm")
+    assert verify_prepared(tmp_path / "b", sharded) == []
+    for path in (tmp_path / "a").glob("model-*.safetensors"):
+        assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes(), path.name
+    assert (tmp_path / "a" / INDEX).read_bytes() == (tmp_path / "b" / INDEX).read_bytes()
+
+
+def test_verify_names_a_flipped_byte_in_a_prepared_tensor(tmp_path: Path) -> None:
+    run(CT_CHECKPOINT, tmp_path / "out", "flashinfer_cutedsl")
+    name = "model.layers.1.mlp.experts.w2_weight"
+    flip_byte(shard_of(tmp_path / "out", name), name)
+    differences = verify_prepared(tmp_path / "out", CT_CHECKPOINT)
+    assert {d.tensor for d in differences} == {name}
+    assert any("crc32c" in d.problem for d in differences)
+    assert any("differ from the source" in d.problem for d in differences)
+
+
+def test_verify_catches_a_flip_even_when_the_manifest_agrees(tmp_path: Path) -> None:
+    """The manifest is not trusted alone: unprepare + compare with the source catches it too."""
+    run(MODELOPT_CHECKPOINT, tmp_path / "out", "vllm_cutlass")
+    for name in ("model.layers.0.mlp.experts.w13_weight_scale", "model.layers.0.self_attn.o_proj.weight",
+                 "model.layers.1.mlp.experts.g1_alphas"):
+        flip_byte(shard_of(tmp_path / "out", name), name)
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
+    checkpoint = open_checkpoint(tmp_path / "out")
+    from nvfp4_prep.checkpoint.checksum import crc32c_hex
+    for shard in manifest["shards"].values():
+        for tensor, info in shard["tensors"].items():
+            info["crc32c"] = crc32c_hex(checkpoint.read_raw(tensor))
+    (tmp_path / "out" / MANIFEST_NAME).write_text(json.dumps(manifest))
+    differences = verify_prepared(tmp_path / "out", MODELOPT_CHECKPOINT)
+    assert {d.tensor for d in differences} == {"model.layers.0.mlp.experts.w13_weight_scale",
+                                               "model.layers.0.self_attn.o_proj.weight",
+                                               "model.layers.1.mlp.experts.g1_alphas"}
+
+
+def test_verify_against_another_source_fails(tmp_path: Path) -> None:
+    run(CT_CHECKPOINT, tmp_path / "out")
+    differences = verify_prepared(tmp_path / "out", MODELOPT_CHECKPOINT)
+    assert any(d.tensor == "model.layers.0.mlp.experts.w13_weight" for d in differences)
+
+
+def test_rerun_after_a_crash_keeps_intact_layers_and_redoes_the_rest(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run(CT_CHECKPOINT, out, "flashinfer_trtllm")
+    # What a crash while writing layer 1 leaves: its shard half-written under a temporary name, the
+    # manifest without it, no index yet.
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    layer1 = shard_of(out, "model.layers.1.mlp.experts.w13_weight")
+    del manifest["shards"][layer1.name]
+    manifest["complete"] = False
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    (out / INDEX).unlink()
+    partial = out / f".{layer1.name}.partial"
+    partial.write_bytes(layer1.read_bytes()[:1000])
+    layer1.unlink()
+
+    summary = run(CT_CHECKPOINT, out, "flashinfer_trtllm")
+    assert (summary.layers_prepared, summary.layers_skipped) == (1, 1)
+    assert not partial.exists()
+    assert verify_prepared(out, CT_CHECKPOINT) == []
+
+
+def test_rerun_redoes_a_layer_whose_bytes_no_longer_match(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run(MODELOPT_CHECKPOINT, out)
+    name = "model.layers.0.mlp.experts.w13_weight"
+    flip_byte(shard_of(out, name), name)
+    summary = run(MODELOPT_CHECKPOINT, out)
+    assert (summary.layers_prepared, summary.layers_skipped) == (1, 1)
+    assert verify_prepared(out, MODELOPT_CHECKPOINT) == []
+
+
+def test_rerun_with_another_backend_rewrites_everything(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run(MODELOPT_CHECKPOINT, out, "flashinfer_cutedsl")
+    summary = run(MODELOPT_CHECKPOINT, out, "flashinfer_trtllm")
+    assert (summary.layers_prepared, summary.layers_skipped) == (2, 0)
+    assert verify_prepared(out, MODELOPT_CHECKPOINT) == []
+    assert json.loads((out / "config.json").read_text())["nvfp4_prep"]["backend"] == "flashinfer_trtllm"
+
+
+def test_output_into_the_source_directory_is_refused(tmp_path: Path) -> None:
+    source = write_checkpoint(tmp_path / "src", moe_layer_tensors(0, 2, 64, 64))
+    with pytest.raises(CheckpointError, match="source checkpoint"):
+        run(source, source)
+
+
+_SLOW_PREPARE = """
+import sys, time
+from nvfp4_prep.checkpoint import open_checkpoint
+from nvfp4_prep.checkpoint.prepare_job import prepare_checkpoint
+from nvfp4_prep.pipeline import prepare
+
+def slow(stacked, backend, activation, policy):
+    time.sleep(0.4)  # room for the parent to kill this run between layers or mid-write
+    return prepare(stacked, backend, activation, policy)
+
+prepare_checkpoint(open_checkpoint(sys.argv[1]), sys.argv[2], [slow], "flashinfer_cutlass", progress=False)
+"""
+
+
+def test_killed_run_is_completed_by_a_rerun(tmp_path: Path) -> None:
+    tensors = {}
+    for layer in range(8):
+        tensors.update(moe_layer_tensors(layer, 4, 256, 128, seed=1))
+    source = write_checkpoint(tmp_path / "src", tensors)
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-c", _SLOW_PREPARE, str(source), str(out)], env=os.environ.copy())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and child.poll() is None:
+        try:
+            if len(json.loads((out / MANIFEST_NAME).read_text())["shards"]) >= 3:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    assert child.poll() is None, "the run finished before it could be interrupted"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (out / INDEX).exists()
+    assert verify_prepared(out, source)  # an interrupted output never passes
+
+    summary = run(source, out, "flashinfer_cutlass")
+    assert summary.layers_skipped >= 3 and summary.layers_prepared + summary.layers_skipped == 8
+    assert verify_prepared(out, source) == []
+    assert not list(out.glob(".*.partial"))
