@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import google_crc32c
+import crc32c
 import torch
 
 CHUNK_BYTES = 64 << 20
@@ -26,5 +26,5 @@ def crc32c_update(crc: int, data: torch.Tensor) -> int:
     """Extends ``crc`` over a flat uint8 tensor, chunk by chunk."""
     array = data.numpy()
     for start in range(0, array.size, CHUNK_BYTES):
-        crc = google_crc32c.extend(crc, array[start:start + CHUNK_BYTES])
+        crc = crc32c.crc32c(array[start:start + CHUNK_BYTES], value=crc)
     return crc

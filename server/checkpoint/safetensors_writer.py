@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import google_crc32c
+import crc32c
 import torch
 
 from .atomic_file import atomic_write
@@ -74,6 +74,6 @@ def write_safetensors(path: Path, tensors: list[OutputTensor], metadata: dict[st
             for start in range(0, array.size, CHUNK_BYTES):
                 chunk = array[start:start + CHUNK_BYTES]
                 handle.write(memoryview(chunk))
-                crc = google_crc32c.extend(crc, chunk)
+                crc = crc32c.crc32c(chunk, value=crc)
             written[tensor.name] = WrittenTensor(tensor.dtype, tensor.shape, f"{crc:08x}")
     return written

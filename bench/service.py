@@ -1,0 +1,317 @@
+"""End-to-end Prepare through the server on loopback, against raw TCP of the same bytes.
+
+    python bench/service.py --experts 256 --hidden 7168 --inter 2048 --device cuda:0 --streams 1,2,4
+
+Starts ``nvfp4-prep serve`` as a subprocess on 127.0.0.1 and a raw TCP peer as
+another process, then, for one random layer of the given size:
+
+- raw TCP: the layer's bytes sent up one connection and as many bytes as the
+  prepared layer has sent back (the peer receives into and sends from one
+  reusable buffer: transport and nothing else); also N connections at once;
+- gRPC: ``PrepClient.prepare_layer`` end to end; with N streams, N layers at
+  once over N channels (one Prepare call per layer, as the SDK does).
+
+Rates count bytes up plus bytes down over wall time. ``vs tcp1`` divides by the
+single raw TCP stream, ``vs tcpN`` by N raw streams side by side. ``overlap``
+is end-to-end time over pure transfer time, the latter being the client's
+upload phase plus its download phase: 1.00 means that staging, host-to-device,
+compute and device-to-host all hid behind the network. ``compute`` is the
+server's own compute time (from its JSON log); ``cli cores`` and ``srv cores``
+the CPU time the client and server processes used over wall time. Each row is
+the best of --repeat runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from nvfp4_prep.client import PrepClient, Progress
+from nvfp4_prep.server.config import parse_size
+
+_TCP_BUFFER = 8 << 20
+
+
+# -- the layer ---------------------------------------------------------------------------------------
+
+def random_layer(experts: int, hidden: int, inter: int, gated: bool) -> dict[str, torch.Tensor]:
+    """A stacked layer of random bytes (made on the GPU when there is one: a DeepSeek layer is 6 GB)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(0)
+    n1 = 2 * inter if gated else inter
+
+    def u8(*shape: int, high: int = 256) -> torch.Tensor:
+        return torch.randint(0, high, shape, dtype=torch.uint8, generator=gen, device=device).cpu()
+
+    def scale(*shape: int) -> torch.Tensor:
+        return (torch.rand(shape, generator=gen, device=device) + 0.5).cpu()
+
+    first = scale(experts)
+    layer = {
+        "w13_weight": u8(experts, n1, hidden // 2),
+        "w13_weight_scale": u8(experts, n1, hidden // 16, high=0x7F).view(torch.float8_e4m3fn),
+        "w13_weight_scale_2": torch.stack([first, first], 1) if gated else first,
+        "w13_input_scale": torch.stack([first, first], 1) if gated else first,
+        "w2_weight": u8(experts, hidden, inter // 2),
+        "w2_weight_scale": u8(experts, hidden, inter // 16, high=0x7F).view(torch.float8_e4m3fn),
+        "w2_weight_scale_2": scale(experts),
+        "w2_input_scale": scale(experts),
+    }
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return layer
+
+
+def nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# -- raw TCP -----------------------------------------------------------------------------------------
+
+def _recv_exact(conn: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        part = conn.recv(size - len(data))
+        if not part:
+            raise ConnectionError("peer closed early")
+        data += part
+    return bytes(data)
+
+
+def _peer_connection(conn: socket.socket) -> None:
+    with conn:
+        up, down = struct.unpack("!QQ", _recv_exact(conn, 16))
+        buffer = memoryview(bytearray(_TCP_BUFFER))
+        while up:
+            received = conn.recv_into(buffer[:min(up, _TCP_BUFFER)])
+            if not received:
+                return
+            up -= received
+        while down:
+            sent = conn.send(buffer[:min(down, _TCP_BUFFER)])
+            down -= sent
+
+
+def tcp_peer(port_out: "multiprocessing.Queue") -> None:
+    """Receives a header (bytes up, bytes down), swallows the upload, sends the download."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port_out.put(listener.getsockname()[1])
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=_peer_connection, args=(conn,), daemon=True).start()
+
+
+def tcp_transfer(port: int, tensors: dict[str, torch.Tensor], down: int, sink: memoryview) -> None:
+    """One raw TCP exchange: every tensor's bytes up (no copies), ``down`` bytes back into ``sink``."""
+    views = [memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()) for t in tensors.values()]
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.sendall(struct.pack("!QQ", sum(len(v) for v in views), down))
+        for view in views:
+            conn.sendall(view)
+        got = 0
+        while got < down:
+            received = conn.recv_into(sink[got:down])
+            if not received:
+                raise ConnectionError("peer closed early")
+            got += received
+
+
+# -- the server --------------------------------------------------------------------------------------
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    address: str
+    compute_s: list[float] = field(default_factory=list)
+
+    def read_log(self) -> None:
+        for line in self.process.stderr:
+            if line.startswith("{"):
+                record = json.loads(line)
+                if "compute_s" in record:
+                    self.compute_s.append(record["compute_s"])
+            else:
+                sys.stderr.write(line)
+
+
+def start_server(device: str, chunk_size: str, budget: str) -> Server:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "nvfp4_prep.client.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--device", device, "--chunk-size", chunk_size, "--memory-budget", budget, "--cache-bytes", "0",
+               "--log-format", "json", "--metrics-port", "0"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    server = Server(process, f"127.0.0.1:{port}")
+    threading.Thread(target=server.read_log, daemon=True).start()
+    with grpc.insecure_channel(server.address) as channel:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="nvfp4_prep.v1.Prep"),
+                                                  wait_for_ready=True, timeout=300)
+    return server
+
+
+# -- runs --------------------------------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Row:
+    mode: str
+    streams: int
+    bytes: int
+    seconds: float
+    overlap: float | None = None
+    compute: float | None = None
+    client_cores: float | None = None
+    server_cores: float | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.bytes / self.seconds
+
+
+def run_tcp(port: int, layer: dict[str, torch.Tensor], down: int, streams: int, sinks: list[memoryview]) -> float:
+    threads = [threading.Thread(target=tcp_transfer, args=(port, layer, down, sinks[i])) for i in range(streams)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
+
+
+def run_grpc(client: PrepClient, layer: dict[str, torch.Tensor], streams: int, backend: str,
+             activation: str) -> tuple[float, float]:
+    """(wall seconds, mean overlap) of ``streams`` layers prepared at once."""
+    overlaps: list[float] = [0.0] * streams
+
+    def one(index: int) -> None:
+        marks: dict[str, float] = {}
+
+        def progress(event: Progress) -> None:
+            now = time.perf_counter()
+            if event.phase == "upload" and event.done == event.total:
+                marks["uploaded"] = now
+            elif event.phase == "download":
+                marks.setdefault("first_download", now)
+
+        started = time.perf_counter()
+        result = client.prepare_layer(layer, backend, activation, progress=progress)
+        ended = time.perf_counter()
+        del result
+        transfer = (marks["uploaded"] - started) + (ended - marks["first_download"])
+        overlaps[index] = (ended - started) / transfer
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started, sum(overlaps) / streams
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--experts", type=int, default=256, help="E (default 256, DeepSeek-R1)")
+    parser.add_argument("--hidden", type=int, default=7168, help="H (default 7168)")
+    parser.add_argument("--inter", type=int, default=2048, help="I (default 2048)")
+    parser.add_argument("--activation", default="swiglu")
+    parser.add_argument("--backend", default="flashinfer_cutedsl")
+    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu",
+                        help="the server's device (default cuda:0 if there is a GPU, else cpu)")
+    parser.add_argument("--streams", default="1,2,4", help="comma-separated counts of concurrent streams")
+    parser.add_argument("--chunk-size", default="4MiB", help="upload and response chunk size (default 4MiB; the "
+                        "server and SDK default to 2MiB)")
+    parser.add_argument("--memory-budget", default="auto", help="the server's --memory-budget")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per row; the best is reported")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    streams = sorted({int(s) for s in args.streams.split(",")})
+    gated = args.activation != "relu2"
+
+    print(f"layer E={args.experts} H={args.hidden} I={args.inter}, server on {args.device}, "
+          f"{os.cpu_count()} CPUs", flush=True)
+    layer = random_layer(args.experts, args.hidden, args.inter, gated)
+    warmup = random_layer(2, args.hidden, args.inter, gated)
+    up = nbytes(layer)
+
+    context = multiprocessing.get_context("spawn")
+    ports: multiprocessing.Queue = context.Queue()
+    peer = context.Process(target=tcp_peer, args=(ports,), daemon=True)
+    peer.start()
+    tcp_port = ports.get(timeout=60)
+    server = start_server(args.device, args.chunk_size, args.memory_budget)
+    rows: list[Row] = []
+    try:
+        chunk = parse_size(args.chunk_size)
+        with PrepClient(server.address, chunk_size=chunk, channels=max(streams)) as client:
+            client.prepare_layer(warmup, args.backend, args.activation)
+            first = client.prepare_layer(layer, args.backend, args.activation)
+            down = nbytes(first.tensors)
+            del first
+            print(f"bytes up {up / 1e9:.2f} GB, down {down / 1e9:.2f} GB per layer", flush=True)
+            sinks = [memoryview(torch.zeros(down, dtype=torch.uint8).numpy()) for _ in range(max(streams))]
+            for count in sorted({1, *streams}):  # one raw stream is the baseline of every row
+                best = min(run_tcp(tcp_port, layer, down, count, sinks) for _ in range(args.repeat))
+                rows.append(Row("raw TCP", count, count * (up + down), best))
+                print(f"raw TCP x{count}: {best:.2f}s", flush=True)
+            sinks.clear()
+            for count in streams:
+                runs = []
+                for _ in range(args.repeat):
+                    server.compute_s.clear()
+                    client_cpu, server_cpu = cpu_seconds(os.getpid()), cpu_seconds(server.process.pid)
+                    seconds, overlap = run_grpc(client, layer, count, args.backend, args.activation)
+                    client_cpu = cpu_seconds(os.getpid()) - client_cpu
+                    server_cpu = cpu_seconds(server.process.pid) - server_cpu
+                    runs.append((seconds, overlap, max(server.compute_s, default=float("nan")),
+                                 client_cpu / seconds, server_cpu / seconds))
+                seconds, overlap, compute, client_cores, server_cores = min(runs)
+                rows.append(Row("gRPC prepare", count, count * (up + down), seconds, overlap, compute,
+                                client_cores, server_cores))
+                print(f"gRPC x{count}: {seconds:.2f}s", flush=True)
+    finally:
+        server.process.terminate()
+        server.process.wait(timeout=60)
+        peer.terminate()
+
+    tcp = {row.streams: row.rate for row in rows if row.mode == "raw TCP"}
+    print()
+    print(f"{'mode':<13} {'streams':>7} {'GB moved':>9} {'seconds':>8} {'GB/s':>6} {'vs tcp1':>8} {'vs tcpN':>8} "
+          f"{'overlap':>8} {'compute':>8} {'cli cores':>9} {'srv cores':>9}")
+
+    def optional(value: float | None, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for row in rows:
+        print(f"{row.mode:<13} {row.streams:>7} {row.bytes / 1e9:>9.2f} {row.seconds:>8.2f} {row.rate / 1e9:>6.2f} "
+              f"{row.rate / tcp[1]:>8.2f} {row.rate / tcp[row.streams]:>8.2f} {optional(row.overlap, 2):>8} "
+              f"{optional(row.compute, 3):>8} {optional(row.client_cores, 1):>9} {optional(row.server_cores, 1):>9}")
+    print(f"chunk size {args.chunk_size}, backend {args.backend}, activation {args.activation}")
+    if args.json is not None:
+        args.json.write_text(json.dumps([{**vars(row), "rate": row.rate} for row in rows], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Typed SDK exceptions, one per gRPC status the server uses, plus the client's own checks."""
+
+from __future__ import annotations
+
+import grpc
+
+FIELD_METADATA_KEY = "nvfp4-prep-field"
+
+
+class PrepClientError(Exception):
+    """Base of every SDK error. ``code`` is the gRPC status (None for checks made in the SDK),
+    ``details`` the server's message and ``field`` the request field it names, when known."""
+
+    def __init__(self, details: str, code: grpc.StatusCode | None = None, field: str = "") -> None:
+        super().__init__(f"{code.name}: {details}" if code is not None else details)
+        self.details = details
+        self.code = code
+        self.field = field
+
+
+class PrepInvalidArgument(PrepClientError):
+    """A tensor or parameter the server rejected; ``field`` names it."""
+
+
+class PrepChecksumError(PrepClientError):
+    """A chunk whose bytes did not match its CRC32C, on either side."""
+
+
+class PrepLayoutMismatch(PrepClientError):
+    """The server cannot produce the layout version asked for, or answered with another layout."""
+
+
+class PrepProtocolError(PrepClientError):
+    """The server's answer broke the framing rules of the contract."""
+
+
+class PrepResourceExhausted(PrepClientError):
+    """The layer exceeds the server's memory budget, or the server is at its stream limit."""
+
+
+class PrepDeadlineExceeded(PrepClientError):
+    """The call's deadline passed."""
+
+
+class PrepUnavailable(PrepClientError):
+    """No server answered, or it is draining (retried with backoff before this is raised)."""
+
+
+class PrepNotFound(PrepClientError):
+    """A checkpoint reference names something that does not exist."""
+
+
+class PrepPermissionDenied(PrepClientError):
+    """A checkpoint reference lies outside the server's allowed roots."""
+
+
+class PrepCancelled(PrepClientError):
+    """The call was cancelled."""
+
+
+class PrepServerError(PrepClientError):
+    """Any other status: an internal server error."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[PrepClientError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: PrepInvalidArgument,
+    grpc.StatusCode.DATA_LOSS: PrepChecksumError,
+    grpc.StatusCode.FAILED_PRECONDITION: PrepLayoutMismatch,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: PrepResourceExhausted,
+    grpc.StatusCode.DEADLINE_EXCEEDED: PrepDeadlineExceeded,
+    grpc.StatusCode.UNAVAILABLE: PrepUnavailable,
+    grpc.StatusCode.NOT_FOUND: PrepNotFound,
+    grpc.StatusCode.PERMISSION_DENIED: PrepPermissionDenied,
+    grpc.StatusCode.CANCELLED: PrepCancelled,
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> PrepClientError:
+    """The typed exception for a failed call (``error`` is a grpc.Call as well)."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = (error.details() if hasattr(error, "details") else "") or str(error)
+    field = ""
+    trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == FIELD_METADATA_KEY:
+            field = value
+    return _BY_CODE.get(code, PrepServerError)(details, code, field)

@@ -1,0 +1,217 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TensorForm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TENSOR_FORM_UNSPECIFIED: _ClassVar[TensorForm]
+    TENSOR_FORM_STACKED: _ClassVar[TensorForm]
+    TENSOR_FORM_PER_EXPERT: _ClassVar[TensorForm]
+TENSOR_FORM_UNSPECIFIED: TensorForm
+TENSOR_FORM_STACKED: TensorForm
+TENSOR_FORM_PER_EXPERT: TensorForm
+
+class TensorHeader(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "byte_length")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    BYTE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    byte_length: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., byte_length: _Optional[int] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("tensor_index", "offset", "data", "crc32c")
+    TENSOR_INDEX_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
+    tensor_index: int
+    offset: int
+    data: bytes
+    crc32c: int
+    def __init__(self, tensor_index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ...) -> None: ...
+
+class TensorSet(_message.Message):
+    __slots__ = ("form", "tensors")
+    FORM_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    form: TensorForm
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorHeader]
+    def __init__(self, form: _Optional[_Union[TensorForm, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ...) -> None: ...
+
+class CheckpointRef(_message.Message):
+    __slots__ = ("location", "layer_prefix")
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
+    LAYER_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    location: str
+    layer_prefix: str
+    def __init__(self, location: _Optional[str] = ..., layer_prefix: _Optional[str] = ...) -> None: ...
+
+class PrepareHeader(_message.Message):
+    __slots__ = ("backend", "activation", "input_scale_policy", "layout_version", "tensors", "ref")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SCALE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    REF_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    activation: str
+    input_scale_policy: str
+    layout_version: str
+    tensors: TensorSet
+    ref: CheckpointRef
+    def __init__(self, backend: _Optional[str] = ..., activation: _Optional[str] = ..., input_scale_policy: _Optional[str] = ..., layout_version: _Optional[str] = ..., tensors: _Optional[_Union[TensorSet, _Mapping]] = ..., ref: _Optional[_Union[CheckpointRef, _Mapping]] = ...) -> None: ...
+
+class PrepareRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: PrepareHeader
+    chunk: TensorChunk
+    def __init__(self, header: _Optional[_Union[PrepareHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class Layout(_message.Message):
+    __slots__ = ("layout_id", "backend", "activation", "input_scale_policy", "pipeline_version", "flashinfer_layout_version", "epilogue_tile_m", "sf_vec_size", "num_experts", "hidden_dim", "hidden_dim_unpadded", "intermediate_dim", "intermediate_dim_unpadded")
+    LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SCALE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FLASHINFER_LAYOUT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EPILOGUE_TILE_M_FIELD_NUMBER: _ClassVar[int]
+    SF_VEC_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_DIM_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_DIM_UNPADDED_FIELD_NUMBER: _ClassVar[int]
+    INTERMEDIATE_DIM_FIELD_NUMBER: _ClassVar[int]
+    INTERMEDIATE_DIM_UNPADDED_FIELD_NUMBER: _ClassVar[int]
+    layout_id: str
+    backend: str
+    activation: str
+    input_scale_policy: str
+    pipeline_version: str
+    flashinfer_layout_version: str
+    epilogue_tile_m: int
+    sf_vec_size: int
+    num_experts: int
+    hidden_dim: int
+    hidden_dim_unpadded: int
+    intermediate_dim: int
+    intermediate_dim_unpadded: int
+    def __init__(self, layout_id: _Optional[str] = ..., backend: _Optional[str] = ..., activation: _Optional[str] = ..., input_scale_policy: _Optional[str] = ..., pipeline_version: _Optional[str] = ..., flashinfer_layout_version: _Optional[str] = ..., epilogue_tile_m: _Optional[int] = ..., sf_vec_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_dim: _Optional[int] = ..., hidden_dim_unpadded: _Optional[int] = ..., intermediate_dim: _Optional[int] = ..., intermediate_dim_unpadded: _Optional[int] = ...) -> None: ...
+
+class DerivedScalars(_message.Message):
+    __slots__ = ("w13_input_scale", "w2_input_scale", "g1_alphas", "g2_alphas", "a1_gscale", "a2_gscale", "g1_scale_c")
+    W13_INPUT_SCALE_FIELD_NUMBER: _ClassVar[int]
+    W2_INPUT_SCALE_FIELD_NUMBER: _ClassVar[int]
+    G1_ALPHAS_FIELD_NUMBER: _ClassVar[int]
+    G2_ALPHAS_FIELD_NUMBER: _ClassVar[int]
+    A1_GSCALE_FIELD_NUMBER: _ClassVar[int]
+    A2_GSCALE_FIELD_NUMBER: _ClassVar[int]
+    G1_SCALE_C_FIELD_NUMBER: _ClassVar[int]
+    w13_input_scale: _containers.RepeatedScalarFieldContainer[float]
+    w2_input_scale: _containers.RepeatedScalarFieldContainer[float]
+    g1_alphas: _containers.RepeatedScalarFieldContainer[float]
+    g2_alphas: _containers.RepeatedScalarFieldContainer[float]
+    a1_gscale: _containers.RepeatedScalarFieldContainer[float]
+    a2_gscale: _containers.RepeatedScalarFieldContainer[float]
+    g1_scale_c: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, w13_input_scale: _Optional[_Iterable[float]] = ..., w2_input_scale: _Optional[_Iterable[float]] = ..., g1_alphas: _Optional[_Iterable[float]] = ..., g2_alphas: _Optional[_Iterable[float]] = ..., a1_gscale: _Optional[_Iterable[float]] = ..., a2_gscale: _Optional[_Iterable[float]] = ..., g1_scale_c: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class PreparedHeader(_message.Message):
+    __slots__ = ("layout", "scalars", "tensors", "cache_hit")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    SCALARS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    layout: Layout
+    scalars: DerivedScalars
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorHeader]
+    cache_hit: bool
+    def __init__(self, layout: _Optional[_Union[Layout, _Mapping]] = ..., scalars: _Optional[_Union[DerivedScalars, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., cache_hit: _Optional[bool] = ...) -> None: ...
+
+class PrepareResponse(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: PreparedHeader
+    chunk: TensorChunk
+    def __init__(self, header: _Optional[_Union[PreparedHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class GetCapabilitiesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BackendCapability(_message.Message):
+    __slots__ = ("backend", "layout_versions")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    layout_versions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, backend: _Optional[str] = ..., layout_versions: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeviceInfo(_message.Message):
+    __slots__ = ("device", "name", "compute_capability", "memory_budget_bytes")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    name: str
+    compute_capability: str
+    memory_budget_bytes: int
+    def __init__(self, device: _Optional[str] = ..., name: _Optional[str] = ..., compute_capability: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ...) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("chunk_size", "max_receive_message_bytes", "max_send_message_bytes", "max_request_bytes", "cache_bytes")
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_RECEIVE_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEND_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    chunk_size: int
+    max_receive_message_bytes: int
+    max_send_message_bytes: int
+    max_request_bytes: int
+    cache_bytes: int
+    def __init__(self, chunk_size: _Optional[int] = ..., max_receive_message_bytes: _Optional[int] = ..., max_send_message_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ...) -> None: ...
+
+class Capabilities(_message.Message):
+    __slots__ = ("api", "package_version", "torch_version", "flashinfer_version", "pipeline_version", "flashinfer_layout_version", "devices", "backends", "activations", "input_scale_policies", "tensor_forms", "checkpoint_refs", "limits")
+    API_FIELD_NUMBER: _ClassVar[int]
+    PACKAGE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FLASHINFER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FLASHINFER_LAYOUT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SCALE_POLICIES_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FORMS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_REFS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    api: str
+    package_version: str
+    torch_version: str
+    flashinfer_version: str
+    pipeline_version: str
+    flashinfer_layout_version: str
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceInfo]
+    backends: _containers.RepeatedCompositeFieldContainer[BackendCapability]
+    activations: _containers.RepeatedScalarFieldContainer[str]
+    input_scale_policies: _containers.RepeatedScalarFieldContainer[str]
+    tensor_forms: _containers.RepeatedScalarFieldContainer[TensorForm]
+    checkpoint_refs: bool
+    limits: Limits
+    def __init__(self, api: _Optional[str] = ..., package_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., flashinfer_version: _Optional[str] = ..., pipeline_version: _Optional[str] = ..., flashinfer_layout_version: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., backends: _Optional[_Iterable[_Union[BackendCapability, _Mapping]]] = ..., activations: _Optional[_Iterable[str]] = ..., input_scale_policies: _Optional[_Iterable[str]] = ..., tensor_forms: _Optional[_Iterable[_Union[TensorForm, str]]] = ..., checkpoint_refs: _Optional[bool] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...

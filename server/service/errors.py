@@ -1,0 +1,33 @@
+"""Service errors: one status code and a message that names the field at fault."""
+
+from __future__ import annotations
+
+import grpc
+
+from nvfp4_prep.pipeline import PrepError
+from nvfp4_prep.wire import ChecksumError, FramingError
+
+# Trailing metadata key holding the offending field, for clients that want it without parsing the message.
+FIELD_METADATA_KEY = "nvfp4-prep-field"
+
+
+class ServiceError(Exception):
+    """An error the client is told about: ``code``, ``message`` and the ``field`` at fault."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+def from_input_error(error: PrepError | FramingError) -> ServiceError:
+    """A pipeline or framing error as INVALID_ARGUMENT (DATA_LOSS for a checksum mismatch)."""
+    code = grpc.StatusCode.DATA_LOSS if isinstance(error, ChecksumError) else grpc.StatusCode.INVALID_ARGUMENT
+    return ServiceError(code, str(error), error.field)
+
+
+def invalid(field: str, problem: str, expected: str = "") -> ServiceError:
+    """INVALID_ARGUMENT naming ``field``, in the same wording as the pipeline's errors."""
+    message = f"{field}: {problem}" + (f" (expected {expected})" if expected else "")
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message, field)

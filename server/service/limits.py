@@ -1,0 +1,110 @@
+"""Request limits: what one Prepare call may announce, and how many calls may run at once.
+
+Every limit is checked before the server allocates anything for the call, and
+a call over one fails at once with a status that names the limit (as the
+``nvfp4-prep-field`` trailer and as ``--flag=value`` in the message) and the
+value that broke it: sizes get RESOURCE_EXHAUSTED, shapes INVALID_ARGUMENT.
+The concurrency limits are the only ones a client should retry: the SDK
+recognises them by their field and retries with backoff.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import grpc
+
+from nvfp4_prep.wire import TensorSpec
+
+from .errors import ServiceError
+
+# Field names of the concurrency refusals; the SDK retries these (and only these) RESOURCE_EXHAUSTED errors.
+CONCURRENCY_FIELDS = ("max_concurrent", "max_concurrent_per_client")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The limits of --max-request-bytes ... --max-concurrent-per-client; 0 turns a byte or per-client limit off
+    (the memory budget still bounds every request)."""
+
+    max_request_bytes: int = 0
+    max_tensors: int = 16384
+    max_tensor_rank: int = 4
+    max_tensor_bytes: int = 0
+    max_concurrent: int = 32
+    max_concurrent_per_client: int = 0
+
+    def check_tensors(self, specs: Sequence[TensorSpec], field: str = "header.tensors.tensors") -> None:
+        """Raises ServiceError when the announced tensors break a limit."""
+        if len(specs) > self.max_tensors:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{field}: announces {len(specs)} tensors, more than this server accepts "
+                               f"(--max-tensors={self.max_tensors})", "max_tensors")
+        total = 0
+        for index, spec in enumerate(specs):
+            where = f"{field}[{index}] ({spec.name})"
+            if len(spec.shape) > self.max_tensor_rank:
+                raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"{where}.shape: has rank {len(spec.shape)}, more than this server accepts "
+                                   f"(--max-tensor-rank={self.max_tensor_rank})", "max_tensor_rank")
+            if self.max_tensor_bytes and spec.byte_length > self.max_tensor_bytes:
+                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"{where}.byte_length: is {spec.byte_length} bytes, more than this server "
+                                   f"accepts (--max-tensor-bytes={self.max_tensor_bytes})", "max_tensor_bytes")
+            total += spec.byte_length
+        if self.max_request_bytes and total > self.max_request_bytes:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{field}: announces {total} bytes in all, more than this server accepts "
+                               f"(--max-request-bytes={self.max_request_bytes})", "max_request_bytes")
+
+
+def client_identity(context: grpc.ServicerContext) -> str:
+    """Who a call comes from, for per-client limits: its certificate's identity under mutual TLS, else the
+    peer's address without the port."""
+    identities = context.peer_identities()
+    if identities:
+        return "cert:" + ",".join(name.decode("utf-8", "replace") for name in identities)
+    peer = context.peer() or "unknown"
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6") and ":" in rest:
+        return f"{kind}:{rest.rsplit(':', 1)[0]}"
+    return peer
+
+
+class ConcurrencyGate:
+    """Prepare calls running now, in total and per client; ``in_flight`` and ``by_client`` are for metrics."""
+
+    def __init__(self, total: int, per_client: int = 0) -> None:
+        if total < 1 or per_client < 0:
+            raise ValueError("ConcurrencyGate needs total >= 1 and per_client >= 0")
+        self.total = total
+        self.per_client = per_client
+        self.in_flight = 0
+        self.by_client: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def enter(self, client: str) -> ServiceError | None:
+        """Counts a call of ``client`` in; or, over a limit, the refusal to send it (nothing counted)."""
+        with self._lock:
+            if self.in_flight >= self.total:
+                return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"{self.in_flight} Prepare calls are running, the most this server runs at "
+                                    f"once (--max-concurrent={self.total}); retry later", "max_concurrent")
+            if self.per_client and self.by_client[client] >= self.per_client:
+                return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"{self.by_client[client]} Prepare calls of this client ({client}) are running, "
+                                    f"the most one client may run at once (--max-concurrent-per-client="
+                                    f"{self.per_client}); retry later", "max_concurrent_per_client")
+            self.in_flight += 1
+            self.by_client[client] += 1
+            return None
+
+    def leave(self, client: str) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            self.by_client[client] -= 1
+            if self.by_client[client] <= 0:
+                del self.by_client[client]

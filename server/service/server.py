@@ -1,0 +1,128 @@
+"""The running server: gRPC with the Prep service, health checking and reflection, and shutdown.
+
+SIGTERM (or SIGINT) drains: health turns NOT_SERVING, new and queued Prepare
+calls get UNAVAILABLE, running ones get up to --drain-timeout to finish, then
+the server stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from nvfp4_prep.v1 import prep_pb2 as pb
+from nvfp4_prep.wire import MESSAGE_OVERHEAD
+
+from . import logs
+from .cache import PreparedCache
+from .capabilities import build_capabilities
+from .config import ConfigError, ServeConfig
+from .service import MAX_PREPARE_STREAMS, PrepService, add_to_server
+from .worker import DeviceWorker, auto_budget, resolve_devices
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Prep"].full_name
+HEALTH_NAMES = ("", SERVICE_NAME)
+# Request chunks up to this size are always accepted, whatever --chunk-size says.
+MIN_ACCEPTED_CHUNK = 4 << 20
+# Prepare streams, health checks, capabilities and reflection share this pool.
+THREADS = MAX_PREPARE_STREAMS + 16
+
+
+class PrepServer:
+    """A configured server; ``start()``, then ``drain()`` or ``stop()``."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        receive_limit = max(config.chunk_size, MIN_ACCEPTED_CHUNK) + MESSAGE_OVERHEAD
+        send_limit = config.chunk_size + MESSAGE_OVERHEAD
+        devices = resolve_devices(config.devices)
+        self.workers = [
+            DeviceWorker(device, config.memory_budget or auto_budget(device), receive_limit) for device in devices
+        ]
+        self.cache = PreparedCache(config.cache_bytes)
+        limits = pb.Limits(
+            chunk_size=config.chunk_size,
+            max_receive_message_bytes=receive_limit,
+            max_send_message_bytes=send_limit,
+            max_request_bytes=max(worker.budget.capacity for worker in self.workers),
+            cache_bytes=config.cache_bytes,
+        )
+        capabilities = build_capabilities(self.workers, limits, bool(config.allowed_roots))
+        self.service = PrepService(self.workers, self.cache, config.chunk_size, config.allowed_roots, capabilities)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._server = grpc.server(
+            ThreadPoolExecutor(THREADS, thread_name_prefix="nvfp4-prep-rpc"),
+            options=[
+                ("grpc.max_receive_message_length", receive_limit),
+                ("grpc.max_send_message_length", send_limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        add_to_server(self.service, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server)
+        self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise ConfigError(f"--host/--port: cannot listen on {config.host}:{config.port}")
+        self._stopped = threading.Event()
+
+    @property
+    def address(self) -> str:
+        """``host:port`` a client on this machine can dial."""
+        host = self.config.host
+        if host in ("0.0.0.0", "::", "[::]", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    def start(self) -> "PrepServer":
+        self._server.start()
+        for name in HEALTH_NAMES:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s:%d with %s", SERVICE_NAME, self.config.host, self.port,
+                 ", ".join(f"{w.device} (budget {w.budget.capacity} bytes)" for w in self.workers))
+        return self
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Graceful shutdown; True if every running call finished within ``timeout`` (default --drain-timeout)."""
+        timeout = self.config.drain_timeout if timeout is None else timeout
+        log.info("draining: health NOT_SERVING, up to %.1fs for %d running calls", timeout, self.service.in_flight)
+        self.health.enter_graceful_shutdown()
+        self.service.begin_drain()
+        drained = self.service.wait_idle(timeout)
+        if not drained:
+            log.warning("drain timeout: cancelling %d running calls", self.service.in_flight)
+        self.stop(grace=0)
+        return drained
+
+    def stop(self, grace: float | None = None) -> None:
+        self._server.stop(grace).wait()
+        self.service.close()
+        self._stopped.set()
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def run(config: ServeConfig) -> int:
+    """``nvfp4-prep serve``: serves until SIGTERM or SIGINT, then drains."""
+    logs.configure(config.log_level, config.log_format)
+    server = PrepServer(config).start()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        threading.Thread(target=server.drain, name="nvfp4-prep-drain", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.wait()
+    return 0

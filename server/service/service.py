@@ -1,0 +1,158 @@
+"""The Prep servicer: status codes, draining, and what every Prepare call shares."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import grpc
+
+from nvfp4_prep.checkpoint import CheckpointError
+from nvfp4_prep.pipeline import PrepError
+from nvfp4_prep.v1 import prep_pb2 as pb
+from nvfp4_prep.v1 import prep_pb2_grpc
+from nvfp4_prep.wire import FramingError, decode_request, encode_message
+
+from .cache import PreparedCache
+from .errors import FIELD_METADATA_KEY, ServiceError, from_input_error
+from .prepare_call import PrepareCall, checkpoint_error
+from .worker import DeviceWorker
+
+log = logging.getLogger(__name__)
+
+# Prepare streams running at once, beyond which new ones get RESOURCE_EXHAUSTED; the
+# server's thread pool is larger so health checks are answered even then.
+MAX_PREPARE_STREAMS = 32
+HASH_THREADS = 8
+
+
+class PrepService(prep_pb2_grpc.PrepServicer):
+    """Shared state of the Prepare calls: workers, cache, draining.
+
+    ``in_flight`` (calls running) and ``outcomes`` (finished calls by status name,
+    "OK" for success) are plain attributes for metrics.
+    """
+
+    def __init__(self, workers: Sequence[DeviceWorker], cache: PreparedCache, chunk_size: int,
+                 allowed_roots: Sequence[Path], capabilities: pb.Capabilities) -> None:
+        self.workers = list(workers)
+        self.cache = cache
+        self.chunk_size = chunk_size
+        self.allowed_roots = [str(root) for root in allowed_roots]
+        self.capabilities = capabilities
+        self.hash_pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="nvfp4-prep-hash")
+        self.in_flight = 0
+        self.outcomes: Counter[str] = Counter()
+        self.draining = False
+        self._idle = threading.Condition()
+
+    def pick_worker(self) -> DeviceWorker:
+        return min(self.workers, key=DeviceWorker.load)
+
+    def GetCapabilities(self, request: pb.GetCapabilitiesRequest, context: grpc.ServicerContext) -> pb.Capabilities:
+        return self.capabilities
+
+    def Prepare(self, request_iterator: Iterator[pb.PrepareRequest],
+                context: grpc.ServicerContext) -> Iterator[pb.PrepareResponse]:
+        refusal = self._enter()
+        if refusal is not None:
+            with self._idle:
+                self.outcomes[refusal.code.name] += 1
+            _abort(context, refusal)
+        started = time.perf_counter()
+        call = PrepareCall(self, request_iterator, context)
+        failure: ServiceError | None = None
+        finished = False
+        try:
+            yield from call.run()
+            finished = True
+        except ServiceError as err:
+            failure = err
+        except (PrepError, FramingError) as err:
+            failure = from_input_error(err)
+        except CheckpointError as err:
+            failure = checkpoint_error(err)
+        except grpc.RpcError as err:  # raised by the request iterator when the client goes away
+            # grpc keeps this exception with the call's state; without its traceback it
+            # cannot keep this call's frames, and so its tensors, alive.
+            err.__traceback__ = None
+            failure = ServiceError(grpc.StatusCode.CANCELLED, "client went away")
+        except Exception:
+            log.exception("Prepare failed")
+            failure = ServiceError(grpc.StatusCode.INTERNAL, "internal error while preparing; see the server log")
+        finally:
+            outcome = _outcome(context, failure, finished)
+            self._exit(outcome)
+            log.info("Prepare %s in %.3fs %s", outcome, time.perf_counter() - started,
+                     " ".join(f"{k}={v}" for k, v in call.summary.items()),
+                     extra={"outcome": outcome, **call.summary})
+        if failure is not None and context.is_active():
+            _abort(context, failure)
+
+    def _enter(self) -> ServiceError | None:
+        with self._idle:
+            if self.draining:
+                return ServiceError(grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another replica")
+            if self.in_flight >= MAX_PREPARE_STREAMS:
+                return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"{MAX_PREPARE_STREAMS} Prepare streams are already running; retry later")
+            self.in_flight += 1
+            return None
+
+    def _exit(self, outcome: str) -> None:
+        with self._idle:
+            self.in_flight -= 1
+            self.outcomes[outcome] += 1
+            self._idle.notify_all()
+
+    def begin_drain(self) -> None:
+        """Refuses new calls and those still waiting for memory; running ones carry on."""
+        with self._idle:
+            self.draining = True
+        for worker in self.workers:
+            worker.budget.close()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Waits until no Prepare call runs; False if ``timeout`` passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self.in_flight == 0, timeout)
+
+    def close(self) -> None:
+        self.hash_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def add_to_server(service: PrepService, server: grpc.Server) -> None:
+    """Registers ``service`` like the generated ``add_PrepServicer_to_server``, except that Prepare's
+    chunks go through ``chunk_codec`` instead of protobuf (same bytes on the wire, fewer copies)."""
+    name = pb.DESCRIPTOR.services_by_name["Prep"].full_name
+    handlers = {
+        "Prepare": grpc.stream_stream_rpc_method_handler(
+            service.Prepare, request_deserializer=decode_request, response_serializer=encode_message),
+        "GetCapabilities": grpc.unary_unary_rpc_method_handler(
+            service.GetCapabilities, request_deserializer=pb.GetCapabilitiesRequest.FromString,
+            response_serializer=pb.Capabilities.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
+
+def _outcome(context: grpc.ServicerContext, failure: ServiceError | None, finished: bool) -> str:
+    """How a call ended, for ``outcomes``."""
+    if failure is None and finished:
+        return "OK"
+    if context.is_active():
+        return failure.code.name if failure is not None else "CANCELLED"
+    # The client went away: whatever error that caused here, the call was cancelled or timed out.
+    timed_out = failure is not None and failure.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    return "DEADLINE_EXCEEDED" if timed_out or context.time_remaining() == 0 else "CANCELLED"
+
+
+def _abort(context: grpc.ServicerContext, error: ServiceError) -> None:
+    if error.field:
+        context.set_trailing_metadata(((FIELD_METADATA_KEY, error.field),))
+    context.abort(error.code, error.message)

@@ -1,0 +1,141 @@
+"""One worker per device: its memory budget, where tensors land, compute, and the bytes going out."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import threading
+import weakref
+from typing import Iterator, Mapping, Sequence
+
+import torch
+
+from nvfp4_prep import pipeline
+from nvfp4_prep.v1 import prep_pb2 as pb
+from nvfp4_prep.wire import ChunkSink, HostTensors, TensorSpec, iter_pieces
+
+from .budget import MemoryBudget
+from .config import ConfigError
+from .staging import DeviceTensors, PinnedRing, device_chunks
+
+# Share of a GPU's (or the host's, for cpu) memory that an "auto" budget takes.
+AUTO_GPU_SHARE = 0.85
+AUTO_HOST_SHARE = 0.5
+
+
+def resolve_devices(names: Sequence[str]) -> list[torch.device]:
+    """The devices named by --device, or cuda:0 (else cpu) when none are; checks they exist."""
+    if not names:
+        return [torch.device("cuda:0" if torch.cuda.is_available() else "cpu")]
+    devices = [torch.device(name) for name in names]
+    for device in devices:
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if device.index >= count:
+                raise ConfigError(f"--device: {device} does not exist (this machine has {count} CUDA devices)")
+    return devices
+
+
+def auto_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * AUTO_GPU_SHARE)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * AUTO_HOST_SHARE)
+
+
+class LiveBytes:
+    """Bytes of the tensors a worker allocated that are still alive (for tests and metrics).
+
+    Counts storages, and drops them when torch actually frees them, so a
+    request that leaks a tensor shows here after it ended.
+    """
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        nbytes = storage.nbytes()
+        with self._lock:
+            self.value += nbytes
+        weakref.finalize(storage, self._drop, nbytes)
+
+    def _drop(self, nbytes: int) -> None:
+        with self._lock:
+            self.value -= nbytes
+
+
+class DeviceWorker:
+    """Receives, prepares and sends the layers of one device; compute runs one layer at a time."""
+
+    def __init__(self, device: torch.device, budget_bytes: int, slot_bytes: int) -> None:
+        self.device = device
+        self.budget = MemoryBudget(budget_bytes, str(device))
+        self.live = LiveBytes()
+        self.slot_bytes = slot_bytes
+        self._compute = threading.Lock()
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def load(self) -> float:
+        """Share of the budget taken or asked for; the least loaded worker gets the next request."""
+        return (self.budget.in_use + self.budget.waiting) / self.budget.capacity
+
+    def ring(self) -> PinnedRing | None:
+        """Pinned staging buffers for one request (None on cpu, where tensors land in place)."""
+        return PinnedRing(self.slot_bytes) if self.is_cuda else None
+
+    def sink(self, specs: Sequence[TensorSpec], ring: PinnedRing | None) -> ChunkSink:
+        if ring is None:
+            sink = HostTensors(specs)
+            for tensor in sink.tensors().values():
+                self.live.track(tensor)
+            return sink
+        return DeviceTensors(specs, self.device, ring, self.live.track)
+
+    def to_device(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Host tensors (e.g. read from a checkpoint) moved to this worker's device."""
+        moved = {name: tensor.to(self.device, non_blocking=True) for name, tensor in tensors.items()}
+        if self.is_cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+        for tensor in moved.values():
+            self.live.track(tensor)
+        return moved
+
+    def prepare(self, tensors: Mapping[str, torch.Tensor], per_expert: bool, backend: str, activation: str,
+                policy: str) -> pipeline.PreparedLayer:
+        """Runs the pipeline on this device; raises PrepError for bad input."""
+        with self._compute, self._device_context():
+            stacked = pipeline.assemble_layer(tensors, activation) if per_expert else tensors
+            prepared = pipeline.prepare(stacked, backend, activation, policy)
+            if self.is_cuda:  # so the compute time logged is the kernels', not their launch's
+                torch.cuda.current_stream(self.device).synchronize()
+            for tensor in prepared.tensors.values():
+                self.live.track(tensor)
+            return prepared
+
+    def chunks(self, tensors: Sequence[torch.Tensor], chunk_size: int,
+               ring: PinnedRing | None) -> Iterator[tuple[int, int, object]]:
+        """``(tensor index, offset, buffer)`` of the tensors' chunks, in order; each buffer is a view,
+        valid until the next chunk is asked for."""
+        if ring is None:
+            yield from iter_pieces(tensors, chunk_size)
+            return
+        with self._device_context():
+            yield from device_chunks(tensors, chunk_size, ring, self.device)
+
+    def _device_context(self):
+        return torch.cuda.device(self.device) if self.is_cuda else contextlib.nullcontext()
+
+    def describe(self) -> pb.DeviceInfo:
+        if self.is_cuda:
+            props = torch.cuda.get_device_properties(self.device)
+            return pb.DeviceInfo(device=str(self.device), name=props.name,
+                                 compute_capability=f"{props.major}.{props.minor}",
+                                 memory_budget_bytes=self.budget.capacity)
+        return pb.DeviceInfo(device="cpu", name=platform.processor() or platform.machine(),
+                             memory_budget_bytes=self.budget.capacity)
+

@@ -1,0 +1,128 @@
+"""The nvfp4-prep command line: serve (as a real process), info, layer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nvfp4_prep import pipeline
+from nvfp4_prep.client.cli import main
+
+PREFIX = "model.layers.3.mlp.experts"
+
+
+def _write_layer(path: Path, layers: dict[str, dict[str, torch.Tensor]], extra: dict[str, torch.Tensor] = {}) -> None:
+    tensors = {f"{prefix}.{name}": t for prefix, layer in layers.items() for name, t in layer.items()}
+    save_file({**tensors, **extra}, str(path))
+
+
+def test_layer_command_writes_the_prepared_layer(prep_address, make_layer, same_tensors, tmp_path: Path, capsys):
+    layer = make_layer(experts=3)
+    source, target = tmp_path / "in.safetensors", tmp_path / "out" / "prepared.safetensors"
+    _write_layer(source, {PREFIX: layer}, {"model.embed_tokens.weight": torch.zeros(4, 4)})
+    code = main(["layer", str(source), str(target), "--server", prep_address, "--backend", "flashinfer_trtllm",
+                 "--activation", "swiglu", "--chunk-size", "64KiB"])
+    assert code == 0
+    assert "download" in capsys.readouterr().err
+    want = pipeline.prepare(layer, "flashinfer_trtllm")
+    with safe_open(str(target), framework="pt") as handle:
+        got = {name.removeprefix(PREFIX + "."): handle.get_tensor(name) for name in handle.keys()}
+        record = json.loads(handle.metadata()["nvfp4_prep_layout"])
+    same_tensors({name: got[name] for name in want.tensors}, want.tensors)
+    assert set(got) == set(want.tensors)
+    assert record == {**want.layout, "layer_prefix": PREFIX}
+    assert [p.name for p in target.parent.iterdir()] == ["prepared.safetensors"]
+
+
+def test_layer_command_needs_a_prefix_for_several_layers(prep_address, make_layer, tmp_path: Path, capsys):
+    source = tmp_path / "two.safetensors"
+    _write_layer(source, {"a.experts": make_layer(), "b.experts": make_layer(seed=1)})
+    code = main(["layer", str(source), str(tmp_path / "out.safetensors"), "--server", prep_address,
+                 "--backend", "vllm_cutlass", "--quiet"])
+    assert code == 2 and "['a.experts', 'b.experts']" in capsys.readouterr().err
+    code = main(["layer", str(source), str(tmp_path / "out.safetensors"), "--server", prep_address,
+                 "--backend", "vllm_cutlass", "--quiet", "--prefix", "b.experts"])
+    assert code == 0
+
+
+def test_layer_command_reports_bad_input_and_writes_nothing(prep_address, make_layer, tmp_path: Path, capsys):
+    layer = make_layer()
+    layer["w2_input_scale"] = -layer["w2_input_scale"]
+    source, target = tmp_path / "bad.safetensors", tmp_path / "out.safetensors"
+    _write_layer(source, {PREFIX: layer})
+    code = main(["layer", str(source), str(target), "--server", prep_address, "--backend", "flashinfer_cutlass",
+                 "--quiet"])
+    assert code == 1
+    assert "INVALID_ARGUMENT: w2_input_scale" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [source]
+
+
+def test_info_prints_capabilities_and_health(prep_address, capsys):
+    assert main(["info", "--server", prep_address]) == 0
+    text = capsys.readouterr().out
+    assert "nvfp4_prep.v1" in text and "SERVING" in text and pipeline.layout_id("flashinfer_cutedsl") in text
+    assert main(["info", "--server", prep_address, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["health"] == "SERVING" and record["devices"][0]["device"] == "cpu"
+
+
+def test_info_on_a_dead_address_fails_cleanly(capsys):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert main(["info", "--server", f"127.0.0.1:{port}", "--timeout", "2"]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_serve_help_documents_every_flag_and_variable(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("host", "port", "device", "memory-budget", "chunk-size", "log-level", "log-format", "metrics-port",
+                 "allowed-root", "cache-bytes", "drain-timeout"):
+        assert f"--{flag}" in text and "NVFP4_PREP_" + flag.upper().replace("-", "_") in text
+
+
+def test_serve_refuses_a_bad_flag(capsys):
+    assert main(["serve", "--chunk-size", "1KiB"]) == 2
+    assert "--chunk-size: '1KiB'" in capsys.readouterr().err
+
+
+def test_serve_process_answers_and_drains_on_sigterm(tmp_path: Path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, NVFP4_PREP_HOST="127.0.0.1", NVFP4_PREP_LOG_FORMAT="json")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nvfp4_prep.client.cli", "serve", "--port", str(port), "--device", "cpu",
+         "--memory-budget", "256MiB"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            response = health.Check(health_pb2.HealthCheckRequest(service="nvfp4_prep.v1.Prep"),
+                                    wait_for_ready=True, timeout=60)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    lines = [json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")]
+    messages = [line["message"] for line in lines]
+    assert any(m.startswith("serving nvfp4_prep.v1.Prep") for m in messages)
+    assert any(m.startswith("draining") for m in messages)
+    assert all(line["level"] in ("INFO", "WARNING") for line in lines)
