@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import re
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
@@ -28,7 +30,11 @@ from .errors import (
 from .result import RemoteLayer
 from .targets import open_channel, target_uri
 
+log = logging.getLogger(__name__)
+
 _PER_EXPERT_KEY = re.compile(r"^\d+\.")
+# Metadata key of the id that names one layer's request (and its retries) in both sides' logs.
+REQUEST_ID_KEY = "x-request-id"
 
 
 class Progress(NamedTuple):
@@ -183,10 +189,13 @@ class PrepClient:
 
     def _prepare(self, requests: Callable[[list[BaseException]], Iterator[pb.PrepareRequest | bytes]],
                  header: pb.PrepareHeader, timeout: float | None, progress: ProgressCallback | None) -> RemoteLayer:
+        request_id = uuid.uuid4().hex
+        log.debug("request %s: %s %s", request_id, header.backend, header.WhichOneof("source"))
+
         def attempt(remaining: float | None) -> RemoteLayer:
             callback_errors: list[BaseException] = []
             upload = requests(callback_errors)
-            call = self._stub().Prepare(upload, timeout=remaining)
+            call = self._stub().Prepare(upload, timeout=remaining, metadata=((REQUEST_ID_KEY, request_id),))
             try:
                 return _receive(call, header, progress)
             except BaseException:
@@ -198,7 +207,13 @@ class PrepClient:
                 if isinstance(upload, Prefetch):
                     upload.close()  # stops the encoding thread even while gRPC waits on it
 
-        return self._with_retries(attempt, timeout)
+        try:
+            layer = self._with_retries(attempt, timeout)
+        except Exception as err:
+            log.warning("request %s failed: %s", request_id, err)
+            raise
+        log.info("request %s: prepared for %s", request_id, layer.layout.get("layout_id"))
+        return layer
 
     def _with_retries(self, attempt, timeout: float | None):
         timeout = self.timeout if timeout is None else timeout

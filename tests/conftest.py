@@ -32,12 +32,13 @@ def testdata() -> Path:
 def start_server() -> Iterator[Callable[..., PrepServer]]:
     """``start_server(**ServeConfig fields)``: a started server on 127.0.0.1, port 0 unless given.
 
-    Every server started is stopped at teardown. Defaults: cpu, 1GiB budget, no cache.
+    Every server started is stopped at teardown. Defaults: cpu, 1GiB budget, no cache, no metrics port.
     """
     servers: list[PrepServer] = []
 
     def start(**fields) -> PrepServer:
-        fields = {"host": "127.0.0.1", "port": 0, "devices": ("cpu",), "memory_budget": 1 << 30, **fields}
+        fields = {"host": "127.0.0.1", "port": 0, "devices": ("cpu",), "memory_budget": 1 << 30, "metrics_port": 0,
+                  **fields}
         server = PrepServer(ServeConfig(**fields)).start()
         servers.append(server)
         return server

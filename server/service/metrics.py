@@ -143,6 +143,15 @@ class Metrics:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
 
+    def watch(self, workers: Iterable, cache) -> None:
+        """Reads the workers' memory budgets and the cache's size at scrape time."""
+        for worker in workers:
+            device, budget = str(worker.device), worker.budget
+            self.queue_depth.labels(device).set_function(lambda budget=budget: budget.waiting)
+            self.memory_budget_bytes.labels(device).set(budget.capacity)
+            self.memory_in_use_bytes.labels(device).set_function(lambda budget=budget: budget.in_use)
+        self.cache_bytes.set_function(lambda: cache.bytes)
+
     @contextmanager
     def stage_timer(self, stage: str, backend: str) -> Iterator[None]:
         """Times the ``with`` block as one ``stage`` of a request; failed blocks count too."""

@@ -28,6 +28,7 @@ from .cache import CacheKey, CachedLayer
 from .errors import ServiceError, invalid
 from .estimate import prepared_bytes, reservation_bytes
 from .hashing import ContentHasher
+from .metrics import Metrics
 from .staging import PinnedRing
 from .worker import DeviceWorker
 
@@ -88,6 +89,7 @@ class PrepareCall:
         params = read_params(header)
         self.summary.update(backend=params.backend, activation=params.activation, policy=params.policy)
         source = header.WhichOneof("source")
+        self.summary["source"] = source
         if source == "tensors":
             yield from self._streamed(header.tensors, params)
         elif source == "ref":
@@ -109,9 +111,10 @@ class PrepareCall:
         need = reservation_bytes(specs, per_expert, params.backend, params.activation)
         with worker.budget.reserve(need, self._deadline, self._cancelled) as reservation:
             ring = worker.ring()
-            received, identity = self._receive(worker, specs, ring, tensor_set.form)
+            with self._metrics.stage_timer("read", params.backend):
+                received, identity = self._receive(worker, specs, ring, tensor_set.form)
             key = self._key(identity, params) if identity is not None else None
-            cached = self._service.cache.get(key) if key is not None else None
+            cached = self._cached(key)
             if cached is not None:
                 received.clear()
                 reservation.release()
@@ -159,18 +162,20 @@ class PrepareCall:
             if self._cache_on:
                 identity = f"ref:{checkpoint.source_identity(ref.layer_prefix)}|{ref.layer_prefix}"
                 key = self._key(identity, params)
-                cached = self._service.cache.get(key)
+                cached = self._cached(key)
                 if cached is not None:
                     yield from self._replay(cached)
                     return
             worker = self._service.pick_worker()
-            stacked = checkpoint.read_layer(ref.layer_prefix, params.activation, pin_memory=worker.is_cuda)
+            with self._metrics.stage_timer("read", params.backend):
+                stacked = checkpoint.read_layer(ref.layer_prefix, params.activation, pin_memory=worker.is_cuda)
             specs = read_headers([header_for(name, tensor) for name, tensor in stacked.items()], "header.ref")
             inputs = sum(spec.byte_length for spec in specs)
             self.summary["bytes_in"] = inputs
             outputs = prepared_bytes(specs, False, params.backend, params.activation) or inputs
             with worker.budget.reserve(inputs + outputs, self._deadline, self._cancelled) as reservation:
-                received = [worker.to_device(stacked) if worker.is_cuda else stacked]
+                with self._metrics.stage_timer("host_to_device", params.backend):
+                    received = [worker.to_device(stacked) if worker.is_cuda else stacked]
                 del stacked
                 yield from self._compute_and_send(worker, reservation, received, inputs, False, params,
                                                   worker.ring(), key)
@@ -180,6 +185,18 @@ class PrepareCall:
     @property
     def _cache_on(self) -> bool:
         return self._service.cache.enabled
+
+    @property
+    def _metrics(self) -> Metrics:
+        return self._service.metrics
+
+    def _cached(self, key: CacheKey | None) -> CachedLayer | None:
+        """The cache's entry for ``key``, counted as a hit or a miss; None when uncacheable."""
+        if key is None:
+            return None
+        cached = self._service.cache.get(key)
+        (self._metrics.cache_hits if cached is not None else self._metrics.cache_misses).inc()
+        return cached
 
     def _key(self, source: str, params: Params) -> CacheKey:
         return CacheKey(source, params.backend, params.activation, params.policy, params.layout_id, PIPELINE_VERSION)
@@ -193,13 +210,14 @@ class PrepareCall:
         if self._cancelled():
             return
         started = time.perf_counter()
-        prepared = worker.prepare(received.pop(), per_expert, params.backend, params.activation, params.policy)
+        with self._metrics.stage_timer("prepare", params.backend):
+            prepared = worker.prepare(received.pop(), per_expert, params.backend, params.activation, params.policy)
         self.summary["compute_s"] = round(time.perf_counter() - started, 4)
         reservation.shrink(inputs * (2 if per_expert else 1))
-        yield from self._send(worker, prepared, ring, key)
+        yield from self._send(worker, prepared, ring, key, params.backend)
 
-    def _send(self, worker: DeviceWorker, prepared: PreparedLayer, ring: PinnedRing | None, key: CacheKey | None
-              ) -> Iterator[pb.PrepareResponse]:
+    def _send(self, worker: DeviceWorker, prepared: PreparedLayer, ring: PinnedRing | None, key: CacheKey | None,
+              backend: str) -> Iterator[pb.PrepareResponse]:
         names = list(prepared.tensors)
         tensors = [prepared.tensors[name] for name in names]
         header = pb.PreparedHeader(
@@ -212,15 +230,18 @@ class PrepareCall:
         kept: list[bytes] | None = [] if key is not None and self._service.cache.fits(total) else None
         del prepared
         yield pb.PrepareResponse(header=header)
-        encoded = Prefetch(encode_chunk(index, offset, data)
-                           for index, offset, data in worker.chunks(tensors, self._service.chunk_size, ring))
+        copied = _Timed(worker.chunks(tensors, self._service.chunk_size, ring))
+        encoded = Prefetch(encode_chunk(index, offset, data) for index, offset, data in copied)
         try:
-            for message in encoded:
-                if kept is not None:
-                    kept.append(message)
-                yield message
+            with self._metrics.stage_timer("send", backend):
+                for message in encoded:
+                    if kept is not None:
+                        kept.append(message)
+                    yield message
         finally:
             encoded.close()
+            self._metrics.stage_seconds.labels("device_to_host", backend).observe(copied.seconds)
+        self.summary["bytes_sent"] = total
         if kept is not None:
             self._service.cache.put(key, CachedLayer(header, tuple(kept), total))
 
@@ -231,6 +252,25 @@ class PrepareCall:
         header.cache_hit = True
         yield pb.PrepareResponse(header=header)
         yield from cached.chunks
+        self.summary["bytes_sent"] = cached.nbytes
+
+
+class _Timed:
+    """Wraps an iterator and adds up the seconds spent producing its items (device-to-host copies)."""
+
+    def __init__(self, items: Iterator) -> None:
+        self._items = items
+        self.seconds = 0.0
+
+    def __iter__(self) -> "_Timed":
+        return self
+
+    def __next__(self):
+        started = time.perf_counter()
+        try:
+            return next(self._items)
+        finally:
+            self.seconds += time.perf_counter() - started
 
 
 def checkpoint_error(error: ckpt.CheckpointError) -> ServiceError:

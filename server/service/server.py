@@ -23,6 +23,7 @@ from . import logs
 from .cache import PreparedCache
 from .capabilities import build_capabilities
 from .config import ConfigError, ServeConfig
+from .metrics import Metrics, MetricsServer, start_metrics_server
 from .service import MAX_PREPARE_STREAMS, PrepService, add_to_server
 from .worker import DeviceWorker, auto_budget, resolve_devices
 
@@ -56,7 +57,11 @@ class PrepServer:
             cache_bytes=config.cache_bytes,
         )
         capabilities = build_capabilities(self.workers, limits, bool(config.allowed_roots))
-        self.service = PrepService(self.workers, self.cache, config.chunk_size, config.allowed_roots, capabilities)
+        self.metrics = Metrics([str(worker.device) for worker in self.workers])
+        self.metrics.watch(self.workers, self.cache)
+        self.metrics_server: MetricsServer | None = None
+        self.service = PrepService(self.workers, self.cache, config.chunk_size, config.allowed_roots, capabilities,
+                                   self.metrics)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._server = grpc.server(
             ThreadPoolExecutor(THREADS, thread_name_prefix="nvfp4-prep-rpc"),
@@ -85,6 +90,9 @@ class PrepServer:
         return f"{host}:{self.port}"
 
     def start(self) -> "PrepServer":
+        if self.config.metrics_port:
+            self.metrics_server = start_metrics_server(self.config.metrics_port, self.config.host,
+                                                       self.metrics.registry)
         self._server.start()
         for name in HEALTH_NAMES:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -107,6 +115,8 @@ class PrepServer:
     def stop(self, grace: float | None = None) -> None:
         self._server.stop(grace).wait()
         self.service.close()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self._stopped.set()
 
     def wait(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,11 +21,14 @@ from nvfp4_prep.wire import FramingError, decode_request, encode_message
 
 from .cache import PreparedCache
 from .errors import FIELD_METADATA_KEY, ServiceError, from_input_error
+from .metrics import UNKNOWN_BACKEND, Metrics
 from .prepare_call import PrepareCall, checkpoint_error
 from .worker import DeviceWorker
 
 log = logging.getLogger(__name__)
 
+# Metadata key of the request id that the SDK sends and both sides log.
+REQUEST_ID_KEY = "x-request-id"
 # Prepare streams running at once, beyond which new ones get RESOURCE_EXHAUSTED; the
 # server's thread pool is larger so health checks are answered even then.
 MAX_PREPARE_STREAMS = 32
@@ -39,12 +43,13 @@ class PrepService(prep_pb2_grpc.PrepServicer):
     """
 
     def __init__(self, workers: Sequence[DeviceWorker], cache: PreparedCache, chunk_size: int,
-                 allowed_roots: Sequence[Path], capabilities: pb.Capabilities) -> None:
+                 allowed_roots: Sequence[Path], capabilities: pb.Capabilities, metrics: Metrics) -> None:
         self.workers = list(workers)
         self.cache = cache
         self.chunk_size = chunk_size
         self.allowed_roots = [str(root) for root in allowed_roots]
         self.capabilities = capabilities
+        self.metrics = metrics
         self.hash_pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="nvfp4-prep-hash")
         self.in_flight = 0
         self.outcomes: Counter[str] = Counter()
@@ -55,17 +60,22 @@ class PrepService(prep_pb2_grpc.PrepServicer):
         return min(self.workers, key=DeviceWorker.load)
 
     def GetCapabilities(self, request: pb.GetCapabilitiesRequest, context: grpc.ServicerContext) -> pb.Capabilities:
+        self.metrics.observe_request("GetCapabilities", UNKNOWN_BACKEND, "OK", 0.0)
         return self.capabilities
 
     def Prepare(self, request_iterator: Iterator[pb.PrepareRequest],
                 context: grpc.ServicerContext) -> Iterator[pb.PrepareResponse]:
+        request_id = _request_id(context)
         refusal = self._enter()
         if refusal is not None:
             with self._idle:
                 self.outcomes[refusal.code.name] += 1
+            self.metrics.observe_request("Prepare", UNKNOWN_BACKEND, refusal.code.name, 0.0)
             _abort(context, refusal)
         started = time.perf_counter()
         call = PrepareCall(self, request_iterator, context)
+        call.summary["request_id"] = request_id
+        self.metrics.inflight.labels("Prepare").inc()
         failure: ServiceError | None = None
         finished = False
         try:
@@ -88,11 +98,22 @@ class PrepService(prep_pb2_grpc.PrepServicer):
         finally:
             outcome = _outcome(context, failure, finished)
             self._exit(outcome)
+            self.metrics.inflight.labels("Prepare").dec()
+            self._count(call.summary, outcome, time.perf_counter() - started)
             log.info("Prepare %s in %.3fs %s", outcome, time.perf_counter() - started,
                      " ".join(f"{k}={v}" for k, v in call.summary.items()),
                      extra={"outcome": outcome, **call.summary})
         if failure is not None and context.is_active():
             _abort(context, failure)
+
+    def _count(self, summary: dict, outcome: str, seconds: float) -> None:
+        backend = str(summary.get("backend", UNKNOWN_BACKEND))
+        self.metrics.observe_request("Prepare", backend, outcome, seconds)
+        if summary.get("bytes_in"):
+            source = "checkpoint" if summary.get("source") == "ref" else "stream"
+            self.metrics.received_bytes.labels(backend, source).inc(int(summary["bytes_in"]))
+        if summary.get("bytes_sent"):
+            self.metrics.sent_bytes.labels(backend).inc(int(summary["bytes_sent"]))
 
     def _enter(self) -> ServiceError | None:
         with self._idle:
@@ -139,6 +160,14 @@ def add_to_server(service: PrepService, server: grpc.Server) -> None:
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
     server.add_registered_method_handlers(name, handlers)
+
+
+def _request_id(context: grpc.ServicerContext) -> str:
+    """The client's request id (the SDK sends one per layer), or a new one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and value:
+            return str(value)[:64]
+    return uuid.uuid4().hex
 
 
 def _outcome(context: grpc.ServicerContext, failure: ServiceError | None, finished: bool) -> str:

@@ -81,8 +81,8 @@ class DeviceWorker:
         return self.device.type == "cuda"
 
     def load(self) -> float:
-        """Share of the budget taken or asked for; the least loaded worker gets the next request."""
-        return (self.budget.in_use + self.budget.waiting) / self.budget.capacity
+        """Share of the budget taken plus requests queued; the least loaded worker gets the next request."""
+        return self.budget.in_use / self.budget.capacity + self.budget.waiting
 
     def ring(self) -> PinnedRing | None:
         """Pinned staging buffers for one request (None on cpu, where tensors land in place)."""
