@@ -3,7 +3,7 @@
 from .errors import (
     PrepCancelled, PrepChecksumError, PrepClientError, PrepDeadlineExceeded, PrepInvalidArgument,
     PrepLayoutMismatch, PrepNotFound, PrepPermissionDenied, PrepProtocolError, PrepResourceExhausted,
-    PrepServerError, PrepUnavailable,
+    PrepServerError, PrepUnauthenticated, PrepUnavailable,
 )
 from .result import RemoteLayer, mma_view
 from .sdk import PrepClient, Progress
@@ -11,5 +11,6 @@ from .sdk import PrepClient, Progress
 __all__ = [
     "PrepCancelled", "PrepChecksumError", "PrepClient", "PrepClientError", "PrepDeadlineExceeded",
     "PrepInvalidArgument", "PrepLayoutMismatch", "PrepNotFound", "PrepPermissionDenied", "PrepProtocolError",
-    "PrepResourceExhausted", "PrepServerError", "PrepUnavailable", "Progress", "RemoteLayer", "mma_view",
+    "PrepResourceExhausted", "PrepServerError", "PrepUnauthenticated", "PrepUnavailable", "Progress", "RemoteLayer",
+    "mma_view",
 ]

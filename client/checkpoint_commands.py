@@ -2,9 +2,10 @@
 
 Thin: the job itself lives in ``nvfp4_prep.checkpoint``. ``prepare`` sends each
 MoE layer to the servers named by ``--server`` (one connection each; a free
-server takes the next layer) or, without ``--server``, to a server it starts
-in-process on 127.0.0.1 (the embedded default). Every flag ``--foo-bar`` may
-also be set as ``NVFP4_PREP_FOO_BAR``.
+server takes the next layer; a layer whose server stays unavailable after the
+SDK's retries goes to the next server) or, without ``--server``, to a server it
+starts in-process on 127.0.0.1 (the embedded default). Every flag ``--foo-bar``
+may also be set as ``NVFP4_PREP_FOO_BAR``.
 
 Exit codes: 0 success, 1 verify found differences, 2 bad arguments or a
 checkpoint or server error, 130 interrupted (rerun to resume).
@@ -20,6 +21,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 from typing import Iterator
+
+from .security_flags import add_security_flags, security_options
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--timeout", type=float, default=_env("timeout", "600"),
                          help="seconds per layer call to a server, retries included (default: 600) "
                               "[env NVFP4_PREP_TIMEOUT]")
+    add_security_flags(prepare)
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
     prepare.set_defaults(run=run_prepare)
 
@@ -93,8 +97,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 @contextlib.contextmanager
-def layer_preparers(servers: list[str], timeout: float | None = None) -> Iterator[list]:
-    """One ``prepare_layer`` per server, or one through a server started here on 127.0.0.1."""
+def layer_preparers(servers: list[str], timeout: float | None = None, security: dict | None = None) -> Iterator[list]:
+    """One ``prepare_layer`` per server, or one through a server started here on 127.0.0.1.
+
+    Each tries its own server first and, when that stays unavailable (it died, or drains), the others in
+    turn: preparing is a pure function, so any server gives the same bytes.
+    """
+    from nvfp4_prep.client.errors import PrepUnavailable
     from nvfp4_prep.client.sdk import PrepClient
 
     with contextlib.ExitStack() as stack:
@@ -106,14 +115,24 @@ def layer_preparers(servers: list[str], timeout: float | None = None) -> Iterato
             stack.callback(server.stop, 0)
             servers = [server.address]
             log.info("embedded server on %s", server.address)
-        clients = [stack.enter_context(PrepClient(address, timeout=timeout)) for address in servers]
+        clients = [stack.enter_context(PrepClient(address, timeout=timeout, **(security or {})))
+                   for address in servers]
 
-        def preparer(client: PrepClient):
+        def preparer(index: int):
+            order = clients[index:] + clients[:index]
+
             def prepare_layer(stacked, backend: str, activation: str, policy: str):
-                return client.prepare_layer(stacked, backend, activation, policy)
+                for attempt, client in enumerate(order):
+                    try:
+                        return client.prepare_layer(stacked, backend, activation, policy)
+                    except PrepUnavailable as err:
+                        if attempt == len(order) - 1:
+                            raise
+                        log.warning("%s is unavailable (%s); trying %s", client.target, err.details,
+                                    order[attempt + 1].target)
             return prepare_layer
 
-        yield [preparer(client) for client in clients]
+        yield [preparer(index) for index in range(len(clients))]
 
 
 def _report(differences: list, out: str) -> int:
@@ -136,7 +155,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     location = args.checkpoint or sample_checkpoint()
     try:
         checkpoint = open_checkpoint(location)
-        with layer_preparers(_servers(args.server), args.timeout) as preparers:
+        security = security_options(args)
+        with layer_preparers(_servers(args.server), args.timeout, security) as preparers:
             summary = prepare_checkpoint(checkpoint, args.out, preparers, args.backend, args.activation,
                                          args.input_scale_policy, progress=not args.quiet)
         print(f"{summary.out_dir}: {summary.layers_prepared} layers prepared, {summary.layers_skipped} kept from "

@@ -16,6 +16,8 @@ from google.protobuf import json_format
 
 from nvfp4_prep.wire import DEFAULT_CHUNK_SIZE
 
+from .security_flags import add_security_flags, security_options
+
 from . import checkpoint_commands
 
 EXIT_USAGE = 2
@@ -32,6 +34,7 @@ def _add_client_flags(parser: argparse.ArgumentParser) -> None:
                         help="server address: host:port, ipv4:h:p1,h:p2 or dns:///name:port [env NVFP4_PREP_SERVER]")
     parser.add_argument("--timeout", type=float, default=_env("timeout", "600"),
                         help="seconds per call, retries included (default 600) [env NVFP4_PREP_TIMEOUT]")
+    add_security_flags(parser)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -47,23 +50,23 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     from .errors import PrepClientError
     from .sdk import PrepClient
 
     try:
-        with PrepClient(args.server, timeout=args.timeout, retries=1) as client:
+        security = security_options(args)
+    except ValueError as err:
+        print(f"nvfp4-prep info: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with PrepClient(args.server, timeout=args.timeout, retries=1, **security) as client:
             capabilities = client.capabilities()
-            with grpc.insecure_channel(client.target) as channel:
-                health = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service="nvfp4_prep.v1.Prep"), timeout=args.timeout)
-    except (PrepClientError, grpc.RpcError) as err:
+            health = client.health()
+    except (PrepClientError, ValueError) as err:
         print(f"nvfp4-prep info: {args.server}: {err}", file=sys.stderr)
         return EXIT_FAILED
     record = json_format.MessageToDict(capabilities, preserving_proto_field_name=True)
-    record["health"] = health_pb2.HealthCheckResponse.ServingStatus.Name(health.status)
+    record["health"] = health
     if args.json:
         print(json.dumps(record, indent=2, sort_keys=True))
         return 0
@@ -83,6 +86,10 @@ def _info(args: argparse.Namespace) -> int:
     limits = capabilities.limits
     print(f"limits            chunk {limits.chunk_size} B, receive {limits.max_receive_message_bytes} B, "
           f"request {limits.max_request_bytes} B, cache {limits.cache_bytes} B")
+    per_client = limits.max_concurrent_per_client or "no limit"
+    print(f"                  {limits.max_tensors} tensors of rank <= {limits.max_tensor_rank}"
+          f"{f' and <= {limits.max_tensor_bytes} B' if limits.max_tensor_bytes else ''}, "
+          f"{limits.max_concurrent} calls at once ({per_client} per client), {limits.max_deadline_seconds:g} s each")
     return 0
 
 
@@ -94,6 +101,7 @@ def _layer(args: argparse.Namespace) -> int:
     from .sdk import PrepClient, Progress
 
     try:
+        security = security_options(args)
         prefix, tensors = read_stacked_layer(args.input, args.prefix)
     except (OSError, ValueError) as err:
         print(f"nvfp4-prep layer: {err}", file=sys.stderr)
@@ -109,7 +117,7 @@ def _layer(args: argparse.Namespace) -> int:
         bar.update(event.done - bar.n)
 
     try:
-        with PrepClient(args.server, timeout=args.timeout, chunk_size=args.chunk_size) as client:
+        with PrepClient(args.server, timeout=args.timeout, chunk_size=args.chunk_size, **security) as client:
             layer = client.prepare_layer(tensors, args.backend, args.activation, args.input_scale_policy,
                                          layout_version=args.layout_version, progress=progress)
     except PrepClientError as err:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import grpc
 
 FIELD_METADATA_KEY = "nvfp4-prep-field"
+# RESOURCE_EXHAUSTED fields of the server's concurrency limits (see prep.proto): the only
+# RESOURCE_EXHAUSTED errors that pass, and so the only ones worth a retry.
+CONCURRENCY_LIMITS = ("max_concurrent", "max_concurrent_per_client")
 
 
 class PrepClientError(Exception):
@@ -54,6 +57,10 @@ class PrepPermissionDenied(PrepClientError):
     """A checkpoint reference lies outside the server's allowed roots."""
 
 
+class PrepUnauthenticated(PrepClientError):
+    """The server wants a bearer token (``PrepClient(token=...)``) and the call had none, or a wrong one."""
+
+
 class PrepCancelled(PrepClientError):
     """The call was cancelled."""
 
@@ -72,6 +79,7 @@ _BY_CODE: dict[grpc.StatusCode, type[PrepClientError]] = {
     grpc.StatusCode.NOT_FOUND: PrepNotFound,
     grpc.StatusCode.PERMISSION_DENIED: PrepPermissionDenied,
     grpc.StatusCode.CANCELLED: PrepCancelled,
+    grpc.StatusCode.UNAUTHENTICATED: PrepUnauthenticated,
 }
 
 
@@ -85,3 +93,12 @@ def from_rpc_error(error: grpc.RpcError) -> PrepClientError:
         if key == FIELD_METADATA_KEY:
             field = value
     return _BY_CODE.get(code, PrepServerError)(details, code, field)
+
+
+def retryable(error: PrepClientError) -> bool:
+    """Whether a call that failed with ``error`` may succeed if sent again unchanged: when no server could
+    be reached or its stream broke (UNAVAILABLE), or too many calls were running. Every call of the SDK is
+    idempotent (see PrepClient), so this depends only on why it failed."""
+    if isinstance(error, PrepUnavailable):
+        return True
+    return isinstance(error, PrepResourceExhausted) and error.field in CONCURRENCY_LIMITS

@@ -10,42 +10,31 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.v1 import prep_pb2_grpc
 from nvfp4_prep.wire import (
-    DEFAULT_CHUNK_SIZE, ChecksumError, FramingError, HostTensors, Prefetch, TensorReceiver, check_chunk_size,
-    check_scalars, chunk_of, decode_response, encode_chunk, encode_message, header_for, iter_pieces,
-    layout_from_proto, read_headers,
+    DEFAULT_CHUNK_SIZE, FramingError, Prefetch, check_chunk_size, decode_response, encode_chunk, encode_message,
+    header_for, iter_pieces,
 )
 
-from .errors import (
-    PrepChecksumError, PrepDeadlineExceeded, PrepLayoutMismatch, PrepProtocolError,
-    PrepUnavailable, from_rpc_error,
-)
+from .answer import Answer, AnswerChanged, Progress, ProgressCallback
+from .credentials import BearerToken, PemSource, channel_credentials, is_loopback
+from .errors import PrepDeadlineExceeded, from_rpc_error, retryable
 from .result import RemoteLayer
 from .targets import open_channel, target_uri
 
 log = logging.getLogger(__name__)
 
 _PER_EXPERT_KEY = re.compile(r"^\d+\.")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Prep"].full_name
 # Metadata key of the id that names one layer's request (and its retries) in both sides' logs.
 REQUEST_ID_KEY = "x-request-id"
-
-
-class Progress(NamedTuple):
-    """Bytes done of one layer's upload ("upload") or download ("download")."""
-
-    phase: str
-    done: int
-    total: int
-
-
-ProgressCallback = Callable[[Progress], None]
 
 
 def tensor_form(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -72,16 +61,35 @@ class PrepClient:
     ``"dns:///nvfp4-prep:50051"``) or a list of ``"ip:port"``; calls are spread
     over every address with round_robin. ``channels`` > 1 opens that many
     separate connections and rotates calls over them, for more throughput than
-    one TCP stream gives. Calls that get UNAVAILABLE are retried ``retries``
-    times with exponential backoff; ``timeout`` (seconds) bounds each call,
-    retries included. ``credentials`` makes the channels secure (TLS);
-    ``interceptors`` are gRPC client interceptors (auth, tracing). Use it as
-    a context manager, or call ``close()``.
+    one TCP stream gives. ``timeout`` (seconds) bounds each call, retries
+    included.
+
+    Security: ``tls_ca`` (the CA of the server's certificate; default the
+    system's roots) makes the channels TLS, ``tls_cert`` and ``tls_key`` add
+    this client's certificate for mutual TLS (paths or PEM bytes);
+    ``credentials`` is the same as ready-made gRPC channel credentials.
+    ``token`` is sent as ``authorization: Bearer <token>`` with every call.
+    ``interceptors`` are further gRPC client interceptors (tracing).
+
+    Retries: a failed call is sent again, up to ``retries`` times with
+    exponential backoff, only when it failed for a passing reason: UNAVAILABLE
+    (no connection, a broken stream, a draining server) or a refusal because
+    too many calls were running (RESOURCE_EXHAUSTED naming max_concurrent or
+    max_concurrent_per_client). Sending again is safe because every call is
+    idempotent: GetCapabilities only reads, and Prepare is a pure function of
+    its source tensors and parameters; the server keeps nothing from it but a
+    cache of the same answer. A stream that broke part-way resumes after the
+    last verified chunk. Everything else (INVALID_ARGUMENT, DATA_LOSS, a size
+    limit, UNAUTHENTICATED, DEADLINE_EXCEEDED, ...) would fail the same way
+    again, and is raised at once. Use it as a context manager, or call
+    ``close()``.
     """
 
     def __init__(self, targets: str | Sequence[str], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  timeout: float | None = None, retries: int = 4, backoff: float = 0.2, max_backoff: float = 5.0,
                  channels: int = 1, credentials: grpc.ChannelCredentials | None = None,
+                 tls_ca: PemSource | None = None, tls_cert: PemSource | None = None,
+                 tls_key: PemSource | None = None, token: str | None = None,
                  options: Sequence[tuple[str, object]] = (), interceptors: Sequence[object] = ()) -> None:
         try:
             self.chunk_size = check_chunk_size(chunk_size)
@@ -90,12 +98,22 @@ class PrepClient:
         if channels < 1 or retries < 0:
             raise ValueError("channels must be >= 1 and retries >= 0")
         self.target = target_uri(targets)
+        tls = channel_credentials(tls_ca, tls_cert, tls_key)
+        if tls is not None and credentials is not None:
+            raise ValueError("credentials and tls_ca/tls_cert/tls_key: give one or the other")
+        credentials = credentials or tls
+        if token is not None:
+            if credentials is None and not is_loopback(self.target):
+                log.warning("sending a bearer token over plaintext to %s; give tls_ca to encrypt it", self.target)
+            interceptors = (BearerToken(token), *interceptors)
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
         self._channels = [open_channel(self.target, credentials, channels > 1, options) for _ in range(channels)]
-        self._stubs = [_Stub(grpc.intercept_channel(channel, *interceptors)) for channel in self._channels]
+        intercepted = [grpc.intercept_channel(channel, *interceptors) for channel in self._channels]
+        self._health_channel = intercepted[0]
+        self._stubs = [_Stub(channel) for channel in intercepted]
         self._next_stub = itertools.cycle(self._stubs)
         self._lock = threading.Lock()
 
@@ -119,6 +137,13 @@ class PrepClient:
         """What the server (one of them, under round_robin) runs and offers."""
         return self._with_retries(lambda remaining: self._stub().GetCapabilities(
             pb.GetCapabilitiesRequest(), timeout=remaining), timeout)
+
+    def health(self, service: str = SERVICE_NAME, timeout: float | None = None) -> str:
+        """The grpc.health.v1 status of ``service`` on the server, e.g. "SERVING" or "NOT_SERVING"."""
+        stub = health_pb2_grpc.HealthStub(self._health_channel)
+        answer = self._with_retries(lambda remaining: stub.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=remaining), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
     def prepare_layer(self, tensors: Mapping[str, torch.Tensor], backend: str, activation: str = "swiglu",
                       input_scale_policy: str = "max", *, layout_version: str | None = None,
@@ -151,8 +176,8 @@ class PrepClient:
                         callback_errors.append(err)
                         return
 
-        def requests(callback_errors: list[BaseException]) -> Prefetch:
-            return Prefetch(itertools.chain([pb.PrepareRequest(header=header)], chunks(callback_errors)))
+        def requests(asked: pb.PrepareHeader, callback_errors: list[BaseException]) -> Prefetch:
+            return Prefetch(itertools.chain([pb.PrepareRequest(header=asked)], chunks(callback_errors)))
 
         return self._prepare(requests, header, timeout, progress)
 
@@ -165,8 +190,8 @@ class PrepClient:
             layout_version=layout_version or "",
             ref=pb.CheckpointRef(location=location, layer_prefix=layer_prefix),
         )
-        def requests(_: list[BaseException]) -> Iterator[pb.PrepareRequest]:
-            return iter([pb.PrepareRequest(header=header)])
+        def requests(asked: pb.PrepareHeader, _: list[BaseException]) -> Iterator[pb.PrepareRequest]:
+            return iter([pb.PrepareRequest(header=asked)])  # the server reads the layer: nothing to send again
 
         return self._prepare(requests, header, timeout, progress)
 
@@ -187,17 +212,23 @@ class PrepClient:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _prepare(self, requests: Callable[[list[BaseException]], Iterator[pb.PrepareRequest | bytes]],
+    def _prepare(self, requests: Callable[[pb.PrepareHeader, list[BaseException]],
+                                          Iterator[pb.PrepareRequest | bytes]],
                  header: pb.PrepareHeader, timeout: float | None, progress: ProgressCallback | None) -> RemoteLayer:
         request_id = uuid.uuid4().hex
         log.debug("request %s: %s %s", request_id, header.backend, header.WhichOneof("source"))
+        answer = Answer(header, progress)  # outlives a broken attempt, so the next one resumes
 
         def attempt(remaining: float | None) -> RemoteLayer:
             callback_errors: list[BaseException] = []
-            upload = requests(callback_errors)
+            asked = answer.request_header()
+            if asked.HasField("resume_from"):
+                log.info("request %s: resuming at tensor %d, byte %d", request_id, asked.resume_from.tensor_index,
+                         asked.resume_from.offset)
+            upload = requests(asked, callback_errors)
             call = self._stub().Prepare(upload, timeout=remaining, metadata=((REQUEST_ID_KEY, request_id),))
             try:
-                return _receive(call, header, progress)
+                return answer.receive(call)
             except BaseException:
                 call.cancel()
                 if callback_errors:  # the upload stopped because the progress callback raised
@@ -227,53 +258,11 @@ class PrepClient:
                 return attempt(remaining)
             except grpc.RpcError as err:
                 error = from_rpc_error(err)
-            if not isinstance(error, PrepUnavailable) or tries >= self.retries:
+            except AnswerChanged as err:
+                error = err
+            if not retryable(error) or tries >= self.retries:
                 raise error
             pause = min(self.max_backoff, self.backoff * 2 ** tries) * random.uniform(0.5, 1.0)
             if deadline is not None:
                 pause = min(pause, max(deadline - time.monotonic(), 0))
             time.sleep(pause)
-
-
-def _receive(call: Iterator[pb.PrepareResponse], asked: pb.PrepareHeader,
-             progress: ProgressCallback | None) -> RemoteLayer:
-    """Reads one Prepare answer, verifying every chunk, the layout record and the scalars."""
-    first = next(call, None)
-    if first is None or chunk_of(first) is not None:
-        raise PrepProtocolError("response.header: did not come first (expected a PreparedHeader)")
-    header = first.header
-    try:
-        specs = read_headers(header.tensors, "response.header.tensors")
-        total = sum(spec.byte_length for spec in specs)
-        sink = HostTensors(specs)
-        receiver = TensorReceiver(specs, sink, "response.tensors")
-        for response in call:
-            chunk = chunk_of(response)
-            if chunk is None:
-                raise FramingError("response.header", "arrived again", "only chunks after the first header")
-            receiver.add(chunk)
-            if progress is not None:
-                progress(Progress("download", receiver.bytes_received, total))
-        receiver.finish()
-        tensors = sink.tensors()
-        check_scalars(header.scalars, tensors, "response.header.scalars")
-    except ChecksumError as err:
-        raise PrepChecksumError(str(err), field=err.field) from None
-    except FramingError as err:
-        raise PrepProtocolError(str(err), field=err.field) from None
-    layout = layout_from_proto(header.layout)
-    _check_layout(layout, asked)
-    return RemoteLayer(tensors=tensors, layout=layout, scalars={
-        field.name: list(getattr(header.scalars, field.name)) for field in pb.DerivedScalars.DESCRIPTOR.fields
-    }, cache_hit=header.cache_hit)
-
-
-def _check_layout(layout: dict, asked: pb.PrepareHeader) -> None:
-    wanted = {"backend": asked.backend, "activation": asked.activation,
-              "input_scale_policy": asked.input_scale_policy}
-    if asked.layout_version:
-        wanted["layout_id"] = asked.layout_version
-    for key, value in wanted.items():
-        if layout.get(key) != value:
-            raise PrepLayoutMismatch(f"response.header.layout.{key}: is {layout.get(key)!r}, asked for {value!r}",
-                                     field=f"layout.{key}")

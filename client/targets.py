@@ -11,6 +11,13 @@ import grpc
 from nvfp4_prep.wire import MAX_CHUNK_SIZE, MESSAGE_OVERHEAD
 
 _ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+# Keepalive, matched with what the server permits: it accepts pings every --keepalive-permit-time
+# seconds (default 20), also between calls, so pinging every 30 s never earns a too_many_pings
+# GOAWAY, while a dead server or a dropped connection is noticed within 30 + 20 s even while a
+# long prepare sends nothing. A server started with a larger --keepalive-permit-time needs
+# ("grpc.keepalive_time_ms", ...) in PrepClient's options to match.
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 20_000
 
 
 def target_uri(targets: str | Sequence[str]) -> str:
@@ -51,7 +58,12 @@ def open_channel(target: str, credentials: grpc.ChannelCredentials | None, separ
         ("grpc.service_config", _ROUND_ROBIN),
         ("grpc.max_receive_message_length", MAX_CHUNK_SIZE + MESSAGE_OVERHEAD),
         ("grpc.max_send_message_length", -1),
+        # The SDK retries itself: gRPC's retries would buffer whole uploads, and resume nothing.
         ("grpc.enable_retries", 0),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
     if separate:
         merged.append(("grpc.use_local_subchannel_pool", 1))

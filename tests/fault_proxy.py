@@ -28,7 +28,9 @@ class CuttingProxy:
         self.upstream_port = upstream_port
         self.cut_after = cut_after
         self.cuts = 0
+        self.connections = 0  # client connections accepted
         self.downstream_bytes = 0  # server-to-client bytes forwarded, over every connection
+        self.upstream_bytes = 0  # client-to-server bytes forwarded
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -56,6 +58,7 @@ class CuttingProxy:
                     _reset(client)
                     _reset(server)
                     return
+                self.connections += 1
                 self._sockets += [client, server]
             link = {"client": client, "server": server, "downstream": 0}
             threading.Thread(target=self._pump, args=(server, client, link, True), daemon=True).start()
@@ -67,7 +70,10 @@ class CuttingProxy:
                 data = source.recv(_BUFFER)
                 if not data:
                     break
-                if downstream:
+                if not downstream:
+                    with self._lock:
+                        self.upstream_bytes += len(data)
+                else:
                     with self._lock:
                         cut = self.cut_after is not None and self.cuts == 0 and \
                             link["downstream"] + len(data) >= self.cut_after

@@ -216,11 +216,7 @@ def test_servicemonitor_scrapes_the_metrics_port(manifests, variant):
 
 # The TLS component sets --tls-cert, --tls-key and --health-port, which the server does not have yet;
 # strict, so the mark must go once they land.
-TLS_FLAGS_PENDING = pytest.mark.xfail(strict=True, reason="server lacks --tls-cert/--tls-key/--health-port")
-
-
-@pytest.mark.parametrize("variant", [v if v != "blackwell-tls" else pytest.param(v, marks=TLS_FLAGS_PENDING)
-                                     for v in VARIANTS])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_every_setting_is_a_serve_flag_with_a_valid_value(manifests, variant, tmp_path):
     documented = serve_help()
     names = [name for name in settings(manifests[variant]) if name.startswith(ENV_PREFIX)]

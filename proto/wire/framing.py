@@ -151,6 +151,11 @@ class TensorReceiver:
     def done(self) -> bool:
         return self._current == len(self._specs)
 
+    @property
+    def position(self) -> tuple[int, int]:
+        """(tensor index, offset) of the next byte expected: where a resumed stream starts."""
+        return self._current, self._received
+
     def _where(self, index: int) -> str:
         return f"{self._field}[{index}] ({self._specs[index].name})"
 

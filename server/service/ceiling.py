@@ -81,22 +81,28 @@ class CallClock:
         self._watch = watch
 
     def check(self, stage: str) -> None:
-        """Raises DEADLINE_EXCEEDED once the ceiling has passed (the client's own deadline is gRPC's to enforce)."""
-        if self._limited and time.monotonic() >= self.deadline:
+        """Raises DEADLINE_EXCEEDED once the deadline has passed; ``stage`` says where, e.g. "before compute"."""
+        if time.monotonic() < self.deadline:
+            return
+        if self._limited:
             raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"the call ran longer than this server allows, stopped {stage} "
                                f"(--max-deadline={self._ceiling.seconds:g}s)", "max_deadline")
+        raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed {stage}")
 
     def messages(self, items: Iterator[T], stage: str) -> Iterator[T]:
-        """``items``, checking the ceiling before each one is handed on."""
-        for item in items:
-            self.check(stage)
-            yield item
+        """``items``, checking the deadline before each one is handed on; closes ``items`` when closed."""
+        try:
+            for item in items:
+                self.check(stage)
+                yield item
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
-    def __enter__(self) -> "CallClock":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
+    def close(self) -> None:
+        """Ends the watch of a call that ended."""
         if self._watch is not None:
             self._ceiling.watchdog.forget(self._watch)
 
@@ -111,14 +117,14 @@ class Ceiling:
         self.watchdog = _Watchdog()
 
     def start(self, context: grpc.ServicerContext) -> CallClock:
-        """The clock of a call that starts now; use it as a context manager so its watch ends with the call."""
+        """The clock of a call that starts now; ``close()`` it when the call ends."""
         now = time.monotonic()
         remaining = context.time_remaining()
         client = None if remaining is None or remaining > _NO_DEADLINE_SECONDS else now + remaining
         ceiling = now + self.seconds
         limited = client is None or ceiling < client
         if not limited:
-            return CallClock(self, client, False, None)
+            return CallClock(self, client, False, None)  # gRPC itself ends the call at the client's deadline
 
         def cancel() -> None:
             if context.is_active():

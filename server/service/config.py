@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Mapping
 
 from nvfp4_prep.wire import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from nvfp4_prep.wire.framing import MAX_DIMS
 
 ENV_PREFIX = "NVFP4_PREP_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -28,6 +29,7 @@ _UNITS = {
     "t": 10**12, "tb": 10**12, "tib": 2**40,
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 _DEVICE = re.compile(r"^(cpu|cuda:\d+)$")
 
 
@@ -49,6 +51,7 @@ class _Flag:
     default: str | None
     help: str
     repeatable: bool = False
+    boolean: bool = False
 
     @property
     def env(self) -> str:
@@ -77,6 +80,37 @@ _FLAGS = (
           repeatable=True),
     _Flag("cache-bytes", "0", "size of the prepared-layer cache in host memory, e.g. 16GiB (0 disables)"),
     _Flag("drain-timeout", "30", "seconds in-flight requests may take to finish after SIGTERM"),
+    _Flag("tls-cert", None, "PEM certificate chain of the server; with --tls-key the gRPC port speaks TLS only "
+                            "(default: plaintext)"),
+    _Flag("tls-key", None, "PEM private key (unencrypted) of --tls-cert"),
+    _Flag("tls-client-ca", None, "PEM CA certificates that client certificates must chain to: mutual TLS, a "
+                                 "client without such a certificate cannot connect (needs --tls-cert)"),
+    _Flag("auth-token-file", None, "file of bearer tokens, one per line (at least 16 characters each); calls "
+                                   "without 'authorization: Bearer <token>' get UNAUTHENTICATED (default: no token "
+                                   "needed)"),
+    _Flag("health-without-auth", "true", "answer grpc.health.v1 on the gRPC port without a token (probes carry "
+                                         "none; TLS still applies there)", boolean=True),
+    _Flag("health-port", "0", "second, plaintext port that serves only grpc.health.v1, for Kubernetes probes "
+                              "when the gRPC port speaks TLS (0 disables)"),
+    _Flag("max-request-bytes", "0", "largest sum of tensor bytes one Prepare call may announce, e.g. 16GiB; "
+                                    "more is RESOURCE_EXHAUSTED (0: bounded by the memory budget only)"),
+    _Flag("max-tensors", "16384", "most tensors one Prepare call may announce; more is INVALID_ARGUMENT"),
+    _Flag("max-tensor-rank", "4", f"most dimensions of one tensor, 1 to {MAX_DIMS}; more is INVALID_ARGUMENT"),
+    _Flag("max-tensor-bytes", "0", "largest single tensor, e.g. 8GiB; more is RESOURCE_EXHAUSTED (0: no limit "
+                                   "of its own)"),
+    _Flag("max-concurrent", "32", "Prepare calls running at once; more are refused with RESOURCE_EXHAUSTED, "
+                                  "which the SDK retries with backoff"),
+    _Flag("max-concurrent-per-client", "0", "Prepare calls one client (its certificate under mutual TLS, else its "
+                                            "address) may run at once (0: no limit of its own)"),
+    _Flag("max-deadline", "600", "seconds any call may run, whatever deadline its client set; a call past it "
+                                 "gets DEADLINE_EXCEEDED, one whose client stalls is cancelled"),
+    _Flag("keepalive-time", "60", "seconds between the server's keepalive pings on an idle connection"),
+    _Flag("keepalive-timeout", "20", "seconds the server waits for a ping's answer before closing the connection"),
+    _Flag("keepalive-permit-time", "20", "shortest interval in seconds at which clients may ping; faster pingers "
+                                         "are cut off with too_many_pings (the SDK pings every 30s)"),
+    _Flag("max-connection-age", "300", "seconds after which the server asks a client to reconnect, so that "
+                                       "round_robin clients spread over new replicas; running calls get "
+                                       "--max-deadline to finish (0 disables)"),
 )
 
 
@@ -84,9 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the server's flags to ``parser`` (values stay strings until ``ServeConfig.from_args``)."""
     for flag in _FLAGS:
         default = f" (default: {flag.default})" if flag.default is not None else ""
+        action = argparse.BooleanOptionalAction if flag.boolean else "append" if flag.repeatable else "store"
         parser.add_argument(
-            f"--{flag.name}", dest=flag.dest, default=None,
-            action="append" if flag.repeatable else "store",
+            f"--{flag.name}", dest=flag.dest, default=None, action=action,
             help=f"{flag.help}{default} [env {flag.env}]",
         )
 
@@ -106,6 +140,23 @@ class ServeConfig:
     allowed_roots: tuple[Path, ...] = ()
     cache_bytes: int = 0
     drain_timeout: float = 30.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_token_file: Path | None = None
+    health_without_auth: bool = True
+    health_port: int = 0
+    max_request_bytes: int = 0
+    max_tensors: int = 16384
+    max_tensor_rank: int = 4
+    max_tensor_bytes: int = 0
+    max_concurrent: int = 32
+    max_concurrent_per_client: int = 0
+    max_deadline: float = 600.0
+    keepalive_time: float = 60.0
+    keepalive_timeout: float = 20.0
+    keepalive_permit_time: float = 20.0
+    max_connection_age: float = 300.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> "ServeConfig":
@@ -197,7 +248,36 @@ class ServeConfig:
                 raise ValueError("must be >= 0")
             return value
 
-        return cls(
+        def file(text: str | None) -> Path | None:
+            if text is None or not str(text).strip():
+                return None
+            path = Path(str(text).strip()).expanduser()
+            if not path.is_file():
+                raise ValueError("no such file")
+            return path
+
+        def flag(value) -> bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).strip().lower() not in _BOOLEANS:
+                raise ValueError("not a boolean")
+            return _BOOLEANS[str(value).strip().lower()]
+
+        def count(low: int, high: int | None = None):
+            def parse(text: str) -> int:
+                value = int(text)
+                if value < low or (high is not None and value > high):
+                    raise ValueError("out of range")
+                return value
+            return parse
+
+        def positive_seconds(text: str) -> float:
+            value = float(text)
+            if not value > 0:
+                raise ValueError("must be > 0")
+            return value
+
+        return cls._checked(cls(
             host=convert("host", host, "a host name or address"),
             port=convert("port", port, "0 to 65535"),
             devices=convert("device", devices, "cpu, or cuda:N[,cuda:M...]"),
@@ -209,4 +289,33 @@ class ServeConfig:
             allowed_roots=convert("allowed_root", roots, "existing directories"),
             cache_bytes=convert("cache_bytes", size, "a size such as 16GiB, or 0"),
             drain_timeout=convert("drain_timeout", seconds, "seconds >= 0"),
-        )
+            tls_cert=convert("tls_cert", file, "a readable PEM file"),
+            tls_key=convert("tls_key", file, "a readable PEM file"),
+            tls_client_ca=convert("tls_client_ca", file, "a readable PEM file"),
+            auth_token_file=convert("auth_token_file", file, "a readable file of tokens"),
+            health_without_auth=convert("health_without_auth", flag, "true or false"),
+            health_port=convert("health_port", port, "0 to 65535, 0 disables"),
+            max_request_bytes=convert("max_request_bytes", size, "a size such as 16GiB, or 0"),
+            max_tensors=convert("max_tensors", count(1), "a count >= 1"),
+            max_tensor_rank=convert("max_tensor_rank", count(1, MAX_DIMS), f"1 to {MAX_DIMS}"),
+            max_tensor_bytes=convert("max_tensor_bytes", size, "a size such as 8GiB, or 0"),
+            max_concurrent=convert("max_concurrent", count(1), "a count >= 1"),
+            max_concurrent_per_client=convert("max_concurrent_per_client", count(0), "a count >= 0"),
+            max_deadline=convert("max_deadline", positive_seconds, "seconds > 0"),
+            keepalive_time=convert("keepalive_time", positive_seconds, "seconds > 0"),
+            keepalive_timeout=convert("keepalive_timeout", positive_seconds, "seconds > 0"),
+            keepalive_permit_time=convert("keepalive_permit_time", seconds, "seconds >= 0"),
+            max_connection_age=convert("max_connection_age", seconds, "seconds >= 0, 0 disables"),
+        ))
+
+    def _checked(self) -> "ServeConfig":
+        """Checks the flags that only make sense together."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key: give both (TLS) or neither (plaintext)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("--tls-client-ca: needs --tls-cert and --tls-key (mutual TLS is TLS that also checks "
+                              "client certificates)")
+        if self.health_port and self.health_port in (self.port, self.metrics_port):
+            raise ConfigError(f"--health-port: {self.health_port} is already the gRPC or the metrics port "
+                              "(expected a port of its own, or 0)")
+        return self

@@ -25,19 +25,17 @@ from nvfp4_prep.wire import (
 
 from .budget import Reservation
 from .cache import CacheKey, CachedLayer
+from .ceiling import CallClock
 from .errors import ServiceError, invalid
 from .estimate import prepared_bytes, reservation_bytes
 from .hashing import ContentHasher
 from .metrics import Metrics
+from .resume import START, ResumePoint, bytes_before, read_resume, remaining, renumbered, replay_from
 from .staging import PinnedRing
 from .worker import DeviceWorker
 
 if TYPE_CHECKING:
     from .service import PrepService
-
-
-# grpc reports "no deadline" as a remaining time of about 10^10 seconds.
-_NO_DEADLINE_SECONDS = 10**8
 
 
 @dataclass(frozen=True)
@@ -66,26 +64,26 @@ def read_params(header: pb.PrepareHeader) -> Params:
 
 class PrepareCall:
     def __init__(self, service: "PrepService", requests: Iterator[pb.PrepareRequest],
-                 context: grpc.ServicerContext) -> None:
+                 context: grpc.ServicerContext, clock: CallClock) -> None:
         self._service = service
         self._requests = requests
         self._context = context
-        remaining = context.time_remaining()
-        self._deadline = None if remaining is None or remaining > _NO_DEADLINE_SECONDS else time.monotonic() + remaining
+        self._clock = clock
+        self._deadline = clock.deadline
+        self._header = pb.PrepareHeader()
         self.summary: dict[str, object] = {}
 
     def _cancelled(self) -> bool:
         return not self._context.is_active()
 
     def _check_deadline(self, stage: str) -> None:
-        if self._deadline is not None and time.monotonic() >= self._deadline:
-            raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed before {stage}")
+        self._clock.check(f"before {stage}")
 
     def run(self) -> Iterator[pb.PrepareResponse]:
         first = next(self._requests, None)
         if first is None or chunk_of(first) is not None:
             raise invalid("request.header", "did not come first", "a PrepareHeader as the first message")
-        header = first.header
+        header = self._header = first.header
         params = read_params(header)
         self.summary.update(backend=params.backend, activation=params.activation, policy=params.policy)
         source = header.WhichOneof("source")
@@ -105,6 +103,7 @@ class PrepareCall:
                           "TENSOR_FORM_STACKED or TENSOR_FORM_PER_EXPERT")
         per_expert = tensor_set.form == pb.TENSOR_FORM_PER_EXPERT
         specs = read_headers(tensor_set.tensors, "header.tensors.tensors")
+        self._service.limits.check_tensors(specs)
         inputs = sum(spec.byte_length for spec in specs)
         self.summary["bytes_in"] = inputs
         worker = self._service.pick_worker()
@@ -225,12 +224,15 @@ class PrepareCall:
             scalars=scalars_to_proto(prepared.tensors),
             tensors=[header_for(name, tensor) for name, tensor in zip(names, tensors)],
         )
-        total = sum(t.numel() * t.element_size() for t in tensors)
+        sizes = [t.numel() * t.element_size() for t in tensors]
+        total = sum(sizes)
         self.summary["bytes_out"] = total
-        kept: list[bytes] | None = [] if key is not None and self._service.cache.fits(total) else None
+        point = self._resume_point(sizes)
+        cacheable = key is not None and point == START and self._service.cache.fits(total)
+        kept: list[bytes] | None = [] if cacheable else None
         del prepared
         yield pb.PrepareResponse(header=header)
-        copied = _Timed(worker.chunks(tensors, self._service.chunk_size, ring))
+        copied = _Timed(renumbered(worker.chunks(remaining(tensors, point), self._service.chunk_size, ring), point))
         encoded = Prefetch(encode_chunk(index, offset, data) for index, offset, data in copied)
         try:
             with self._metrics.stage_timer("send", backend):
@@ -241,7 +243,7 @@ class PrepareCall:
         finally:
             encoded.close()
             self._metrics.stage_seconds.labels("device_to_host", backend).observe(copied.seconds)
-        self.summary["bytes_sent"] = total
+        self.summary["bytes_sent"] = total - bytes_before(point, sizes)
         if kept is not None:
             self._service.cache.put(key, CachedLayer(header, tuple(kept), total))
 
@@ -250,9 +252,18 @@ class PrepareCall:
         header = pb.PreparedHeader()
         header.CopyFrom(cached.header)
         header.cache_hit = True
+        sizes = [tensor.byte_length for tensor in header.tensors]
+        point = self._resume_point(sizes)
         yield pb.PrepareResponse(header=header)
-        yield from cached.chunks
-        self.summary["bytes_sent"] = cached.nbytes
+        yield from replay_from(cached.chunks, point)
+        self.summary["bytes_sent"] = cached.nbytes - bytes_before(point, sizes)
+
+    def _resume_point(self, sizes: list[int]) -> ResumePoint:
+        """Where the answer's chunks start: the request's resume point, checked against the answer."""
+        point = read_resume(self._header, sizes)
+        if point != START:
+            self.summary["resume_from"] = f"{point.tensor_index}:{point.offset}"
+        return point
 
 
 class _Timed:

@@ -48,6 +48,11 @@ def read_resume(header: pb.PrepareHeader, sizes: Sequence[int]) -> ResumePoint:
     return ResumePoint(index, offset)
 
 
+def bytes_before(point: ResumePoint, sizes: Sequence[int]) -> int:
+    """Bytes of the answer that lie before ``point`` (the client holds them already)."""
+    return sum(sizes[:point.tensor_index]) + point.offset
+
+
 def remaining(tensors: Sequence[torch.Tensor], point: ResumePoint) -> list[torch.Tensor]:
     """The tensors from ``point`` on, the first cut at its offset (a flat byte view, no copy)."""
     rest = list(tensors[point.tensor_index:])

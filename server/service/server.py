@@ -22,9 +22,12 @@ from nvfp4_prep.wire import MESSAGE_OVERHEAD
 from . import logs
 from .cache import PreparedCache
 from .capabilities import build_capabilities
-from .config import ConfigError, ServeConfig
+from .ceiling import Ceiling
+from .config import ServeConfig
+from .limits import RequestLimits
 from .metrics import Metrics, MetricsServer, start_metrics_server
-from .service import MAX_PREPARE_STREAMS, PrepService, add_to_server
+from .service import PrepService, add_to_server
+from .transport import HealthPort, channel_options, interceptors, listen
 from .worker import DeviceWorker, auto_budget, resolve_devices
 
 log = logging.getLogger(__name__)
@@ -33,8 +36,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Prep"].full_name
 HEALTH_NAMES = ("", SERVICE_NAME)
 # Request chunks up to this size are always accepted, whatever --chunk-size says.
 MIN_ACCEPTED_CHUNK = 4 << 20
-# Prepare streams, health checks, capabilities and reflection share this pool.
-THREADS = MAX_PREPARE_STREAMS + 16
+# Threads beyond --max-concurrent in the pool that Prepare streams, health checks, capabilities and
+# reflection share, so that health is answered and extra calls are refused even at the limit.
+SPARE_THREADS = 16
 
 
 class PrepServer:
@@ -49,26 +53,37 @@ class PrepServer:
             DeviceWorker(device, config.memory_budget or auto_budget(device), receive_limit) for device in devices
         ]
         self.cache = PreparedCache(config.cache_bytes)
+        request_limits = RequestLimits(config.max_request_bytes, config.max_tensors, config.max_tensor_rank,
+                                       config.max_tensor_bytes, config.max_concurrent,
+                                       config.max_concurrent_per_client)
         limits = pb.Limits(
             chunk_size=config.chunk_size,
             max_receive_message_bytes=receive_limit,
             max_send_message_bytes=send_limit,
-            max_request_bytes=max(worker.budget.capacity for worker in self.workers),
+            max_request_bytes=config.max_request_bytes or max(worker.budget.capacity for worker in self.workers),
             cache_bytes=config.cache_bytes,
+            max_tensors=config.max_tensors,
+            max_tensor_rank=config.max_tensor_rank,
+            max_tensor_bytes=config.max_tensor_bytes,
+            max_concurrent=config.max_concurrent,
+            max_concurrent_per_client=config.max_concurrent_per_client,
+            max_deadline_seconds=config.max_deadline,
         )
         capabilities = build_capabilities(self.workers, limits, bool(config.allowed_roots))
         self.metrics = Metrics([str(worker.device) for worker in self.workers])
         self.metrics.watch(self.workers, self.cache)
         self.metrics_server: MetricsServer | None = None
         self.service = PrepService(self.workers, self.cache, config.chunk_size, config.allowed_roots, capabilities,
-                                   self.metrics)
+                                   self.metrics, request_limits, Ceiling(config.max_deadline))
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._server = grpc.server(
-            ThreadPoolExecutor(THREADS, thread_name_prefix="nvfp4-prep-rpc"),
+            ThreadPoolExecutor(config.max_concurrent + SPARE_THREADS, thread_name_prefix="nvfp4-prep-rpc"),
+            interceptors=interceptors(config),
             options=[
                 ("grpc.max_receive_message_length", receive_limit),
                 ("grpc.max_send_message_length", send_limit),
                 ("grpc.so_reuseport", 0),
+                *channel_options(config),
             ],
         )
         add_to_server(self.service, self._server)
@@ -76,9 +91,8 @@ class PrepServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server)
-        self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
-        if self.port == 0:
-            raise ConfigError(f"--host/--port: cannot listen on {config.host}:{config.port}")
+        self.port = listen(self._server, config)
+        self.health_port = HealthPort(self.health, config.host, config.health_port) if config.health_port else None
         self._stopped = threading.Event()
 
     @property
@@ -94,10 +108,17 @@ class PrepServer:
             self.metrics_server = start_metrics_server(self.config.metrics_port, self.config.host,
                                                        self.metrics.registry)
         self._server.start()
+        if self.health_port is not None:
+            self.health_port.start()
         for name in HEALTH_NAMES:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s:%d with %s", SERVICE_NAME, self.config.host, self.port,
-                 ", ".join(f"{w.device} (budget {w.budget.capacity} bytes)" for w in self.workers))
+        config = self.config
+        log.info("serving %s on %s:%d (%s%s%s) with %s", SERVICE_NAME, config.host, self.port,
+                 "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext",
+                 ", bearer token" if config.auth_token_file else "",
+                 f", health also on plaintext port {self.health_port.port}" if self.health_port else "",
+                 ", ".join(f"{w.device} (budget {w.budget.capacity} bytes)" for w in self.workers),
+                 extra={"port": self.port, "health_port": self.health_port.port if self.health_port else 0})
         return self
 
     def drain(self, timeout: float | None = None) -> bool:
@@ -114,6 +135,8 @@ class PrepServer:
 
     def stop(self, grace: float | None = None) -> None:
         self._server.stop(grace).wait()
+        if self.health_port is not None:
+            self.health_port.stop(grace)
         self.service.close()
         if self.metrics_server is not None:
             self.metrics_server.stop()

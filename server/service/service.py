@@ -17,10 +17,13 @@ from nvfp4_prep.checkpoint import CheckpointError
 from nvfp4_prep.pipeline import PrepError
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.v1 import prep_pb2_grpc
-from nvfp4_prep.wire import FramingError, decode_request, encode_message
+from nvfp4_prep.wire import FramingError, encode_message
 
 from .cache import PreparedCache
+from .ceiling import Ceiling
 from .errors import FIELD_METADATA_KEY, ServiceError, from_input_error
+from .intake import decode_request_or_malformed, reject_malformed
+from .limits import ConcurrencyGate, RequestLimits, client_identity
 from .metrics import UNKNOWN_BACKEND, Metrics
 from .prepare_call import PrepareCall, checkpoint_error
 from .worker import DeviceWorker
@@ -29,9 +32,6 @@ log = logging.getLogger(__name__)
 
 # Metadata key of the request id that the SDK sends and both sides log.
 REQUEST_ID_KEY = "x-request-id"
-# Prepare streams running at once, beyond which new ones get RESOURCE_EXHAUSTED; the
-# server's thread pool is larger so health checks are answered even then.
-MAX_PREPARE_STREAMS = 32
 HASH_THREADS = 8
 
 
@@ -43,13 +43,17 @@ class PrepService(prep_pb2_grpc.PrepServicer):
     """
 
     def __init__(self, workers: Sequence[DeviceWorker], cache: PreparedCache, chunk_size: int,
-                 allowed_roots: Sequence[Path], capabilities: pb.Capabilities, metrics: Metrics) -> None:
+                 allowed_roots: Sequence[Path], capabilities: pb.Capabilities, metrics: Metrics,
+                 limits: RequestLimits, ceiling: Ceiling) -> None:
         self.workers = list(workers)
         self.cache = cache
         self.chunk_size = chunk_size
         self.allowed_roots = [str(root) for root in allowed_roots]
         self.capabilities = capabilities
         self.metrics = metrics
+        self.limits = limits
+        self.ceiling = ceiling
+        self.gate = ConcurrencyGate(limits.max_concurrent, limits.max_concurrent_per_client)
         self.hash_pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="nvfp4-prep-hash")
         self.in_flight = 0
         self.outcomes: Counter[str] = Counter()
@@ -66,22 +70,26 @@ class PrepService(prep_pb2_grpc.PrepServicer):
     def Prepare(self, request_iterator: Iterator[pb.PrepareRequest],
                 context: grpc.ServicerContext) -> Iterator[pb.PrepareResponse]:
         request_id = _request_id(context)
-        refusal = self._enter()
+        client = client_identity(context)
+        refusal = self._enter(client)
         if refusal is not None:
             with self._idle:
                 self.outcomes[refusal.code.name] += 1
             self.metrics.observe_request("Prepare", UNKNOWN_BACKEND, refusal.code.name, 0.0)
             _abort(context, refusal)
         started = time.perf_counter()
-        call = PrepareCall(self, request_iterator, context)
+        clock = self.ceiling.start(context)
+        call = PrepareCall(self, clock.messages(reject_malformed(request_iterator), "while receiving"), context,
+                           clock)
         call.summary["request_id"] = request_id
         self.metrics.inflight.labels("Prepare").inc()
         failure: ServiceError | None = None
         finished = False
         try:
-            yield from call.run()
+            yield from clock.messages(call.run(), "while sending")
             finished = True
         except ServiceError as err:
+            err.__traceback__ = None  # its frames hold the call's tensors (a cycle through this frame)
             failure = err
         except (PrepError, FramingError) as err:
             failure = from_input_error(err)
@@ -97,7 +105,8 @@ class PrepService(prep_pb2_grpc.PrepServicer):
             failure = ServiceError(grpc.StatusCode.INTERNAL, "internal error while preparing; see the server log")
         finally:
             outcome = _outcome(context, failure, finished)
-            self._exit(outcome)
+            clock.close()
+            self._exit(outcome, client)
             self.metrics.inflight.labels("Prepare").dec()
             self._count(call.summary, outcome, time.perf_counter() - started)
             log.info("Prepare %s in %.3fs %s", outcome, time.perf_counter() - started,
@@ -115,17 +124,18 @@ class PrepService(prep_pb2_grpc.PrepServicer):
         if summary.get("bytes_sent"):
             self.metrics.sent_bytes.labels(backend).inc(int(summary["bytes_sent"]))
 
-    def _enter(self) -> ServiceError | None:
+    def _enter(self, client: str) -> ServiceError | None:
         with self._idle:
             if self.draining:
                 return ServiceError(grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another replica")
-            if self.in_flight >= MAX_PREPARE_STREAMS:
-                return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                    f"{MAX_PREPARE_STREAMS} Prepare streams are already running; retry later")
+            refusal = self.gate.enter(client)
+            if refusal is not None:
+                return refusal
             self.in_flight += 1
             return None
 
-    def _exit(self, outcome: str) -> None:
+    def _exit(self, outcome: str, client: str) -> None:
+        self.gate.leave(client)
         with self._idle:
             self.in_flight -= 1
             self.outcomes[outcome] += 1
@@ -153,7 +163,7 @@ def add_to_server(service: PrepService, server: grpc.Server) -> None:
     name = pb.DESCRIPTOR.services_by_name["Prep"].full_name
     handlers = {
         "Prepare": grpc.stream_stream_rpc_method_handler(
-            service.Prepare, request_deserializer=decode_request, response_serializer=encode_message),
+            service.Prepare, request_deserializer=decode_request_or_malformed, response_serializer=encode_message),
         "GetCapabilities": grpc.unary_unary_rpc_method_handler(
             service.GetCapabilities, request_deserializer=pb.GetCapabilitiesRequest.FromString,
             response_serializer=pb.Capabilities.SerializeToString),

@@ -57,20 +57,30 @@ class CheckpointRef(_message.Message):
     def __init__(self, location: _Optional[str] = ..., layer_prefix: _Optional[str] = ...) -> None: ...
 
 class PrepareHeader(_message.Message):
-    __slots__ = ("backend", "activation", "input_scale_policy", "layout_version", "tensors", "ref")
+    __slots__ = ("backend", "activation", "input_scale_policy", "layout_version", "tensors", "ref", "resume_from")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SCALE_POLICY_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     REF_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
     backend: str
     activation: str
     input_scale_policy: str
     layout_version: str
     tensors: TensorSet
     ref: CheckpointRef
-    def __init__(self, backend: _Optional[str] = ..., activation: _Optional[str] = ..., input_scale_policy: _Optional[str] = ..., layout_version: _Optional[str] = ..., tensors: _Optional[_Union[TensorSet, _Mapping]] = ..., ref: _Optional[_Union[CheckpointRef, _Mapping]] = ...) -> None: ...
+    resume_from: ResumePoint
+    def __init__(self, backend: _Optional[str] = ..., activation: _Optional[str] = ..., input_scale_policy: _Optional[str] = ..., layout_version: _Optional[str] = ..., tensors: _Optional[_Union[TensorSet, _Mapping]] = ..., ref: _Optional[_Union[CheckpointRef, _Mapping]] = ..., resume_from: _Optional[_Union[ResumePoint, _Mapping]] = ...) -> None: ...
+
+class ResumePoint(_message.Message):
+    __slots__ = ("tensor_index", "offset")
+    TENSOR_INDEX_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    tensor_index: int
+    offset: int
+    def __init__(self, tensor_index: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -173,18 +183,30 @@ class DeviceInfo(_message.Message):
     def __init__(self, device: _Optional[str] = ..., name: _Optional[str] = ..., compute_capability: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("chunk_size", "max_receive_message_bytes", "max_send_message_bytes", "max_request_bytes", "cache_bytes")
+    __slots__ = ("chunk_size", "max_receive_message_bytes", "max_send_message_bytes", "max_request_bytes", "cache_bytes", "max_tensors", "max_tensor_rank", "max_tensor_bytes", "max_concurrent", "max_concurrent_per_client", "max_deadline_seconds")
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_RECEIVE_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_SEND_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TENSOR_RANK_FIELD_NUMBER: _ClassVar[int]
+    MAX_TENSOR_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     chunk_size: int
     max_receive_message_bytes: int
     max_send_message_bytes: int
     max_request_bytes: int
     cache_bytes: int
-    def __init__(self, chunk_size: _Optional[int] = ..., max_receive_message_bytes: _Optional[int] = ..., max_send_message_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ...) -> None: ...
+    max_tensors: int
+    max_tensor_rank: int
+    max_tensor_bytes: int
+    max_concurrent: int
+    max_concurrent_per_client: int
+    max_deadline_seconds: float
+    def __init__(self, chunk_size: _Optional[int] = ..., max_receive_message_bytes: _Optional[int] = ..., max_send_message_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., max_tensor_rank: _Optional[int] = ..., max_tensor_bytes: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., max_concurrent_per_client: _Optional[int] = ..., max_deadline_seconds: _Optional[float] = ...) -> None: ...
 
 class Capabilities(_message.Message):
     __slots__ = ("api", "package_version", "torch_version", "flashinfer_version", "pipeline_version", "flashinfer_layout_version", "devices", "backends", "activations", "input_scale_policies", "tensor_forms", "checkpoint_refs", "limits")

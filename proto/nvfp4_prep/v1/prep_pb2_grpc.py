@@ -5,7 +5,7 @@ import warnings
 
 from nvfp4_prep.v1 import prep_pb2 as nvfp4__prep_dot_v1_dot_prep__pb2
 
-GRPC_GENERATED_VERSION = '1.84.2'
+GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -60,12 +60,19 @@ class PrepServicer:
         derived scalars, tensor headers), then every chunk of every prepared
         tensor in the same order.
 
+        A client whose answer stream broke may call again with
+        PrepareHeader.resume_from: the answer then starts at that byte.
+
         Status codes: INVALID_ARGUMENT (bad tensor or parameter; the message and
-        the "nvfp4-prep-field" trailer name the field), DATA_LOSS (checksum
-        mismatch), FAILED_PRECONDITION (a layout version this server cannot
-        produce), RESOURCE_EXHAUSTED (larger than the memory budget, or too many
-        requests), DEADLINE_EXCEEDED, UNAVAILABLE (draining), NOT_FOUND and
-        PERMISSION_DENIED (checkpoint references).
+        the "nvfp4-prep-field" trailer name the field, or the limit broken, e.g.
+        "max_tensors"), DATA_LOSS (checksum mismatch), FAILED_PRECONDITION (a
+        layout version this server cannot produce), RESOURCE_EXHAUSTED (larger
+        than the memory budget or a size limit; or too many calls running, with
+        the field "max_concurrent" or "max_concurrent_per_client": only these two
+        are worth retrying), DEADLINE_EXCEEDED (the client's deadline, or the
+        server's ceiling "max_deadline"), UNAVAILABLE (draining), UNAUTHENTICATED
+        (no or a wrong bearer token), NOT_FOUND and PERMISSION_DENIED
+        (checkpoint references).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
