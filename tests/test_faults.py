@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from checkpoint_factory import dense_tensors, moe_layer_tensors, write_checkpoint
 from fault_proxy import CuttingProxy
 from layer_factory import random_layer
+from server_state import idle, wait_for
 from nvfp4_prep import pipeline
 from nvfp4_prep.checkpoint import open_checkpoint
 from nvfp4_prep.checkpoint.verify import verify_prepared
@@ -27,20 +27,6 @@ RSS_TOLERANCE = 96 << 20
 
 def nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
-
-
-def idle(server) -> bool:
-    worker = server.workers[0]
-    return worker.budget.in_use == 0 and worker.live.value == 0 and server.service.in_flight == 0 \
-        and server.service.gate.in_flight == 0
 
 
 def rss() -> int:

@@ -9,7 +9,6 @@ tolerance of where it started.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import grpc
@@ -18,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from layer_factory import random_layer
+from server_state import idle, wait_for
 from nvfp4_prep import pipeline
 from nvfp4_prep.client import PrepClient
 from nvfp4_prep.server.config import ServeConfig
@@ -74,19 +74,6 @@ def rss() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def idle(server: PrepServer) -> bool:
-    worker = server.workers[0]
-    return worker.budget.in_use == 0 and worker.live.value == 0 and server.service.in_flight == 0 \
-        and server.service.gate.in_flight == 0 and worker.budget.waiting == 0
-
-
-def wait_idle(server: PrepServer, timeout: float = 10) -> None:
-    end = time.monotonic() + timeout
-    while not idle(server):
-        assert time.monotonic() < end, "the server did not return to idle"
-        time.sleep(0.01)
 
 
 class Checker:
@@ -213,7 +200,7 @@ def test_mutated_streams_are_refused_and_the_server_keeps_serving(server, channe
     base = [header_message(base_headers)] + base_chunks
     checker = Checker(server, layer)
     assert send(channel, base) == grpc.StatusCode.OK
-    wait_idle(server)
+    wait_for(lambda: idle(server))
     before = rss()
     seen: dict[str, int] = {}
 
@@ -234,7 +221,7 @@ def test_mutated_streams_are_refused_and_the_server_keeps_serving(server, channe
 
     case()
     checker.client.close()
-    wait_idle(server)
+    wait_for(lambda: idle(server))
     assert rss() - before < RSS_TOLERANCE, f"resident set grew by {(rss() - before) >> 20} MiB"
     assert {"INVALID_ARGUMENT", "DATA_LOSS", "RESOURCE_EXHAUSTED"} <= seen.keys(), seen
     assert "INTERNAL" not in server.service.outcomes and "UNKNOWN" not in server.service.outcomes
@@ -244,7 +231,7 @@ def test_bytes_that_are_not_requests_are_invalid_argument(server, channel, layer
     headers, chunks = valid_stream(layer)
     prefixes = st.sampled_from([b"", header_message(headers), chunks[0]])
     checker = Checker(server, layer)
-    wait_idle(server)
+    wait_for(lambda: idle(server))
     before = rss()
 
     @FUZZ
@@ -257,7 +244,7 @@ def test_bytes_that_are_not_requests_are_invalid_argument(server, channel, layer
 
     case()
     checker.client.close()
-    wait_idle(server)
+    wait_for(lambda: idle(server))
     assert rss() - before < RSS_TOLERANCE
     assert "INTERNAL" not in server.service.outcomes and "UNKNOWN" not in server.service.outcomes
 

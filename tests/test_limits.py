@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import threading
 import time
-from typing import Callable
 
 import grpc
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from certificates import issue, make_ca
 from fault_proxy import CuttingProxy
 from layer_factory import random_layer
+from server_state import idle, wait_for
 from nvfp4_prep.client import (
     PrepClient, PrepInvalidArgument, PrepResourceExhausted,
 )
@@ -37,20 +37,6 @@ def layer():
 
 def layer_bytes(layer) -> int:
     return sum(t.numel() * t.element_size() for t in layer.values())
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
-
-
-def idle(server) -> bool:
-    worker = server.workers[0]
-    return worker.budget.in_use == 0 and worker.live.value == 0 and server.service.in_flight == 0 \
-        and server.service.gate.in_flight == 0
 
 
 class HeldCall:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Callable
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from server_state import idle, wait_for
 from nvfp4_prep import pipeline
 from nvfp4_prep.client import (
     PrepClient, PrepDeadlineExceeded, PrepResourceExhausted, PrepUnavailable, Progress,
@@ -21,14 +21,6 @@ from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import encode_tensors, header_for, read_headers
 
 BACKEND = "flashinfer_cutlass"
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 def need_of(layer) -> int:
@@ -74,11 +66,6 @@ class HeldCall:
         self.call.cancel()
         self._release.set()
         self._thread.join(30)
-
-
-def idle(server) -> bool:
-    worker = server.workers[0]
-    return worker.budget.in_use == 0 and worker.live.value == 0 and server.service.in_flight == 0
 
 
 # -- admission control -----------------------------------------------------------------------------

@@ -30,12 +30,12 @@ class RequestLimits:
     """The limits of --max-request-bytes ... --max-concurrent-per-client; 0 turns a byte or per-client limit off
     (the memory budget still bounds every request)."""
 
-    max_request_bytes: int = 0
-    max_tensors: int = 16384
-    max_tensor_rank: int = 4
-    max_tensor_bytes: int = 0
-    max_concurrent: int = 32
-    max_concurrent_per_client: int = 0
+    max_request_bytes: int
+    max_tensors: int
+    max_tensor_rank: int
+    max_tensor_bytes: int
+    max_concurrent: int
+    max_concurrent_per_client: int
 
     def check_tensors(self, specs: Sequence[TensorSpec], field: str = "header.tensors.tensors") -> None:
         """Raises ServiceError when the announced tensors break a limit."""
