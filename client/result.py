@@ -6,26 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-TILE_ROWS = 128
-TILE_COLS = 4
-
-
-def mma_view(scale: torch.Tensor) -> torch.Tensor:
-    """SPEC P8: the CuteDSL MMA view of prepared ``[E, Mp, Kp]`` block scales, without copying.
-
-    Shape ``(32, 4, Mp/128, 4, Kp/4, E)`` with element strides
-    ``(16, 4, (Kp/4)*512, 1, 512, Mp*Kp)``; a view cannot cross the wire, so the
-    SDK rebuilds it over the received bytes.
-    """
-    if scale.dim() != 3 or scale.shape[1] % TILE_ROWS or scale.shape[2] % TILE_COLS:
-        raise ValueError(f"scale: shape {list(scale.shape)} (expected [E, Mp, Kp] with Mp % 128 == 0, Kp % 4 == 0)")
-    if not scale.is_contiguous():
-        raise ValueError("scale: not contiguous (expected the received tiled bytes)")
-    experts, rows, cols = scale.shape
-    shape = (32, 4, rows // TILE_ROWS, 4, cols // TILE_COLS, experts)
-    strides = (16, 4, (cols // TILE_COLS) * 512, 1, 512, rows * cols)
-    return scale.as_strided(shape, strides, scale.storage_offset())
-
+from nvfp4_prep.pipeline import mma_view
 
 @dataclass
 class RemoteLayer:

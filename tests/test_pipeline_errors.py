@@ -190,3 +190,20 @@ def test_assemble_rejects_strange_names_and_shapes():
     with pytest.raises(PrepError) as caught:
         assemble_layer(tensors)
     assert "w13.weight" in caught.value.field
+
+
+def test_assemble_huge_expert_index_is_rejected_at_once():
+    tensors = expert_tensors(1)
+    tensors.update({k.replace("0.", "4000000000.", 1): v for k, v in expert_tensors(1).items()})
+    with pytest.raises(PrepError) as caught:
+        assemble_layer(tensors)
+    assert caught.value.field == "experts" and "expert 1 is missing" in str(caught.value)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "swigluoai"])
+def test_assemble_rejects_an_expert_of_another_dtype(activation):
+    tensors = expert_tensors(2)
+    tensors["1.up_proj.weight"] = tensors["1.up_proj.weight"].to(torch.float32)
+    with pytest.raises(PrepError) as caught:
+        assemble_layer(tensors, activation)
+    assert caught.value.field == "1.w13.weight" and "float32" in str(caught.value)

@@ -85,6 +85,10 @@ def _stack_rows(name: str, parts: list[list[torch.Tensor]], interleave: bool) ->
         shapes = {tuple(p.shape) for p in projections}
         if len(shapes) != 1 or tuple(projections[0].shape) != tuple(first.shape):
             raise PrepError(f"{e}.{name}", f"has shapes {sorted(shapes)}", f"{list(first.shape)} like expert 0")
+        for p in projections:
+            if p.dtype != first.dtype or p.device != first.device:
+                raise PrepError(f"{e}.{name}", f"has dtype {p.dtype} on {p.device}",
+                                f"{first.dtype} on {first.device} like expert 0")
         if interleave:
             for j, p in enumerate(projections):
                 out[e, j::len(projections)] = p
@@ -98,10 +102,12 @@ def assemble_layer(expert_tensors: Mapping[str, torch.Tensor], activation: str =
     check_choice("activation", activation, ACTIVATIONS)
     experts = _parse(expert_tensors)
     names = _format_of(experts)
-    count = max(experts) + 1
-    missing = sorted(set(range(count)) - set(experts))
-    if missing:
-        raise PrepError("experts", f"expert {missing[0]} is missing", f"experts 0..{count - 1} all present")
+    # Compared by position, so that a client-chosen index such as 4000000000 costs nothing.
+    count = len(experts)
+    for position, index in enumerate(sorted(experts)):
+        if position != index:
+            raise PrepError("experts", f"expert {position} is missing (found {count} experts, up to {max(experts)})",
+                            f"experts 0..{count - 1} all present")
     gated = activation in GATED_ACTIVATIONS
     first = [("gate",), ("up",)] if gated else [("up", "gate")]
     w13 = [[_projection(experts, e, roles, names) for roles in first] for e in range(count)]
@@ -111,13 +117,16 @@ def assemble_layer(expert_tensors: Mapping[str, torch.Tensor], activation: str =
     def column(parts: list[dict], leaf: str) -> list[torch.Tensor]:
         return [p[leaf] for p in parts]
 
+    def scalars(leaf: str) -> torch.Tensor:
+        """``[E, 2]`` (gate, up) for gated layers, ``[E]`` otherwise."""
+        stacked = torch.stack([torch.stack(column(p, leaf)) for p in w13])
+        return stacked if gated else stacked.squeeze(-1)
+
     return {
         "w13_weight": _stack_rows("w13.weight", [column(p, "weight") for p in w13], interleave),
         "w13_weight_scale": _stack_rows("w13.weight_scale", [column(p, "block") for p in w13], interleave),
-        "w13_weight_scale_2": torch.stack([torch.stack(column(p, "global")) for p in w13]).squeeze(-1)
-        if not gated else torch.stack([torch.stack(column(p, "global")) for p in w13]),
-        "w13_input_scale": torch.stack([torch.stack(column(p, "input")) for p in w13]).squeeze(-1)
-        if not gated else torch.stack([torch.stack(column(p, "input")) for p in w13]),
+        "w13_weight_scale_2": scalars("global"),
+        "w13_input_scale": scalars("input"),
         "w2_weight": _stack_rows("w2.weight", [[p["weight"]] for p in w2], False),
         "w2_weight_scale": _stack_rows("w2.weight_scale", [[p["block"]] for p in w2], False),
         "w2_weight_scale_2": torch.stack([p["global"] for p in w2]),

@@ -11,10 +11,9 @@ import torch
 
 from . import gather
 from .errors import PrepError
-from .layout import GATED_ACTIVATIONS, PIPELINE_VERSION, padded_dims
+from .layout import ACTIVATIONS, BACKENDS, GATED_ACTIVATIONS, INPUT_SCALE_POLICIES, PIPELINE_VERSION, padded_dims
 from .plan import GatherPlan, layer_plan
 from .validate import check_choice
-from .layout import ACTIVATIONS, BACKENDS, INPUT_SCALE_POLICIES
 
 _LAYOUT_KEYS = ("backend", "activation", "num_experts", "hidden_dim", "hidden_dim_unpadded",
                 "intermediate_dim", "intermediate_dim_unpadded", "pipeline_version")

@@ -57,13 +57,11 @@ def _global_scale(name: str, tensor: torch.Tensor, experts: int, pair_allowed: b
 
 
 def _alignment(backend: str, dims: LayerDims) -> None:
-    hidden, inter = dims.hidden, dims.intermediate
+    inter = dims.intermediate
     if backend == "flashinfer_cutedsl" and dims.gated and inter % 64:
         raise PrepError("w2_weight", f"intermediate size I = {inter}", "I % 64 == 0 for flashinfer_cutedsl gated layers")
     if backend in ("flashinfer_cutlass", "vllm_cutlass") and dims.gated and dims.n1 % 128:
         raise PrepError("w13_weight", f"N1 = {dims.n1} rows", f"N1 % 128 == 0 for {backend} gated layers")
-    if hidden % 16 or inter % 16:
-        raise PrepError("w13_weight", f"H = {hidden}, I = {inter}", "H and I multiples of 16")
 
 
 def validate(tensors: Mapping[str, torch.Tensor], backend: str, activation: str, policy: str) -> LayerDims:
