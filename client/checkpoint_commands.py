@@ -89,7 +89,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "verify", help="check a prepared checkpoint against its source, byte for byte",
         description="Unprepares every layer of DIR and compares it with CKPT byte for byte, recomputes the input "
                     "scales and derived scalars, compares every other tensor, and checks the manifest checksums. "
-                    "Prints each difference naming the tensor; exits 1 if there is any.")
+                    "Prints each difference naming the tensor; exits 1 if there is any, 2 on a checkpoint error. "
+                    "A pass proves DIR is exactly the prepared form of CKPT that inverts back to it (catching "
+                    "corruption, truncation, a wrong source, mixed layers); it does not prove the layout itself, "
+                    "since unpreparing inverts the same index maps prepare used: that is established by the "
+                    "project's test suite against independent formulations of the layout.")
     verify.add_argument("out", metavar="DIR", help="prepared checkpoint directory")
     verify.add_argument("--against", required=_env("against", None) is None, default=_env("against", None),
                         metavar="CKPT", help="the source checkpoint it was prepared from [env NVFP4_PREP_AGAINST]")
@@ -154,15 +158,15 @@ def run_prepare(args: argparse.Namespace) -> int:
 
     location = args.checkpoint or sample_checkpoint()
     try:
-        checkpoint = open_checkpoint(location)
-        security = security_options(args)
-        with layer_preparers(_servers(args.server), args.timeout, security) as preparers:
-            summary = prepare_checkpoint(checkpoint, args.out, preparers, args.backend, args.activation,
-                                         args.input_scale_policy, progress=not args.quiet)
-        print(f"{summary.out_dir}: {summary.layers_prepared} layers prepared, {summary.layers_skipped} kept from "
-              f"an earlier run, {summary.bytes_prepared / 1e6:.1f} MB in {summary.seconds:.2f}s")
-        if args.verify:
-            return _report(verify_prepared(args.out, checkpoint), summary.out_dir)
+        with open_checkpoint(location) as checkpoint:
+            security = security_options(args)
+            with layer_preparers(_servers(args.server), args.timeout, security) as preparers:
+                summary = prepare_checkpoint(checkpoint, args.out, preparers, args.backend, args.activation,
+                                             args.input_scale_policy, progress=not args.quiet)
+            print(f"{summary.out_dir}: {summary.layers_prepared} layers prepared, {summary.layers_skipped} kept "
+                  f"from an earlier run, {summary.bytes_prepared / 1e6:.1f} MB in {summary.seconds:.2f}s")
+            if args.verify:
+                return _report(verify_prepared(args.out, checkpoint), summary.out_dir)
     except (CheckpointError, PrepError, PrepClientError, ValueError) as exc:
         print(f"nvfp4-prep prepare: {exc}", file=sys.stderr)
         return EXIT_ERROR

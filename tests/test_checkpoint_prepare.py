@@ -13,15 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint_factory import CT_CHECKPOINT, MODELOPT_CHECKPOINT, load_all, moe_layer_tensors, sharded_copy, \
-    write_checkpoint
+from checkpoint_factory import (FORMATS, ct_checkpoint, load_all, modelopt_checkpoint, moe_layer_tensors, shared,
+                                sharded_copy, write_checkpoint)
 from nvfp4_prep.checkpoint import CheckpointError, open_checkpoint
 from nvfp4_prep.checkpoint.manifest import MANIFEST_NAME
 from nvfp4_prep.checkpoint.prepare_job import prepare_checkpoint
 from nvfp4_prep.checkpoint.verify import verify_prepared
 from nvfp4_prep.pipeline import BACKENDS, PREPARED_NAMES, PrepError, prepare
 
-SHARED = {"compressed-tensors": CT_CHECKPOINT, "modelopt": MODELOPT_CHECKPOINT}
 INDEX = "model.safetensors.index.json"
 
 
@@ -51,10 +50,10 @@ def shard_of(out: Path, tensor: str) -> Path:
     return out / json.loads((out / INDEX).read_text())["weight_map"][tensor]
 
 
-@pytest.mark.parametrize("fmt", sorted(SHARED))
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_prepare_then_verify_round_trips(tmp_path: Path, fmt: str, backend: str) -> None:
-    source = SHARED[fmt]
+def test_prepare_then_verify_round_trips(tmp_path: Path, fmt: str, backend: str, shared: dict[str, Path]) -> None:
+    source = shared[fmt]
     summary = run(source, tmp_path / "out", backend)
     assert (summary.layers_prepared, summary.layers_skipped) == (2, 0)
     assert verify_prepared(tmp_path / "out", source) == []
@@ -86,23 +85,23 @@ def _metadata(shard: Path) -> dict:
     return load_header(shard)["__metadata__"]
 
 
-def test_strict_policy_round_trips_where_the_source_allows_it(tmp_path: Path) -> None:
-    run(MODELOPT_CHECKPOINT, tmp_path / "out", "flashinfer_trtllm", input_scale_policy="strict")
-    assert verify_prepared(tmp_path / "out", MODELOPT_CHECKPOINT) == []
+def test_strict_policy_round_trips_where_the_source_allows_it(tmp_path: Path, modelopt_checkpoint: Path) -> None:
+    run(modelopt_checkpoint, tmp_path / "out", "flashinfer_trtllm", input_scale_policy="strict")
+    assert verify_prepared(tmp_path / "out", modelopt_checkpoint) == []
 
 
-def test_strict_policy_failure_leaves_no_complete_looking_output(tmp_path: Path) -> None:
+def test_strict_policy_failure_leaves_no_complete_looking_output(tmp_path: Path, ct_checkpoint: Path) -> None:
     with pytest.raises(PrepError, match="w2_input_scale"):
-        run(CT_CHECKPOINT, tmp_path / "out", "flashinfer_cutlass", input_scale_policy="strict")
+        run(ct_checkpoint, tmp_path / "out", "flashinfer_cutlass", input_scale_policy="strict")
     assert not (tmp_path / "out" / INDEX).exists()
     assert json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["complete"] is False
     assert not list((tmp_path / "out").glob(".*.partial"))
-    assert verify_prepared(tmp_path / "out", CT_CHECKPOINT)[0].tensor == MANIFEST_NAME
+    assert verify_prepared(tmp_path / "out", ct_checkpoint)[0].tensor == MANIFEST_NAME
 
 
-def test_sharded_copy_gives_the_same_output(tmp_path: Path) -> None:
-    sharded = sharded_copy(CT_CHECKPOINT, tmp_path / "sharded", 3)
-    run(CT_CHECKPOINT, tmp_path / "a", "flashinfer_trtllm")
+def test_sharded_copy_gives_the_same_output(tmp_path: Path, ct_checkpoint: Path) -> None:
+    sharded = sharded_copy(ct_checkpoint, tmp_path / "sharded", 3)
+    run(ct_checkpoint, tmp_path / "a", "flashinfer_trtllm")
     run(sharded, tmp_path / "b", "flashinfer_trtllm")
     assert verify_prepared(tmp_path / "b", sharded) == []
     for path in (tmp_path / "a").glob("model-*.safetensors"):
@@ -110,19 +109,19 @@ def test_sharded_copy_gives_the_same_output(tmp_path: Path) -> None:
     assert (tmp_path / "a" / INDEX).read_bytes() == (tmp_path / "b" / INDEX).read_bytes()
 
 
-def test_verify_names_a_flipped_byte_in_a_prepared_tensor(tmp_path: Path) -> None:
-    run(CT_CHECKPOINT, tmp_path / "out", "flashinfer_cutedsl")
+def test_verify_names_a_flipped_byte_in_a_prepared_tensor(tmp_path: Path, ct_checkpoint: Path) -> None:
+    run(ct_checkpoint, tmp_path / "out", "flashinfer_cutedsl")
     name = "model.layers.1.mlp.experts.w2_weight"
     flip_byte(shard_of(tmp_path / "out", name), name)
-    differences = verify_prepared(tmp_path / "out", CT_CHECKPOINT)
+    differences = verify_prepared(tmp_path / "out", ct_checkpoint)
     assert {d.tensor for d in differences} == {name}
     assert any("crc32c" in d.problem for d in differences)
     assert any("differ from the source" in d.problem for d in differences)
 
 
-def test_verify_catches_a_flip_even_when_the_manifest_agrees(tmp_path: Path) -> None:
+def test_verify_catches_a_flip_even_when_the_manifest_agrees(tmp_path: Path, modelopt_checkpoint: Path) -> None:
     """The manifest is not trusted alone: unprepare + compare with the source catches it too."""
-    run(MODELOPT_CHECKPOINT, tmp_path / "out", "vllm_cutlass")
+    run(modelopt_checkpoint, tmp_path / "out", "vllm_cutlass")
     for name in ("model.layers.0.mlp.experts.w13_weight_scale", "model.layers.0.self_attn.o_proj.weight",
                  "model.layers.1.mlp.experts.g1_alphas"):
         flip_byte(shard_of(tmp_path / "out", name), name)
@@ -133,21 +132,21 @@ def test_verify_catches_a_flip_even_when_the_manifest_agrees(tmp_path: Path) -> 
         for tensor, info in shard["tensors"].items():
             info["crc32c"] = crc32c_hex(checkpoint.read_raw(tensor))
     (tmp_path / "out" / MANIFEST_NAME).write_text(json.dumps(manifest))
-    differences = verify_prepared(tmp_path / "out", MODELOPT_CHECKPOINT)
+    differences = verify_prepared(tmp_path / "out", modelopt_checkpoint)
     assert {d.tensor for d in differences} == {"model.layers.0.mlp.experts.w13_weight_scale",
                                                "model.layers.0.self_attn.o_proj.weight",
                                                "model.layers.1.mlp.experts.g1_alphas"}
 
 
-def test_verify_against_another_source_fails(tmp_path: Path) -> None:
-    run(CT_CHECKPOINT, tmp_path / "out")
-    differences = verify_prepared(tmp_path / "out", MODELOPT_CHECKPOINT)
+def test_verify_against_another_source_fails(tmp_path: Path, ct_checkpoint: Path, modelopt_checkpoint: Path) -> None:
+    run(ct_checkpoint, tmp_path / "out")
+    differences = verify_prepared(tmp_path / "out", modelopt_checkpoint)
     assert any(d.tensor == "model.layers.0.mlp.experts.w13_weight" for d in differences)
 
 
-def test_rerun_after_a_crash_keeps_intact_layers_and_redoes_the_rest(tmp_path: Path) -> None:
+def test_rerun_after_a_crash_keeps_intact_layers_and_redoes_the_rest(tmp_path: Path, ct_checkpoint: Path) -> None:
     out = tmp_path / "out"
-    run(CT_CHECKPOINT, out, "flashinfer_trtllm")
+    run(ct_checkpoint, out, "flashinfer_trtllm")
     # What a crash while writing layer 1 leaves: its shard half-written under a temporary name, the
     # manifest without it, no index yet.
     manifest = json.loads((out / MANIFEST_NAME).read_text())
@@ -160,28 +159,28 @@ def test_rerun_after_a_crash_keeps_intact_layers_and_redoes_the_rest(tmp_path: P
     partial.write_bytes(layer1.read_bytes()[:1000])
     layer1.unlink()
 
-    summary = run(CT_CHECKPOINT, out, "flashinfer_trtllm")
+    summary = run(ct_checkpoint, out, "flashinfer_trtllm")
     assert (summary.layers_prepared, summary.layers_skipped) == (1, 1)
     assert not partial.exists()
-    assert verify_prepared(out, CT_CHECKPOINT) == []
+    assert verify_prepared(out, ct_checkpoint) == []
 
 
-def test_rerun_redoes_a_layer_whose_bytes_no_longer_match(tmp_path: Path) -> None:
+def test_rerun_redoes_a_layer_whose_bytes_no_longer_match(tmp_path: Path, modelopt_checkpoint: Path) -> None:
     out = tmp_path / "out"
-    run(MODELOPT_CHECKPOINT, out)
+    run(modelopt_checkpoint, out)
     name = "model.layers.0.mlp.experts.w13_weight"
     flip_byte(shard_of(out, name), name)
-    summary = run(MODELOPT_CHECKPOINT, out)
+    summary = run(modelopt_checkpoint, out)
     assert (summary.layers_prepared, summary.layers_skipped) == (1, 1)
-    assert verify_prepared(out, MODELOPT_CHECKPOINT) == []
+    assert verify_prepared(out, modelopt_checkpoint) == []
 
 
-def test_rerun_with_another_backend_rewrites_everything(tmp_path: Path) -> None:
+def test_rerun_with_another_backend_rewrites_everything(tmp_path: Path, modelopt_checkpoint: Path) -> None:
     out = tmp_path / "out"
-    run(MODELOPT_CHECKPOINT, out, "flashinfer_cutedsl")
-    summary = run(MODELOPT_CHECKPOINT, out, "flashinfer_trtllm")
+    run(modelopt_checkpoint, out, "flashinfer_cutedsl")
+    summary = run(modelopt_checkpoint, out, "flashinfer_trtllm")
     assert (summary.layers_prepared, summary.layers_skipped) == (2, 0)
-    assert verify_prepared(out, MODELOPT_CHECKPOINT) == []
+    assert verify_prepared(out, modelopt_checkpoint) == []
     assert json.loads((out / "config.json").read_text())["nvfp4_prep"]["backend"] == "flashinfer_trtllm"
 
 
@@ -189,6 +188,22 @@ def test_output_into_the_source_directory_is_refused(tmp_path: Path) -> None:
     source = write_checkpoint(tmp_path / "src", moe_layer_tensors(0, 2, 64, 64))
     with pytest.raises(CheckpointError, match="source checkpoint"):
         run(source, source)
+
+
+def test_output_directory_must_be_empty_or_ours(tmp_path: Path) -> None:
+    source = write_checkpoint(tmp_path / "src", moe_layer_tensors(0, 2, 64, 64))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / MANIFEST_NAME).write_text('{"format": "someone-elses"}')
+    (foreign / "model-00001-of-00001.safetensors").write_bytes(b"not ours")
+    with pytest.raises(CheckpointError, match=f"{foreign}.*not a prepare run's"):
+        run(source, foreign)
+    assert (foreign / "model-00001-of-00001.safetensors").read_bytes() == b"not ours"
+    killed_at_first_save = tmp_path / "killed"  # only the first manifest's partial file: resumable
+    killed_at_first_save.mkdir()
+    (killed_at_first_save / f".{MANIFEST_NAME}.partial").write_bytes(b"{")
+    run(source, killed_at_first_save)
+    assert verify_prepared(killed_at_first_save, source) == []
 
 
 _SLOW_PREPARE = """
@@ -230,3 +245,21 @@ def test_killed_run_is_completed_by_a_rerun(tmp_path: Path) -> None:
     assert summary.layers_skipped >= 3 and summary.layers_prepared + summary.layers_skipped == 8
     assert verify_prepared(out, source) == []
     assert not list(out.glob(".*.partial"))
+
+
+def mapped_files_under(directory: Path) -> list[str]:
+    """Files under ``directory`` that this process has memory-mapped, read from the kernel's own list."""
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return sorted({line.split(maxsplit=5)[5] for line in lines
+                   if len(line.split(maxsplit=5)) == 6 and line.split(maxsplit=5)[5].startswith(f"{directory}/")})
+
+
+def test_verify_unmaps_what_it_opened_and_leaves_a_passed_checkpoint_open(tmp_path: Path) -> None:
+    source = write_checkpoint(tmp_path / "src", moe_layer_tensors(0, 2, 64, 64), shards=2)
+    run(source, tmp_path / "out")
+    assert verify_prepared(tmp_path / "out", source) == []
+    assert mapped_files_under(tmp_path) == []
+    with open_checkpoint(source) as checkpoint:
+        assert verify_prepared(tmp_path / "out", checkpoint) == []
+        assert checkpoint.read_layer("model.layers.0.mlp.experts")["w2_weight"].shape[0] == 2  # still readable
+    assert mapped_files_under(tmp_path) == []

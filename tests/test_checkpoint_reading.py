@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint_factory import (CT_CHECKPOINT, MODELOPT_CHECKPOINT, dense_tensors, load_all, moe_layer_tensors,
-                                nvfp4_projection, sharded_copy, write_checkpoint)
+from checkpoint_factory import (FORMATS, ct_checkpoint, dense_tensors, load_all, moe_layer_tensors, nvfp4_projection,
+                                shared, sharded_copy, write_checkpoint)
 from nvfp4_prep.checkpoint import CheckpointInvalid, CheckpointNotFound, open_checkpoint
 from nvfp4_prep.pipeline import assemble_layer
 
-SHARED = {"compressed-tensors": CT_CHECKPOINT, "modelopt": MODELOPT_CHECKPOINT}
 PREFIXES = ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
 
 
@@ -21,9 +20,9 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().reshape(-1).view(torch.uint8)
 
 
-@pytest.mark.parametrize("fmt", sorted(SHARED))
-def test_shared_checkpoints_are_detected_with_two_layers_of_eight_experts(fmt: str) -> None:
-    checkpoint = open_checkpoint(SHARED[fmt])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_shared_checkpoints_are_detected_with_two_layers_of_eight_experts(fmt: str, shared: dict[str, Path]) -> None:
+    checkpoint = open_checkpoint(shared[fmt])
     assert checkpoint.format == fmt
     assert checkpoint.moe_layers() == PREFIXES
     for prefix in PREFIXES:
@@ -34,14 +33,14 @@ def test_shared_checkpoints_are_detected_with_two_layers_of_eight_experts(fmt: s
     others = checkpoint.other_tensor_names()
     assert "model.layers.0.mlp.gate.weight" in others and "model.layers.1.self_attn.q_proj.weight_scale" in others
     assert not any(".mlp.experts." in name for name in others)
-    assert len(others) + 2 * 96 == len(load_all(SHARED[fmt] / "model.safetensors"))
+    assert len(others) + 2 * 96 == len(load_all(shared[fmt] / "model.safetensors"))
 
 
-@pytest.mark.parametrize("fmt", sorted(SHARED))
-def test_stacked_layer_equals_the_safetensors_library_reading(fmt: str) -> None:
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_stacked_layer_equals_the_safetensors_library_reading(fmt: str, shared: dict[str, Path]) -> None:
     """Our mmap reader gives the same tensors as safetensors' own loader."""
-    reference = load_all(SHARED[fmt] / "model.safetensors")
-    checkpoint = open_checkpoint(SHARED[fmt])
+    reference = load_all(shared[fmt] / "model.safetensors")
+    checkpoint = open_checkpoint(shared[fmt])
     prefix = PREFIXES[1]
     expected = assemble_layer({name[len(prefix) + 1:]: tensor for name, tensor in reference.items()
                                if name.startswith(prefix + ".")})
@@ -53,18 +52,18 @@ def test_stacked_layer_equals_the_safetensors_library_reading(fmt: str) -> None:
         assert torch.equal(as_bytes(checkpoint.read_tensor(name)), as_bytes(reference[name])), name
 
 
-def test_file_uri_file_path_and_index_path_open_the_same_checkpoint(tmp_path: Path) -> None:
-    sharded = sharded_copy(CT_CHECKPOINT, tmp_path / "sharded", 3)
-    for location in (CT_CHECKPOINT.as_uri(), str(CT_CHECKPOINT / "model.safetensors"),
+def test_file_uri_file_path_and_index_path_open_the_same_checkpoint(tmp_path: Path, ct_checkpoint: Path) -> None:
+    sharded = sharded_copy(ct_checkpoint, tmp_path / "sharded", 3)
+    for location in (ct_checkpoint.as_uri(), str(ct_checkpoint / "model.safetensors"),
                      sharded / "model.safetensors.index.json", f"file://localhost{sharded}"):
         checkpoint = open_checkpoint(location)
         assert checkpoint.format == "compressed-tensors" and checkpoint.moe_layers() == PREFIXES
 
 
-@pytest.mark.parametrize("fmt", sorted(SHARED))
-def test_sharded_copy_gives_identical_stacked_tensors(tmp_path: Path, fmt: str) -> None:
-    single = open_checkpoint(SHARED[fmt])
-    sharded = open_checkpoint(sharded_copy(SHARED[fmt], tmp_path / "sharded", 4))
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_sharded_copy_gives_identical_stacked_tensors(tmp_path: Path, fmt: str, shared: dict[str, Path]) -> None:
+    single = open_checkpoint(shared[fmt])
+    sharded = open_checkpoint(sharded_copy(shared[fmt], tmp_path / "sharded", 4))
     assert len(sharded.shard_files()) == 4
     assert sharded.moe_layers() == single.moe_layers()
     assert sorted(sharded.other_tensor_names()) == sorted(single.other_tensor_names())
@@ -135,19 +134,19 @@ def test_layers_sort_by_layer_number_not_text(tmp_path: Path) -> None:
     assert checkpoint.moe_layers() == [f"model.layers.{i}.mlp.experts" for i in (1, 2, 10)]
 
 
-def test_unquantized_checkpoint_is_rejected_naming_the_config() -> None:
+def test_unquantized_checkpoint_is_rejected_naming_the_config(testdata: Path) -> None:
     with pytest.raises(CheckpointInvalid, match="quantization_config"):
-        open_checkpoint(Path("/work/shared/testdata/qwen3moe_bf16"))
+        open_checkpoint(testdata / "qwen3moe_bf16")
 
 
-def test_unknown_layer_prefix_is_not_found() -> None:
-    checkpoint = open_checkpoint(CT_CHECKPOINT)
+def test_unknown_layer_prefix_is_not_found(ct_checkpoint: Path) -> None:
+    checkpoint = open_checkpoint(ct_checkpoint)
     with pytest.raises(CheckpointNotFound, match="model.layers.7.mlp.experts"):
         checkpoint.read_layer("model.layers.7.mlp.experts")
 
 
-def test_source_identity_follows_the_layer_shards(tmp_path: Path) -> None:
-    sharded = sharded_copy(CT_CHECKPOINT, tmp_path / "sharded", 2)
+def test_source_identity_follows_the_layer_shards(tmp_path: Path, ct_checkpoint: Path) -> None:
+    sharded = sharded_copy(ct_checkpoint, tmp_path / "sharded", 2)
     before = open_checkpoint(sharded).source_identity(PREFIXES[0])
     assert before.count("model-0000") == 2
     shard = sharded / "model-00001-of-00002.safetensors"

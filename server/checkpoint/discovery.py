@@ -50,10 +50,12 @@ def _check_layer(prefix: str, found: dict[int, dict[str, set[str]]], quant: Quan
     seen = {proj for projs in found.values() for proj in projs}
     projections = (gate, up, down) if gate in seen else (up, down)
     experts = sorted(found)
-    missing_experts = sorted(set(range(experts[-1] + 1)) - set(experts))
-    if missing_experts:
+    # Sorted distinct indices are 0..E-1 exactly when each equals its position; compare without building
+    # a range up to the largest index, which a file can make as large as it likes.
+    gap = next((position for position, expert in enumerate(experts) if expert != position), None)
+    if gap is not None:
         raise CheckpointInvalid(
-            f"{prefix}: experts {missing_experts} are missing (found experts {experts[0]}..{experts[-1]}); "
+            f"{prefix}: expert {gap} is missing (found {len(experts)} experts, indices {experts[0]}..{experts[-1]}); "
             "expected every expert from 0 to the highest index")
     names = []
     for expert in experts:

@@ -6,10 +6,19 @@ scales); input scales and derived scalars are compared with an independent
 formulation of SPEC sections 4 and 6 applied to the source (``reference_scales``);
 every other tensor must equal the source's bytes; every tensor must match its
 manifest checksum; the shard metadata must carry the manifest's layout record.
+
+What this proves, and what it does not: a clean verify shows that the output is
+exactly the prepared form of *this* source that inverts back to it, so it catches
+corruption, truncation, a wrong source and layers mixed from different runs. It
+does not show that the layout itself is the one the kernels expect: ``unprepare``
+inverts the same index maps ``prepare`` used, so a wrong map would round-trip
+cleanly. The layout's correctness is established by the test suite, which checks
+``prepare`` against independent formulations of the SPEC.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -211,15 +220,16 @@ def verify_prepared(out_dir: str | os.PathLike, against: str | os.PathLike | Che
     diffs = []
     if not manifest.complete:
         diffs.append(Difference(MANIFEST_NAME, "the prepare run that wrote it did not finish"))
-    source = against if isinstance(against, Checkpoint) else open_checkpoint(against)
-    try:
-        prepared = open_checkpoint(out_dir)
-    except CheckpointError as exc:
-        return diffs + [Difference(str(out_dir), str(exc))]
-    diffs += _check_manifest(prepared, manifest)
-    diffs += _check_tensor_set(prepared, source)
-    for prefix in source.moe_layers():
-        diffs += _check_layer(prefix, prepared, source, manifest)
-    diffs += _check_carried(prepared, source)
-    diffs += _check_small_files(out_dir, source)
+    with contextlib.ExitStack() as opened:  # a source passed in open stays open; those opened here are closed
+        source = against if isinstance(against, Checkpoint) else opened.enter_context(open_checkpoint(against))
+        try:
+            prepared = opened.enter_context(open_checkpoint(out_dir))
+        except CheckpointError as exc:
+            return diffs + [Difference(str(out_dir), str(exc))]
+        diffs += _check_manifest(prepared, manifest)
+        diffs += _check_tensor_set(prepared, source)
+        for prefix in source.moe_layers():
+            diffs += _check_layer(prefix, prepared, source, manifest)
+        diffs += _check_carried(prepared, source)
+        diffs += _check_small_files(out_dir, source)
     return diffs

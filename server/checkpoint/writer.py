@@ -8,7 +8,9 @@ renamed when complete; the index is removed when a run starts and written only
 once every shard is done, so an interrupted run never looks like a finished
 checkpoint. On a rerun with the same source and options, shards the manifest
 lists and whose bytes still match their checksums are kept; everything else is
-written again.
+written again. Resuming deletes and overwrites files, so a directory is only
+written into when it is empty (or missing) or holds our manifest: ``--out``
+naming another model's directory is refused, never cleaned.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic_file import remove_partials, write_bytes_atomic
+from .atomic_file import partial_path, remove_partials, write_bytes_atomic
 from .checkpoint import INDEX_NAME, Checkpoint
 from .checksum import crc32c_hex, tensor_bytes
 from .errors import CheckpointError, CheckpointInvalid
@@ -73,17 +75,37 @@ class PreparedCheckpointWriter:
 
     # -- resuming ---------------------------------------------------------------------------
 
+    def _previous_manifest(self) -> Manifest | None:
+        """Our earlier manifest in the output directory; refuses a directory it does not mark as ours.
+
+        Resuming unlinks shards, the index and partial files and overwrites config.json, so a
+        non-empty directory without a readable manifest of ours (another model, say) is left alone.
+        """
+        try:
+            previous = Manifest.load(self.out_dir)
+        except CheckpointInvalid as exc:
+            raise CheckpointInvalid(
+                f"output directory {self.out_dir} holds a {MANIFEST_NAME} that is not a prepare run's ({exc}); "
+                "expected an empty directory or one written by nvfp4-prep prepare") from None
+        if previous is not None:
+            return previous
+        # A run killed while saving its first manifest leaves only that manifest's partial file.
+        first_save = partial_path(self.out_dir / MANIFEST_NAME).name
+        present = sorted(path.name for path in self.out_dir.iterdir() if path.name != first_save)
+        if present:
+            shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+            raise CheckpointInvalid(
+                f"output directory {self.out_dir} is not empty ({shown}) and has no {MANIFEST_NAME}; expected an "
+                "empty or missing directory, or one written by nvfp4-prep prepare (refusing to delete files in it)")
+        return None
+
     def _resumed_manifest(self) -> Manifest:
+        previous = self._previous_manifest()
         for path in remove_partials(self.out_dir):
             log.info("removed %s left by an interrupted run", path.name)
         source = {"path": str(self.checkpoint.directory), "format": self.checkpoint.format,
                   "identity": self.checkpoint.source_identity()}
         fresh = Manifest(source, dict(self._request))
-        try:
-            previous = Manifest.load(self.out_dir)
-        except CheckpointInvalid as exc:
-            log.warning("ignoring the existing manifest: %s", exc)
-            previous = None
         if previous is not None and (previous.source, previous.request) == (source, self._request):
             fresh.layout = previous.layout
             for shard in self.plan:
