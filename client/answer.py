@@ -75,10 +75,14 @@ class Answer:
 
     def _start(self, header: pb.PreparedHeader) -> None:
         specs = read_headers(header.tensors, "response.header.tensors")
-        self._header = header
-        self._total = sum(spec.byte_length for spec in specs)
-        self._sink = HostTensors(specs)
-        self._receiver = TensorReceiver(specs, self._sink, "response.tensors")
+        total = sum(spec.byte_length for spec in specs)
+        try:
+            sink = HostTensors(specs)
+        except (RuntimeError, MemoryError) as err:  # a header announcing more than this host can hold
+            raise PrepProtocolError(f"response.header.tensors: announce {total} bytes, more than this client can "
+                                    f"allocate ({str(err).splitlines()[0]})", field="response.header.tensors") from None
+        self._header, self._total, self._sink = header, total, sink
+        self._receiver = TensorReceiver(specs, sink, "response.tensors")
 
     def _drop(self) -> None:
         self._header = self._sink = self._receiver = None

@@ -1,7 +1,8 @@
 """nvfp4-prep: prepare NVFP4 MoE weights for FlashInfer kernels on a gRPC server.
 
-Client commands take their flags from the environment too (``--server`` <->
-``NVFP4_PREP_SERVER``); ``serve`` documents its own in ``nvfp4-prep serve --help``.
+The connection flags of the client commands come from the environment too
+(``--server`` <-> ``NVFP4_PREP_SERVER``); ``serve`` and ``prepare`` read every flag
+from it, as their ``--help`` says.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from nvfp4_prep.wire import DEFAULT_CHUNK_SIZE
+from nvfp4_prep.wire import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
 from .security_flags import add_security_flags, security_options
 
@@ -94,18 +95,27 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _layer(args: argparse.Namespace) -> int:
+    from safetensors import SafetensorError
     from tqdm import tqdm
 
     from .errors import PrepClientError
     from .layer_file import read_stacked_layer, write_prepared_layer
     from .sdk import PrepClient, Progress
 
+    def usage(message: str) -> int:
+        print(f"nvfp4-prep layer: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
     try:
         security = security_options(args)
+    except ValueError as err:
+        return usage(str(err))
+    try:
         prefix, tensors = read_stacked_layer(args.input, args.prefix)
-    except (OSError, ValueError) as err:
-        print(f"nvfp4-prep layer: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    except ValueError as err:  # names the file or --prefix itself
+        return usage(str(err))
+    except (OSError, SafetensorError) as err:
+        return usage(f"{args.input}: cannot read the stacked layer ({err})")
     bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, disable=args.quiet)
     phase = [""]
 
@@ -121,11 +131,16 @@ def _layer(args: argparse.Namespace) -> int:
             layer = client.prepare_layer(tensors, args.backend, args.activation, args.input_scale_policy,
                                          layout_version=args.layout_version, progress=progress)
     except PrepClientError as err:
-        bar.close()
         print(f"nvfp4-prep layer: {err}", file=sys.stderr)
         return EXIT_FAILED
-    bar.close()
-    write_prepared_layer(args.output, prefix, layer)
+    except ValueError as err:
+        return usage(str(err))
+    finally:
+        bar.close()
+    try:
+        write_prepared_layer(args.output, prefix, layer)
+    except (OSError, SafetensorError, ValueError) as err:
+        return usage(f"{args.output}: cannot write the prepared layer ({err})")
     if not args.quiet:
         print(f"wrote {args.output}: {len(layer.tensors)} tensors, layout {layer.layout['layout_id']}",
               file=sys.stderr)
@@ -139,6 +154,14 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _chunk_size(text: str) -> int:
+    size = _size(text)
+    if not MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is {size} bytes (expected {MIN_CHUNK_SIZE >> 10}KiB to {MAX_CHUNK_SIZE >> 20}MiB)")
+    return size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     layer.add_argument("--input-scale-policy", default="max", help="max (default) or strict")
     layer.add_argument("--layout-version", default=None, help="layout id the result must carry (default: any)")
     layer.add_argument("--prefix", default=None, help="layer prefix in INPUT when it holds several layers")
-    layer.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE,
-                       help="bytes per upload chunk (default 2MiB)")
+    layer.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK_SIZE,
+                       help=f"bytes per upload chunk, {MIN_CHUNK_SIZE >> 10}KiB to {MAX_CHUNK_SIZE >> 20}MiB "
+                            "(default 2MiB)")
     layer.add_argument("--quiet", action="store_true", help="no progress bar")
     layer.set_defaults(run=_layer)
 

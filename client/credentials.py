@@ -16,10 +16,11 @@ from pathlib import Path
 
 import grpc
 
+from nvfp4_prep.wire import AUTHORIZATION_KEY
+
 log = logging.getLogger(__name__)
 
 PemSource = str | os.PathLike | bytes
-AUTHORIZATION_KEY = "authorization"
 
 
 def _pem(source: PemSource, argument: str) -> bytes:

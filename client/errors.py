@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import grpc
 
-FIELD_METADATA_KEY = "nvfp4-prep-field"
+from nvfp4_prep.wire import FIELD_METADATA_KEY
+
 # RESOURCE_EXHAUSTED fields of the server's concurrency limits (see prep.proto): the only
 # RESOURCE_EXHAUSTED errors that pass, and so the only ones worth a retry.
 CONCURRENCY_LIMITS = ("max_concurrent", "max_concurrent_per_client")

@@ -19,8 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.v1 import prep_pb2_grpc
 from nvfp4_prep.wire import (
-    DEFAULT_CHUNK_SIZE, FramingError, Prefetch, check_chunk_size, decode_response, encode_chunk, encode_message,
-    header_for, iter_pieces,
+    DEFAULT_CHUNK_SIZE, REQUEST_ID_KEY, FramingError, Prefetch, check_chunk_size, decode_response, encode_chunk,
+    encode_message, header_for, iter_pieces,
 )
 
 from .answer import Answer, AnswerChanged, Progress, ProgressCallback
@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 
 _PER_EXPERT_KEY = re.compile(r"^\d+\.")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Prep"].full_name
-# Metadata key of the id that names one layer's request (and its retries) in both sides' logs.
-REQUEST_ID_KEY = "x-request-id"
 
 
 def tensor_form(tensors: Mapping[str, torch.Tensor]) -> int:

@@ -10,13 +10,11 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-# The real checkpoints in shared/testdata, by format; found through conftest's ``testdata`` fixture so that
-# both layouts work (shared/ beside the clone in CI, /work/shared in the sessions).
+# The real checkpoints in shared/testdata, by format (conftest's ``shared`` fixture maps them).
 SHARED_NAMES = {"compressed-tensors": "qwen3moe_ct_nvfp4", "modelopt": "qwen3moe_modelopt_nvfp4"}
 FORMATS = tuple(sorted(SHARED_NAMES))
 
@@ -26,23 +24,6 @@ SUFFIXES = {"modelopt": ("weight", "weight_scale", "weight_scale_2", "input_scal
             "compressed-tensors": ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")}
 
 
-
-@pytest.fixture
-def shared(testdata: Path) -> dict[str, Path]:
-    """Format name -> the real checkpoint of that format in shared/testdata (import it into a test module)."""
-    return {fmt: testdata / name for fmt, name in SHARED_NAMES.items()}
-
-
-@pytest.fixture
-def ct_checkpoint(shared: dict[str, Path]) -> Path:
-    """shared/testdata/qwen3moe_ct_nvfp4 (compressed-tensors)."""
-    return shared["compressed-tensors"]
-
-
-@pytest.fixture
-def modelopt_checkpoint(shared: dict[str, Path]) -> Path:
-    """shared/testdata/qwen3moe_modelopt_nvfp4 (ModelOpt)."""
-    return shared["modelopt"]
 
 def nvfp4_projection(out_features: int, in_features: int, fmt: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """One NVFP4 linear in ``fmt``'s names: random codes and block scales, positive global scales."""

@@ -9,6 +9,7 @@ import grpc
 import pytest
 import torch
 
+from checkpoint_factory import SHARED_NAMES
 from layer_factory import random_layer
 from nvfp4_prep.server.config import ServeConfig
 from nvfp4_prep.server.server import PrepServer
@@ -138,3 +139,21 @@ def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 def same_tensors() -> Callable[[dict, dict], None]:
     """``same_tensors(got, want)``: asserts bit-identical tensor dicts (names, order, dtypes, shapes, bytes)."""
     return assert_same_tensors
+
+
+@pytest.fixture
+def shared(testdata: Path) -> dict[str, Path]:
+    """Format name -> the real checkpoint of that format in shared/testdata."""
+    return {fmt: testdata / name for fmt, name in SHARED_NAMES.items()}
+
+
+@pytest.fixture
+def ct_checkpoint(shared: dict[str, Path]) -> Path:
+    """shared/testdata/qwen3moe_ct_nvfp4 (compressed-tensors)."""
+    return shared["compressed-tensors"]
+
+
+@pytest.fixture
+def modelopt_checkpoint(shared: dict[str, Path]) -> Path:
+    """shared/testdata/qwen3moe_modelopt_nvfp4 (ModelOpt)."""
+    return shared["modelopt"]

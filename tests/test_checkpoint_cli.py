@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpoint_factory import FORMATS, ct_checkpoint, modelopt_checkpoint, moe_layer_tensors, shared, write_checkpoint
+from checkpoint_factory import FORMATS, moe_layer_tensors, write_checkpoint
 from nvfp4_prep import pipeline
 from nvfp4_prep.checkpoint.manifest import MANIFEST_NAME
 from nvfp4_prep.checkpoint.verify import verify_prepared

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint_factory import (FORMATS, ct_checkpoint, load_all, modelopt_checkpoint, moe_layer_tensors, shared,
-                                sharded_copy, write_checkpoint)
+from checkpoint_factory import FORMATS, load_all, moe_layer_tensors, sharded_copy, write_checkpoint
 from nvfp4_prep.checkpoint import CheckpointError, open_checkpoint
 from nvfp4_prep.checkpoint.manifest import MANIFEST_NAME
 from nvfp4_prep.checkpoint.prepare_job import prepare_checkpoint

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint_factory import (FORMATS, ct_checkpoint, dense_tensors, load_all, moe_layer_tensors, nvfp4_projection,
-                                shared, sharded_copy, write_checkpoint)
+from checkpoint_factory import (
+    FORMATS, dense_tensors, load_all, moe_layer_tensors, nvfp4_projection, sharded_copy, write_checkpoint,
+)
 from nvfp4_prep.checkpoint import CheckpointInvalid, CheckpointNotFound, open_checkpoint
 from nvfp4_prep.pipeline import assemble_layer
 

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from nvfp4_prep import pipeline
 from nvfp4_prep.client.cli import main
+from nvfp4_prep.server.config import FLAGS
 
 PREFIX = "model.layers.3.mlp.experts"
 
@@ -69,6 +70,42 @@ def test_layer_command_reports_bad_input_and_writes_nothing(prep_address, make_l
     assert list(tmp_path.iterdir()) == [source]
 
 
+def test_layer_command_refuses_a_chunk_size_out_of_range(prep_address, make_layer, tmp_path: Path, capsys):
+    source = tmp_path / "in.safetensors"
+    _write_layer(source, {PREFIX: make_layer()})
+    with pytest.raises(SystemExit) as info:
+        main(["layer", str(source), str(tmp_path / "out.safetensors"), "--server", prep_address,
+              "--backend", "flashinfer_cutlass", "--chunk-size", "1KiB"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--chunk-size" in err and "'1KiB' is 1024 bytes" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [source]
+
+
+def test_layer_command_reports_a_corrupt_input_file(prep_address, tmp_path: Path, capsys):
+    source = tmp_path / "corrupt.safetensors"
+    source.write_bytes(b"\xff" * 64)
+    code = main(["layer", str(source), str(tmp_path / "out.safetensors"), "--server", prep_address,
+                 "--backend", "flashinfer_cutlass", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{source}: cannot read the stacked layer" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [source]
+
+
+def test_layer_command_reports_an_output_it_cannot_write(prep_address, make_layer, tmp_path: Path, capsys):
+    source, blocker = tmp_path / "in.safetensors", tmp_path / "a-file"
+    _write_layer(source, {PREFIX: make_layer()})
+    blocker.write_text("not a directory")
+    target = blocker / "out.safetensors"
+    code = main(["layer", str(source), str(target), "--server", prep_address, "--backend", "flashinfer_cutlass"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{target}: cannot write the prepared layer" in err and "Traceback" not in err
+    assert "download" in err  # the progress bar ran, and was closed before the message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "in.safetensors"]
+
+
 def test_info_prints_capabilities_and_health(prep_address, capsys):
     assert main(["info", "--server", prep_address]) == 0
     text = capsys.readouterr().out
@@ -91,9 +128,8 @@ def test_serve_help_documents_every_flag_and_variable(capsys):
         main(["serve", "--help"])
     assert info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for flag in ("host", "port", "device", "memory-budget", "chunk-size", "log-level", "log-format", "metrics-port",
-                 "allowed-root", "cache-bytes", "drain-timeout"):
-        assert f"--{flag}" in text and "NVFP4_PREP_" + flag.upper().replace("-", "_") in text
+    for flag in FLAGS:
+        assert f"--{flag.name}" in text and flag.env in text, flag.name
 
 
 def test_serve_refuses_a_bad_flag(capsys):
@@ -108,7 +144,7 @@ def test_serve_process_answers_and_drains_on_sigterm(tmp_path: Path):
     env = dict(os.environ, NVFP4_PREP_HOST="127.0.0.1", NVFP4_PREP_LOG_FORMAT="json")
     process = subprocess.Popen(
         [sys.executable, "-m", "nvfp4_prep.client.cli", "serve", "--port", str(port), "--device", "cpu",
-         "--memory-budget", "256MiB"], env=env, stderr=subprocess.PIPE, text=True)
+         "--memory-budget", "256MiB", "--metrics-port", "0"], env=env, stderr=subprocess.PIPE, text=True)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)

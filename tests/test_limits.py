@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from certificates import issue, make_ca
+from checkpoint_factory import dense_tensors, moe_layer_tensors, write_checkpoint
 from fault_proxy import CuttingProxy
 from layer_factory import random_layer
 from server_state import idle, wait_for
@@ -102,6 +103,44 @@ def test_over_limit_requests_fail_before_any_chunk_is_sent(start_server, layer, 
         assert info.value.field == limit
     wait_for(lambda: idle(server))
     assert server.service.outcomes[code.name] == 2
+
+
+REF_PREFIX = "model.layers.0.mlp.experts"
+
+
+@pytest.fixture
+def checkpoint_root(tmp_path):
+    """An allowed root holding checkpoint 'ckpt' with one MoE layer (2 experts, H=I=64)."""
+    write_checkpoint(tmp_path / "ckpt", {**dense_tensors(64), **moe_layer_tensors(0, 2, 64, 64)})
+    return tmp_path
+
+
+def layers_read(server) -> float:
+    return server.metrics.registry.get_sample_value(
+        "nvfp4_prep_stage_duration_seconds_count", {"stage": "read", "backend": BACKEND}) or 0
+
+
+@pytest.mark.parametrize("limit, value, fragment", [
+    ("memory_budget", 1024, "more than its memory budget of 1024 bytes"),
+    ("max_tensor_bytes", 1024, "header.ref[0] (0.gate_proj.weight).byte_length: is 2048 bytes"),
+    ("max_request_bytes", 1024, "header.ref: announces"),
+])
+def test_checkpoint_references_are_limited_before_the_layer_is_read(start_server, checkpoint_root, limit, value,
+                                                                     fragment):
+    server = start_server(allowed_roots=(checkpoint_root,), **{limit: value})
+    with PrepClient(server.address) as client, pytest.raises(PrepResourceExhausted) as info:
+        client.prepare_reference(str(checkpoint_root / "ckpt"), REF_PREFIX, BACKEND)
+    assert info.value.field == limit and fragment in info.value.details, info.value.details
+    assert layers_read(server) == 0
+    wait_for(lambda: idle(server))
+
+
+def test_checkpoint_reference_within_the_limits_is_read_once(start_server, checkpoint_root):
+    server = start_server(allowed_roots=(checkpoint_root,), max_tensor_bytes=1 << 20)
+    with PrepClient(server.address) as client:
+        client.prepare_reference(str(checkpoint_root / "ckpt"), REF_PREFIX, BACKEND)
+    assert layers_read(server) == 1 and server.service.outcomes["OK"] == 1
+    wait_for(lambda: idle(server))
 
 
 def test_capabilities_announce_the_limits(start_server):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
+from pathlib import Path
 import urllib.request
 
 import grpc
@@ -85,8 +87,30 @@ def test_metrics_move_by_the_amounts_of_real_requests(served, make_layer, caplog
     assert len(sdk_ids) == 2 and set(sdk_ids) <= set(server_ids)
 
 
-def test_metrics_port_serves_nothing_when_disabled(start_server):
+def test_metrics_port_0_starts_no_metrics_listener_and_grpc_still_serves(start_server):
+    before = listening_ports()
     server = start_server(metrics_port=0)
     assert server.metrics_server is None
+    # The only port the server opened is the gRPC one: nothing serves metrics anywhere.
+    assert listening_ports() - before == {server.port}
     with grpc.insecure_channel(server.address) as channel:
         grpc.channel_ready_future(channel).result(timeout=10)
+
+
+def listening_ports() -> set[int]:
+    """Ports of this process's listening TCP sockets (IPv4 and IPv6), from /proc."""
+    inodes = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    ports = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # state LISTEN, one of our sockets
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports

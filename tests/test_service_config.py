@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import socket
+import threading
 from pathlib import Path
 
 import pytest
 
+from server_state import wait_for
 from nvfp4_prep.server.config import ConfigError, ServeConfig, add_arguments, parse_size
 
 
@@ -59,6 +62,8 @@ def test_flag_wins_over_variable() -> None:
     (["--allowed-root", "/no/such/dir"], {}, "--allowed-root"),
     (["--drain-timeout", "-1"], {}, "--drain-timeout"),
     (["--host", " "], {}, "--host"),
+    (["--port", "9500", "--metrics-port", "9500"], {}, "--port and --metrics-port: both are 9500"),
+    ([], {"NVFP4_PREP_PORT": "9400"}, "--port and --metrics-port: both are 9400"),
 ])
 def test_bad_values_name_the_flag(argv, environ, fragment) -> None:
     with pytest.raises(ConfigError) as info:
@@ -82,3 +87,18 @@ def test_parse_size_refuses_nonsense() -> None:
 def test_missing_gpu_is_a_start_up_error(start_server) -> None:
     with pytest.raises(ConfigError, match="--device: cuda:99 does not exist"):
         start_server(devices=("cuda:99",))
+
+
+@pytest.mark.parametrize("field, flag", [
+    ("port", "--host/--port"), ("health_port", "--health-port"), ("metrics_port", "--metrics-port"),
+])
+def test_a_port_in_use_is_a_start_up_error_naming_the_flag(start_server, field, flag) -> None:
+    before = threading.active_count()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError) as info:
+            start_server(**{field: port})
+    assert str(info.value).startswith(f"{flag}: cannot listen on 127.0.0.1:{port}"), str(info.value)
+    wait_for(lambda: threading.active_count() <= before)

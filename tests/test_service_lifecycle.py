@@ -16,7 +16,10 @@ from nvfp4_prep import pipeline
 from nvfp4_prep.client import (
     PrepClient, PrepDeadlineExceeded, PrepResourceExhausted, PrepUnavailable, Progress,
 )
+from nvfp4_prep.server.config import ServeConfig
 from nvfp4_prep.server.estimate import reservation_bytes
+from nvfp4_prep.server.server import PrepServer
+from nvfp4_prep.server.service import HASH_THREADS
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import encode_tensors, header_for, read_headers
 
@@ -193,6 +196,38 @@ def test_inputs_are_freed_before_the_answer_streams(start_server, make_layer, pe
     wait_for(lambda: idle(server))
 
 
+def test_call_cancelled_between_upload_and_compute_counts_as_cancelled(start_server, raw_stub, make_layer):
+    server = start_server(cache_bytes=64 << 20)
+    layer = make_layer()
+    # Every hashing thread waits on ``hashing``, so the call stops after its upload, at its content hash.
+    hashing = threading.Event()
+    blockers = [server.service.hash_pool.submit(hashing.wait) for _ in range(HASH_THREADS)]
+    uploaded = threading.Event()
+
+    def requests():
+        yield pb.PrepareRequest(header=pb.PrepareHeader(
+            backend=BACKEND, activation="swiglu", input_scale_policy="max",
+            tensors=pb.TensorSet(form=pb.TENSOR_FORM_STACKED, tensors=[header_for(n, t) for n, t in layer.items()])))
+        for chunk in encode_tensors(layer, 64 << 10):
+            yield pb.PrepareRequest(chunk=chunk)
+        uploaded.set()
+
+    call = raw_stub(server.address).Prepare(requests(), timeout=60)
+    assert uploaded.wait(10)
+    time.sleep(0.3)  # the last chunks reach the server, which then waits for its hash
+    call.cancel()
+    time.sleep(0.3)  # the server sees the cancellation
+    hashing.set()
+    for blocker in blockers:
+        blocker.result(10)
+    wait_for(lambda: idle(server) and sum(server.service.outcomes.values()) == 1)
+    assert server.service.outcomes == {"CANCELLED": 1}
+    assert server.metrics.registry.get_sample_value(
+        "nvfp4_prep_requests_total", {"method": "Prepare", "backend": BACKEND, "code": "CANCELLED"}) == 1
+    assert not server.metrics.registry.get_sample_value(
+        "nvfp4_prep_stage_duration_seconds_count", {"stage": "prepare", "backend": BACKEND})
+
+
 # -- draining --------------------------------------------------------------------------------------
 
 def test_drain_refuses_new_calls_and_finishes_running_ones(start_server, raw_stub, make_layer):
@@ -285,4 +320,33 @@ def test_capabilities_describe_the_server(start_server):
     assert [(d.device, d.memory_budget_bytes) for d in caps.devices] == [("cpu", 123 << 20)]
     assert caps.limits.chunk_size == 1 << 20 and caps.limits.cache_bytes == 5 << 20
     assert caps.limits.max_receive_message_bytes > 4 << 20
+    # Without --max-request-bytes: what fits beside its outputs in the budget.
+    assert caps.limits.max_request_bytes == (123 << 20) // 2
     assert not caps.checkpoint_refs
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_servers_started_and_stopped_leave_no_threads_behind(make_layer):
+    layer = make_layer()
+    before = threading.active_count()
+    stopped = []  # kept, as the start_server fixture keeps its servers: their threads must end all the same
+    for _ in range(5):
+        # Every thread kind: a call (rpc pool, hashing for the cache, the --max-deadline watchdog), health port, metrics.
+        server = PrepServer(ServeConfig(host="127.0.0.1", port=0, devices=("cpu",), memory_budget=1 << 30,
+                                        cache_bytes=64 << 20, max_deadline=30, metrics_port=free_port(),
+                                        health_port=free_port())).start()
+        try:
+            with PrepClient(server.address, timeout=60) as client:
+                client.prepare_layer(layer, BACKEND)
+            with grpc.insecure_channel(f"127.0.0.1:{server.health_port.port}") as channel:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert threading.active_count() > before + 4
+        finally:
+            server.stop(grace=0)
+            stopped.append(server)
+    wait_for(lambda: threading.active_count() <= before + 2)

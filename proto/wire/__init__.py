@@ -1,4 +1,4 @@
-"""Tensor framing shared by the server and the SDK: dtype names, checksums, chunking, records."""
+"""Tensor framing shared by the server and the SDK: dtype names, checksums, chunking, records, metadata keys."""
 
 from .checksum import crc32c
 from .chunk_codec import Chunk, chunk_of, decode_chunk, decode_request, decode_response, encode_chunk, encode_message
@@ -9,10 +9,12 @@ from .framing import (
     TensorReceiver, TensorSpec, check_chunk_size, encode_tensors, fill_chunk, header_for, iter_pieces, read_headers,
     tensor_bytes,
 )
+from .metadata import AUTHORIZATION_KEY, FIELD_METADATA_KEY, REQUEST_ID_KEY
 from .prefetch import Prefetch
 from .records import LAYOUT_FIELDS, SCALAR_NAMES, check_scalars, layout_from_proto, layout_to_proto, scalars_to_proto
 
 __all__ = [
+    "AUTHORIZATION_KEY", "FIELD_METADATA_KEY", "REQUEST_ID_KEY",
     "Chunk", "chunk_of", "decode_chunk", "decode_request", "decode_response", "encode_chunk", "encode_message",
     "Prefetch",
     "DEFAULT_CHUNK_SIZE", "LAYOUT_FIELDS", "MAX_CHUNK_SIZE", "MESSAGE_OVERHEAD", "MIN_CHUNK_SIZE", "SCALAR_NAMES",

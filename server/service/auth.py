@@ -18,11 +18,12 @@ from typing import Callable, Iterable, Sequence
 
 import grpc
 
+from nvfp4_prep.wire import AUTHORIZATION_KEY
+
 from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
-AUTHORIZATION_KEY = "authorization"
 BEARER = "bearer "
 HEALTH_SERVICE = "grpc.health.v1.Health"
 # Shorter tokens are refused at start-up: they could be guessed.

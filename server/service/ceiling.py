@@ -41,6 +41,7 @@ class _Watchdog:
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
 
     def watch(self, instant: float, cancel: Callable[[], None]) -> int:
         with self._cond:
@@ -50,7 +51,7 @@ class _Watchdog:
             if len(self._heap) > 2 * len(self._pending) + 64:  # drop the entries of calls that ended
                 self._heap = [(when, k) for k, (when, _) in self._pending.items()]
                 heapq.heapify(self._heap)
-            if self._thread is None:
+            if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(target=self._run, name="nvfp4-prep-ceiling", daemon=True)
                 self._thread.start()
             self._cond.notify()
@@ -63,12 +64,23 @@ class _Watchdog:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._heap or self._heap[0][0] > time.monotonic():
+                while not self._stop.is_set() and (not self._heap or self._heap[0][0] > time.monotonic()):
                     self._cond.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                if self._stop.is_set():
+                    return
                 _, key = heapq.heappop(self._heap)
                 entry = self._pending.pop(key, None)
             if entry is not None:
                 entry[1]()
+
+    def stop(self) -> None:
+        """Ends the thread (the server stopped); calls still watched are left to gRPC's own shutdown."""
+        with self._cond:
+            self._stop.set()
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is not None:
+            thread.join()
 
 
 class CallClock:
@@ -133,3 +145,7 @@ class Ceiling:
                 context.cancel()
 
         return CallClock(self, ceiling, True, self.watchdog.watch(ceiling + _WATCHDOG_SLACK, cancel))
+
+    def stop(self) -> None:
+        """Stops the watchdog's thread; for a server that stops."""
+        self.watchdog.stop()

@@ -62,7 +62,8 @@ class _Flag:
         return self.name.replace("-", "_")
 
 
-_FLAGS = (
+# Every flag of `nvfp4-prep serve`, in --help order.
+FLAGS = (
     _Flag("host", "0.0.0.0", "address to listen on"),
     _Flag("port", "50051", "port to listen on (0 picks a free one)"),
     _Flag("device", None, "comma-separated devices, one worker each: cuda:N or cpu (default: cuda:0 if a GPU "
@@ -116,7 +117,7 @@ _FLAGS = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the server's flags to ``parser`` (values stay strings until ``ServeConfig.from_args``)."""
-    for flag in _FLAGS:
+    for flag in FLAGS:
         default = f" (default: {flag.default})" if flag.default is not None else ""
         action = argparse.BooleanOptionalAction if flag.boolean else "append" if flag.repeatable else "store"
         parser.add_argument(
@@ -163,7 +164,7 @@ class ServeConfig:
         """Builds the config from parsed flags, falling back to ``environ`` (default ``os.environ``)."""
         environ = os.environ if environ is None else environ
         raw: dict[str, tuple[object, str]] = {}
-        for flag in _FLAGS:
+        for flag in FLAGS:
             value = getattr(args, flag.dest, None)
             source = f"--{flag.name}"
             if value is None and flag.env in environ:
@@ -315,6 +316,9 @@ class ServeConfig:
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError("--tls-client-ca: needs --tls-cert and --tls-key (mutual TLS is TLS that also checks "
                               "client certificates)")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ConfigError(f"--port and --metrics-port: both are {self.port} (expected two different ports, or "
+                              "--metrics-port 0)")
         if self.health_port and self.health_port in (self.port, self.metrics_port):
             raise ConfigError(f"--health-port: {self.health_port} is already the gRPC or the metrics port "
                               "(expected a port of its own, or 0)")

@@ -7,9 +7,6 @@ import grpc
 from nvfp4_prep.pipeline import PrepError
 from nvfp4_prep.wire import ChecksumError, FramingError
 
-# Trailing metadata key holding the offending field, for clients that want it without parsing the message.
-FIELD_METADATA_KEY = "nvfp4-prep-field"
-
 
 class ServiceError(Exception):
     """An error the client is told about: ``code``, ``message`` and the ``field`` at fault."""

@@ -16,7 +16,9 @@ from nvfp4_prep.pipeline.layout import GATED_ACTIVATIONS, padded_dims
 from nvfp4_prep.pipeline.swizzle import tiled_shape
 from nvfp4_prep.wire import TensorSpec
 
-_EXPERT_KEY = re.compile(r"^(\d+)\.(gate_proj|w1|down_proj|w2)\.(weight|weight_packed)$")
+_EXPERT_KEY = re.compile(r"^(\d+)\.(gate_proj|w1|up_proj|w3|down_proj|w2)\.(weight|weight_packed)$")
+# A non-gated (relu2) layer has only the up projection; a gated one has both, of the same shape.
+_FIRST_PROJECTIONS = ("gate_proj", "w1", "up_proj", "w3")
 _FLOAT32_BYTES = 4
 
 
@@ -29,18 +31,19 @@ def _dims(specs: Sequence[TensorSpec], per_expert: bool) -> tuple[int, int, int,
             return None
         return w13[0], w13[1], 2 * w13[2], 2 * w2[2]
     experts: set[int] = set()
-    gate = down = None
+    first = down = None
     for name, shape in shapes.items():
         match = _EXPERT_KEY.match(name)
         if match and len(shape) == 2:
             experts.add(int(match[1]))
-            if match[2] in ("gate_proj", "w1"):
-                gate = shape
+            if match[2] in _FIRST_PROJECTIONS:
+                first = shape
             else:
                 down = shape
-    if gate is None or down is None:
+    if first is None or down is None:
         return None
-    return len(experts), 2 * gate[0], 2 * gate[1], 2 * down[1]
+    # N1 as for a gated pair: prepared_bytes reads N1 only for stacked layers, and pads from H, I and the activation.
+    return len(experts), 2 * first[0], 2 * first[1], 2 * down[1]
 
 
 def prepared_bytes(specs: Sequence[TensorSpec], per_expert: bool, backend: str, activation: str) -> int | None:

@@ -16,6 +16,7 @@ import grpc
 import torch
 
 from nvfp4_prep import checkpoint as ckpt
+from nvfp4_prep.checkpoint.safetensors_file import TORCH_DTYPES
 from nvfp4_prep.pipeline import ACTIVATIONS, BACKENDS, INPUT_SCALE_POLICIES, PIPELINE_VERSION, PreparedLayer, layout_id
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import (
@@ -165,14 +166,16 @@ class PrepareCall:
                 if cached is not None:
                     yield from self._replay(cached)
                     return
-            worker = self._service.pick_worker()
-            with self._metrics.stage_timer("read", params.backend):
-                stacked = checkpoint.read_layer(ref.layer_prefix, params.activation, pin_memory=worker.is_cuda)
-            specs = read_headers([header_for(name, tensor) for name, tensor in stacked.items()], "header.ref")
+            # Sized from the shard headers, so that limits and the budget apply before any byte is read.
+            specs = _entry_specs(checkpoint, ref.layer_prefix)
+            self._service.limits.check_tensors(specs, "header.ref")
             inputs = sum(spec.byte_length for spec in specs)
             self.summary["bytes_in"] = inputs
-            outputs = prepared_bytes(specs, False, params.backend, params.activation) or inputs
+            outputs = prepared_bytes(specs, True, params.backend, params.activation) or inputs
+            worker = self._service.pick_worker()
             with worker.budget.reserve(inputs + outputs, self._deadline, self._cancelled) as reservation:
+                with self._metrics.stage_timer("read", params.backend):
+                    stacked = checkpoint.read_layer(ref.layer_prefix, params.activation, pin_memory=worker.is_cuda)
                 with self._metrics.stage_timer("host_to_device", params.backend):
                     received = [worker.to_device(stacked) if worker.is_cuda else stacked]
                 del stacked
@@ -207,7 +210,7 @@ class PrepareCall:
         step) and streams the result."""
         self._check_deadline("compute")
         if self._cancelled():
-            return
+            raise ServiceError(grpc.StatusCode.CANCELLED, "client went away before compute")
         started = time.perf_counter()
         with self._metrics.stage_timer("prepare", params.backend):
             prepared = worker.prepare(received.pop(), per_expert, params.backend, params.activation, params.policy)
@@ -282,6 +285,17 @@ class _Timed:
             return next(self._items)
         finally:
             self.seconds += time.perf_counter() - started
+
+
+def _entry_specs(checkpoint: ckpt.Checkpoint, prefix: str) -> list[TensorSpec]:
+    """The layer's per-expert tensors as the shard headers describe them, named relative to ``prefix``
+    (``"0.gate_proj.weight"``); a dtype torch cannot hold counts as bytes (reading it fails later)."""
+    start = len(prefix) + 1
+    specs = []
+    for name in checkpoint.layer(prefix).tensor_names:
+        entry = checkpoint.entry(name)
+        specs.append(TensorSpec(name[start:], TORCH_DTYPES.get(entry.dtype, torch.uint8), entry.shape, entry.nbytes))
+    return specs
 
 
 def checkpoint_error(error: ckpt.CheckpointError) -> ServiceError:

@@ -23,7 +23,7 @@ from . import logs
 from .cache import PreparedCache
 from .capabilities import build_capabilities
 from .ceiling import Ceiling
-from .config import ServeConfig
+from .config import ConfigError, ServeConfig
 from .limits import RequestLimits
 from .metrics import Metrics, MetricsServer, start_metrics_server
 from .service import PrepService, add_to_server
@@ -60,7 +60,7 @@ class PrepServer:
             chunk_size=config.chunk_size,
             max_receive_message_bytes=receive_limit,
             max_send_message_bytes=send_limit,
-            max_request_bytes=config.max_request_bytes or max(worker.budget.capacity for worker in self.workers),
+            max_request_bytes=admissible_request_bytes(config.max_request_bytes, self.workers),
             cache_bytes=config.cache_bytes,
             max_tensors=config.max_tensors,
             max_tensor_rank=config.max_tensor_rank,
@@ -73,11 +73,13 @@ class PrepServer:
         self.metrics = Metrics([str(worker.device) for worker in self.workers])
         self.metrics.watch(self.workers, self.cache)
         self.metrics_server: MetricsServer | None = None
+        self.ceiling = Ceiling(config.max_deadline)
         self.service = PrepService(self.workers, self.cache, config.chunk_size, config.allowed_roots, capabilities,
-                                   self.metrics, request_limits, Ceiling(config.max_deadline))
+                                   self.metrics, request_limits, self.ceiling)
         self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._rpc_pool = ThreadPoolExecutor(config.max_concurrent + SPARE_THREADS, thread_name_prefix="nvfp4-prep-rpc")
         self._server = grpc.server(
-            ThreadPoolExecutor(config.max_concurrent + SPARE_THREADS, thread_name_prefix="nvfp4-prep-rpc"),
+            self._rpc_pool,
             interceptors=interceptors(config),
             options=[
                 ("grpc.max_receive_message_length", receive_limit),
@@ -91,9 +93,15 @@ class PrepServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server)
-        self.port = listen(self._server, config)
-        self.health_port = HealthPort(self.health, config.host, config.health_port) if config.health_port else None
+        self.health_port: HealthPort | None = None
         self._stopped = threading.Event()
+        try:
+            self.port = listen(self._server, config)
+            if config.health_port:
+                self.health_port = HealthPort(self.health, config.host, config.health_port)
+        except ConfigError:
+            self.stop(grace=0)
+            raise
 
     @property
     def address(self) -> str:
@@ -105,8 +113,13 @@ class PrepServer:
 
     def start(self) -> "PrepServer":
         if self.config.metrics_port:
-            self.metrics_server = start_metrics_server(self.config.metrics_port, self.config.host,
-                                                       self.metrics.registry)
+            try:
+                self.metrics_server = start_metrics_server(self.config.metrics_port, self.config.host,
+                                                           self.metrics.registry)
+            except OSError as err:
+                self.stop(grace=0)
+                raise ConfigError(f"--metrics-port: cannot listen on {self.config.host}:{self.config.metrics_port} "
+                                  f"({err.strerror or err})") from None
         self._server.start()
         if self.health_port is not None:
             self.health_port.start()
@@ -134,16 +147,27 @@ class PrepServer:
         return drained
 
     def stop(self, grace: float | None = None) -> None:
+        """Stops serving and ends every thread the server started (its pools, the watchdog, /metrics)."""
         self._server.stop(grace).wait()
+        self._rpc_pool.shutdown(wait=True)
         if self.health_port is not None:
             self.health_port.stop(grace)
         self.service.close()
+        self.ceiling.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
+            self.metrics_server = None
         self._stopped.set()
 
     def wait(self) -> None:
         self._stopped.wait()
+
+
+def admissible_request_bytes(max_request_bytes: int, workers: list[DeviceWorker]) -> int:
+    """The largest layer a request may stream and still be admitted: --max-request-bytes, but at most half
+    the largest memory budget, since a request holds its inputs and its prepared outputs at once."""
+    admissible = max(worker.budget.capacity for worker in workers) // 2
+    return min(max_request_bytes, admissible) if max_request_bytes else admissible
 
 
 def run(config: ServeConfig) -> int:

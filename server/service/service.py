@@ -17,11 +17,11 @@ from nvfp4_prep.checkpoint import CheckpointError
 from nvfp4_prep.pipeline import PrepError
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.v1 import prep_pb2_grpc
-from nvfp4_prep.wire import FramingError, encode_message
+from nvfp4_prep.wire import FIELD_METADATA_KEY, REQUEST_ID_KEY, FramingError, encode_message
 
 from .cache import PreparedCache
 from .ceiling import Ceiling
-from .errors import FIELD_METADATA_KEY, ServiceError, from_input_error
+from .errors import ServiceError, from_input_error
 from .intake import decode_request_or_malformed, reject_malformed
 from .limits import ConcurrencyGate, RequestLimits, client_identity
 from .metrics import UNKNOWN_BACKEND, Metrics
@@ -30,8 +30,6 @@ from .worker import DeviceWorker
 
 log = logging.getLogger(__name__)
 
-# Metadata key of the request id that the SDK sends and both sides log.
-REQUEST_ID_KEY = "x-request-id"
 HASH_THREADS = 8
 
 
@@ -154,7 +152,7 @@ class PrepService(prep_pb2_grpc.PrepServicer):
             return self._idle.wait_for(lambda: self.in_flight == 0, timeout)
 
     def close(self) -> None:
-        self.hash_pool.shutdown(wait=False, cancel_futures=True)
+        self.hash_pool.shutdown(wait=True, cancel_futures=True)
 
 
 def add_to_server(service: PrepService, server: grpc.Server) -> None:

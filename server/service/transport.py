@@ -52,11 +52,14 @@ def interceptors(config: ServeConfig) -> list[grpc.ServerInterceptor]:
 def listen(server: grpc.Server, config: ServeConfig) -> int:
     """Binds the gRPC port, with TLS when --tls-cert is set; returns the port bound."""
     address = f"{config.host}:{config.port}"
-    if config.tls_cert is not None and config.tls_key is not None:
-        port = server.add_secure_port(address, server_credentials(config.tls_cert, config.tls_key,
-                                                                  config.tls_client_ca))
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if config.tls_cert is not None and config.tls_key is not None:
+            port = server.add_secure_port(address, server_credentials(config.tls_cert, config.tls_key,
+                                                                      config.tls_client_ca))
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as err:  # grpc's way of saying the address is taken or not this machine's
+        raise ConfigError(f"--host/--port: cannot listen on {address} ({err})") from None
     if port == 0:
         raise ConfigError(f"--host/--port: cannot listen on {address}")
     return port
@@ -67,15 +70,18 @@ class HealthPort:
     Kubernetes' gRPC probes, which speak neither TLS nor tokens. Nothing else is reachable through it."""
 
     def __init__(self, servicer: health.HealthServicer, host: str, port: int) -> None:
-        self._server = grpc.server(ThreadPoolExecutor(HEALTH_PORT_THREADS, thread_name_prefix="nvfp4-prep-health"),
-                                   options=[("grpc.so_reuseport", 0)])
+        self._pool = ThreadPoolExecutor(HEALTH_PORT_THREADS, thread_name_prefix="nvfp4-prep-health")
+        self._server = grpc.server(self._pool, options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(servicer, self._server)
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
-        if self.port == 0:
-            raise ConfigError(f"--health-port: cannot listen on {host}:{port}")
+        try:
+            self.port = self._server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as err:  # grpc's way of saying the port is taken
+            self.stop(0)
+            raise ConfigError(f"--health-port: cannot listen on {host}:{port} ({err})") from None
 
     def start(self) -> None:
         self._server.start()
 
     def stop(self, grace: float | None) -> None:
         self._server.stop(grace).wait()
+        self._pool.shutdown(wait=True)
