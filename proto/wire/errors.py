@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
+from nvfp4_prep.pipeline.errors import PrepError
 
-class FramingError(ValueError):
-    """A tensor header or chunk that breaks the framing rules (maps to INVALID_ARGUMENT)."""
 
-    def __init__(self, field: str, problem: str, expected: str = "") -> None:
-        self.field = field
-        self.problem = problem
-        self.expected = expected
-        message = f"{field}: {problem}"
-        if expected:
-            message += f" (expected {expected})"
-        super().__init__(message)
+class FramingError(PrepError):
+    """A tensor header or chunk that breaks the framing rules (maps to INVALID_ARGUMENT).
+
+    The same shape as the pipeline's input errors (field, problem, expected),
+    since both are bad input that the service reports field by field.
+    """
 
 
 class ChecksumError(FramingError):

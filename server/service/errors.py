@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from nvfp4_prep.pipeline import PrepError
-from nvfp4_prep.wire import ChecksumError, FramingError
+from nvfp4_prep.wire import ChecksumError
 
 
 class ServiceError(Exception):
@@ -18,8 +18,8 @@ class ServiceError(Exception):
         self.field = field
 
 
-def from_input_error(error: PrepError | FramingError) -> ServiceError:
-    """A pipeline or framing error as INVALID_ARGUMENT (DATA_LOSS for a checksum mismatch)."""
+def from_input_error(error: PrepError) -> ServiceError:
+    """A pipeline or framing error (FramingError is a PrepError) as INVALID_ARGUMENT, DATA_LOSS for a checksum."""
     code = grpc.StatusCode.DATA_LOSS if isinstance(error, ChecksumError) else grpc.StatusCode.INVALID_ARGUMENT
     return ServiceError(code, str(error), error.field)
 

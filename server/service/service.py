@@ -17,7 +17,7 @@ from nvfp4_prep.checkpoint import CheckpointError
 from nvfp4_prep.pipeline import PrepError
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.v1 import prep_pb2_grpc
-from nvfp4_prep.wire import FIELD_METADATA_KEY, REQUEST_ID_KEY, FramingError, encode_message
+from nvfp4_prep.wire import FIELD_METADATA_KEY, REQUEST_ID_KEY, encode_message
 
 from .cache import PreparedCache
 from .ceiling import Ceiling
@@ -89,7 +89,7 @@ class PrepService(prep_pb2_grpc.PrepServicer):
         except ServiceError as err:
             err.__traceback__ = None  # its frames hold the call's tensors (a cycle through this frame)
             failure = err
-        except (PrepError, FramingError) as err:
+        except PrepError as err:  # the wire's FramingError too
             failure = from_input_error(err)
         except CheckpointError as err:
             failure = checkpoint_error(err)
