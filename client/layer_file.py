@@ -1,25 +1,26 @@
 """Reading one stacked layer from a safetensors file and writing its prepared form.
 
 Used by ``nvfp4-prep layer``; the output follows SPEC section 7 (``<prefix>.<name>``
-tensors, the layout record as JSON in the safetensors metadata) and appears
-only once complete: it is written beside the target and renamed into place.
+tensors, the layout record as JSON in the safetensors metadata, in the same
+form as a prepared checkpoint's shards) and appears only once complete: it is
+written beside the target and renamed into place.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from nvfp4_prep.checkpoint.checksum import tensor_bytes
+from nvfp4_prep.checkpoint.manifest import LAYOUT_METADATA_KEY, split_layout
+from nvfp4_prep.checkpoint.safetensors_file import SAFETENSORS_DTYPES
+from nvfp4_prep.checkpoint.safetensors_writer import OutputTensor, write_safetensors
 
 from .result import RemoteLayer
 
-# Same key as prepared checkpoints (nvfp4_prep.checkpoint.manifest.LAYOUT_METADATA_KEY).
-LAYOUT_METADATA_KEY = "nvfp4_prep_layout"
 _LAYER_MARKER = "w13_weight"
 
 
@@ -53,14 +54,9 @@ def read_stacked_layer(path: Path, prefix: str | None = None) -> tuple[str, dict
 def write_prepared_layer(path: Path, prefix: str, layer: RemoteLayer) -> None:
     """Writes ``<prefix>.<name>`` tensors and the layout record; atomic (temp file, then rename)."""
     lead = f"{prefix}." if prefix else ""
-    tensors = {lead + name: tensor.contiguous() for name, tensor in layer.tensors.items()}
-    layout = dict(layer.layout, layer_prefix=prefix)
+    outputs = [OutputTensor(lead + name, SAFETENSORS_DTYPES[tensor.dtype], tuple(tensor.shape), tensor_bytes(tensor))
+               for name, tensor in layer.tensors.items()]
+    shared, sizes = split_layout(layer.layout)
+    record = {**shared, "layers": {prefix: sizes}}
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temp, metadata={LAYOUT_METADATA_KEY: json.dumps(layout, sort_keys=True)})
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_safetensors(path, outputs, {LAYOUT_METADATA_KEY: json.dumps(record, sort_keys=True)})

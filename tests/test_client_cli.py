@@ -43,7 +43,10 @@ def test_layer_command_writes_the_prepared_layer(prep_address, make_layer, same_
         record = json.loads(handle.metadata()["nvfp4_prep_layout"])
     same_tensors({name: got[name] for name in want.tensors}, want.tensors)
     assert set(got) == set(want.tensors)
-    assert record == {**want.layout, "layer_prefix": PREFIX}
+    # As in a prepared checkpoint's shards: fields shared by all layers, then each layer's sizes.
+    assert set(record["layers"]) == {PREFIX}
+    assert {**{k: v for k, v in record.items() if k != "layers"}, **record["layers"][PREFIX]} == want.layout
+    assert record["layers"][PREFIX]["hidden_dim_unpadded"] == want.layout["hidden_dim_unpadded"]
     assert [p.name for p in target.parent.iterdir()] == ["prepared.safetensors"]
 
 
@@ -152,12 +155,14 @@ def test_serve_process_answers_and_drains_on_sigterm(tmp_path: Path):
                                     wait_for_ready=True, timeout=60)
             assert response.status == health_pb2.HealthCheckResponse.SERVING
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
+        # communicate() drains stderr while waiting, so a chatty server never blocks on a full pipe.
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr[-2000:]
     finally:
         if process.poll() is None:
             process.kill()
-            process.wait()
-    lines = [json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")]
+            process.communicate()
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     messages = [line["message"] for line in lines]
     assert any(m.startswith("serving nvfp4_prep.v1.Prep") for m in messages)
     assert any(m.startswith("draining") for m in messages)
