@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -207,9 +208,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command and returns its exit status (tests call it in-process)."""
     args = build_parser().parse_args(argv)
     return args.run(args)
 
 
+def entry() -> None:
+    """The ``nvfp4-prep`` program: ``main``, then an exit that skips the interpreter's teardown.
+
+    Every channel and server is closed by then, but grpcio's daemon threads may
+    still be unwinding streams that were cancelled (a server died, a layer
+    failed); finalising the interpreter under them can abort the process
+    (``std::terminate``, exit -6) after the real status was decided.
+    """
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -3,7 +3,9 @@
 Bytes pass through unchanged. The first connection whose server-to-client
 bytes reach ``cut_after`` is reset (both sockets closed with SO_LINGER 0, so
 each peer sees a reset, as when a node dies or a load balancer drops a
-connection); later connections pass untouched.
+connection); later connections pass untouched. With ``rate`` (bytes per
+second) the server-to-client bytes are paced, so that a job through the proxy
+is still running when a test acts on the server behind it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 
 _BUFFER = 64 << 10
 
@@ -24,9 +27,10 @@ def _reset(sock: socket.socket) -> None:
 
 
 class CuttingProxy:
-    def __init__(self, upstream_port: int, cut_after: int | None) -> None:
+    def __init__(self, upstream_port: int, cut_after: int | None, rate: float | None = None) -> None:
         self.upstream_port = upstream_port
         self.cut_after = cut_after
+        self.rate = rate
         self.cuts = 0
         self.connections = 0  # client connections accepted
         self.downstream_bytes = 0  # server-to-client bytes forwarded, over every connection
@@ -87,6 +91,8 @@ class CuttingProxy:
                         _reset(link["server"])
                         return
                 target.sendall(data)
+                if downstream and self.rate:
+                    time.sleep(len(data) / self.rate)
         except OSError:
             pass
         try:

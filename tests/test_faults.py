@@ -132,9 +132,18 @@ def checkpoint(tmp_path: Path) -> Path:
     return write_checkpoint(tmp_path / "src", tensors)
 
 
-def prepare_command(source: Path, out: Path, servers: list[ServerProcess]) -> list[str]:
+# Answers reach the job at this pace (bytes/s) through a proxy, so the job is still running when the
+# test kills a server after its first layer, however busy the machine is (about 0.6 s a layer).
+PACE = 10 << 20
+
+
+def prepare_command(source: Path, out: Path, addresses: list[str]) -> list[str]:
     return [sys.executable, "-m", "nvfp4_prep.client.cli", "prepare", str(source), "--backend", BACKEND,
-            "--out", str(out), "--server", ",".join(s.address for s in servers), "--timeout", "120", "--quiet"]
+            "--out", str(out), "--server", ",".join(addresses), "--timeout", "120", "--quiet"]
+
+
+def paced(servers: list[ServerProcess]) -> list[CuttingProxy]:
+    return [CuttingProxy(server.port, cut_after=None, rate=PACE) for server in servers]
 
 
 def prepared(server: ServerProcess) -> int:
@@ -149,9 +158,10 @@ def kill_after_first_layer(server: ServerProcess, job: subprocess.Popen) -> None
 
 def test_killed_server_mid_prepare_job_finishes_through_the_other(checkpoint, tmp_path):
     servers = [ServerProcess(), ServerProcess()]
+    proxies = paced(servers)
     try:
         out = tmp_path / "out"
-        job = subprocess.Popen(prepare_command(checkpoint, out, servers), stdout=subprocess.PIPE,
+        job = subprocess.Popen(prepare_command(checkpoint, out, [p.address for p in proxies]), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
         kill_after_first_layer(servers[0], job)
         stdout, stderr = job.communicate(timeout=300)
@@ -159,25 +169,28 @@ def test_killed_server_mid_prepare_job_finishes_through_the_other(checkpoint, tm
         assert "12 layers prepared" in stdout
         assert prepared(servers[1]) >= 12 - prepared(servers[0])
     finally:
-        for server in servers:
+        for server, proxy in zip(servers, proxies):
             server.kill()
+            proxy.close()
     assert verify_prepared(out, checkpoint) == []
 
 
 def test_prepare_job_completes_after_its_only_server_restarts(checkpoint, tmp_path):
     out = tmp_path / "out"
     first = ServerProcess()
+    [proxy] = paced([first])
     try:
-        job = subprocess.Popen(prepare_command(checkpoint, out, [first]), stdout=subprocess.PIPE,
+        job = subprocess.Popen(prepare_command(checkpoint, out, [proxy.address]), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
         kill_after_first_layer(first, job)
         _, stderr = job.communicate(timeout=300)
         assert job.returncode == 2 and "UNAVAILABLE" in stderr, stderr
     finally:
         first.kill()
+        proxy.close()
     second = ServerProcess()
     try:
-        rerun = subprocess.run(prepare_command(checkpoint, out, [second]), capture_output=True, text=True,
+        rerun = subprocess.run(prepare_command(checkpoint, out, [second.address]), capture_output=True, text=True,
                                timeout=300)
         assert rerun.returncode == 0, rerun.stderr
     finally:
