@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from nvfp4_prep.checkpoint.manifest import MANIFEST_NAME
 
 # The real checkpoints in shared/testdata, by format (conftest's ``shared`` fixture maps them).
 SHARED_NAMES = {"compressed-tensors": "qwen3moe_ct_nvfp4", "modelopt": "qwen3moe_modelopt_nvfp4"}
@@ -110,3 +115,18 @@ def sharded_copy(source: Path, target: Path, shards: int) -> Path:
             shutil.copy(path, target / path.name)
     write_weights(target, load_all(source / "model.safetensors"), shards)
     return target
+
+
+def kill_after_shards(child: subprocess.Popen, out: Path, shards: int, timeout: float, what: str) -> None:
+    """SIGKILLs ``child`` once its manifest in ``out`` lists ``shards`` shards; fails if it finished first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and child.poll() is None:
+        try:
+            if len(json.loads((out / MANIFEST_NAME).read_text())["shards"]) >= shards:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    assert child.poll() is None, f"{what} finished before it could be killed"
+    child.send_signal(signal.SIGKILL)
+    child.wait()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpoint_factory import FORMATS, moe_layer_tensors, write_checkpoint
+from checkpoint_factory import FORMATS, kill_after_shards, moe_layer_tensors, write_checkpoint
 from nvfp4_prep import pipeline
 from nvfp4_prep.checkpoint.manifest import MANIFEST_NAME
 from nvfp4_prep.checkpoint.verify import verify_prepared
@@ -167,17 +166,7 @@ def test_killed_prepare_is_completed_by_rerunning_it(tmp_path: Path) -> None:
     command = [sys.executable, "-c", _CLI, "prepare", str(source), "--backend", "flashinfer_cutedsl",
                "--out", str(out), "--quiet"]
     child = subprocess.Popen(command, env=os.environ.copy(), stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and child.poll() is None:
-        try:
-            if len(json.loads((out / MANIFEST_NAME).read_text())["shards"]) >= 2:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.01)
-    assert child.poll() is None, "prepare finished before it could be killed"
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    kill_after_shards(child, out, 2, timeout=120, what="prepare")
     assert not (out / INDEX).exists()
 
     rerun = subprocess.run(command, env=os.environ.copy(), capture_output=True, text=True, timeout=300)

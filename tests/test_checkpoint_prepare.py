@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from checkpoint_factory import FORMATS, load_all, moe_layer_tensors, sharded_copy, write_checkpoint
+from checkpoint_factory import (
+    FORMATS, kill_after_shards, load_all, moe_layer_tensors, sharded_copy, write_checkpoint,
+)
 from nvfp4_prep.checkpoint import CheckpointError, open_checkpoint
 from nvfp4_prep.checkpoint.manifest import MANIFEST_NAME
 from nvfp4_prep.checkpoint.prepare_job import prepare_checkpoint
@@ -226,17 +226,7 @@ def test_killed_run_is_completed_by_a_rerun(tmp_path: Path) -> None:
     source = write_checkpoint(tmp_path / "src", tensors)
     out = tmp_path / "out"
     child = subprocess.Popen([sys.executable, "-c", _SLOW_PREPARE, str(source), str(out)], env=os.environ.copy())
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and child.poll() is None:
-        try:
-            if len(json.loads((out / MANIFEST_NAME).read_text())["shards"]) >= 3:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.05)
-    assert child.poll() is None, "the run finished before it could be interrupted"
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    kill_after_shards(child, out, 3, timeout=60, what="the run")
     assert not (out / INDEX).exists()
     assert verify_prepared(out, source)  # an interrupted output never passes
 
