@@ -94,7 +94,7 @@ def free_port() -> int:
 
 def start_server(args: argparse.Namespace) -> Server:
     metrics_port = free_port()
-    command = [sys.executable, "-m", "nvfp4_prep.client.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+    command = [sys.executable, "-m", "nvfp4_prep.cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
                "--device", args.device, "--memory-budget", args.memory_budget, "--cache-bytes", "0",
                "--max-concurrent", str(max(args.clients, 1) * 2), "--log-format", "json",
                "--metrics-port", str(metrics_port)]

@@ -21,7 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layers import nbytes, random_layer  # noqa: E402
 
-from nvfp4_prep.pipeline import ACTIVATIONS, BACKENDS, prepare  # noqa: E402
+from nvfp4_prep.contract.layout import ACTIVATIONS, BACKENDS
+
+from nvfp4_prep.pipeline import prepare  # noqa: E402
 
 
 def timed(fn, device: torch.device, repeat: int) -> float:

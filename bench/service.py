@@ -152,7 +152,7 @@ def start_server(device: str, chunk_size: str, budget: str) -> Server:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "nvfp4_prep.client.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    command = [sys.executable, "-m", "nvfp4_prep.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--device", device, "--chunk-size", chunk_size, "--memory-budget", budget, "--cache-bytes", "0",
                "--log-format", "json", "--metrics-port", "0"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)

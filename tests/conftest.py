@@ -9,8 +9,8 @@ import grpc
 import pytest
 import torch
 
-from checkpoint_factory import SHARED_NAMES
-from layer_factory import random_layer
+from tests.helpers.checkpoint_factory import SHARED_NAMES
+from tests.helpers.layer_factory import random_layer
 from nvfp4_prep.server.config import ServeConfig
 from nvfp4_prep.server.server import PrepServer
 from nvfp4_prep.v1 import prep_pb2_grpc

@@ -1,0 +1,181 @@
+"""``nvfp4-prep prepare`` and ``nvfp4-prep verify``: the checkpoint subcommands of the CLI.
+
+Thin: the job itself lives in ``nvfp4_prep.checkpoint``. ``prepare`` sends each
+MoE layer to the servers named by ``--server`` (one connection each; a free
+server takes the next layer; a layer whose server stays unavailable after the
+SDK's retries goes to the next server) or, without ``--server``, to a server it
+starts in-process on 127.0.0.1 (the embedded default). Every flag ``--foo-bar``
+may also be set as ``NVFP4_PREP_FOO_BAR``.
+
+Exit codes: 0 success, 1 verify found differences, 2 bad arguments or a
+checkpoint or server error, 130 interrupted (rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+from nvfp4_prep.contract.environment import env_value
+from nvfp4_prep.contract.layout import ACTIVATIONS, BACKENDS, INPUT_SCALE_POLICIES
+
+from .connection_flags import add_security_flags, security_options
+
+log = logging.getLogger(__name__)
+
+SAMPLE_NAME = "qwen3moe_ct_nvfp4"
+EXIT_DIFFERENCES, EXIT_ERROR, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def sample_checkpoint() -> Path:
+    """The small compressed-tensors checkpoint shipped with the package (see sample/PROVENANCE.md)."""
+    return Path(str(resources.files("nvfp4_prep.cli") / "sample" / SAMPLE_NAME))
+
+
+def _servers(values: list[str] | None) -> list[str]:
+    """``--server A,B --server C`` (or NVFP4_PREP_SERVER=A,B) as a list of addresses."""
+    if not values:
+        env = env_value("server", None)
+        values = [env] if env else []
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds ``prepare`` and ``verify`` to the CLI's subcommands."""
+    prepare = subparsers.add_parser(
+        "prepare", help="prepare every MoE layer of a checkpoint and write a prepared checkpoint",
+        description="Prepares every NVFP4 MoE layer of CKPT for a FlashInfer backend and writes OUT as a "
+                    "loadable sharded safetensors checkpoint with a manifest. Resumable: a rerun keeps layers "
+                    "already written and verified. Every flag --foo-bar may also be set as NVFP4_PREP_FOO_BAR.")
+    prepare.add_argument("checkpoint", nargs="?", default=env_value("checkpoint", None), metavar="CKPT",
+                         help="checkpoint directory, .safetensors file, index file or file:// URI "
+                              f"(default: the bundled sample {SAMPLE_NAME}) [env NVFP4_PREP_CHECKPOINT]")
+    prepare.add_argument("--backend", choices=BACKENDS, default=env_value("backend", "flashinfer_cutedsl"),
+                         help="kernel backend to prepare for (default: %(default)s) [env NVFP4_PREP_BACKEND]")
+    prepare.add_argument("--activation", choices=ACTIVATIONS, default=env_value("activation", "swiglu"),
+                         help="MoE activation (default: %(default)s) [env NVFP4_PREP_ACTIVATION]")
+    prepare.add_argument("--input-scale-policy", choices=INPUT_SCALE_POLICIES,
+                         default=env_value("input-scale-policy", "max"),
+                         help="how input scales combine across experts, SPEC section 4 (default: %(default)s) "
+                              "[env NVFP4_PREP_INPUT_SCALE_POLICY]")
+    prepare.add_argument("--out", default=env_value("out", "./prepared"), metavar="DIR",
+                         help="output directory (default: %(default)s) [env NVFP4_PREP_OUT]")
+    prepare.add_argument("--server", action="append", metavar="ADDR[,ADDR...]",
+                         help="nvfp4-prep servers (host:port) to prepare on, layers spread across them; repeatable "
+                              "(default: a server started in this process) [env NVFP4_PREP_SERVER]")
+    prepare.add_argument("--verify", action=argparse.BooleanOptionalAction,
+                         default=env_value("verify", "false").lower() in ("1", "true", "yes"),
+                         help="run verify on the output afterwards; exit 1 on a difference [env NVFP4_PREP_VERIFY]")
+    prepare.add_argument("--timeout", type=float, default=env_value("timeout", "600"),
+                         help="seconds per layer call to a server, retries included (default: 600) "
+                              "[env NVFP4_PREP_TIMEOUT]")
+    add_security_flags(prepare)
+    prepare.add_argument("--quiet", action="store_true", help="no progress bar")
+    prepare.set_defaults(run=run_prepare)
+
+    verify = subparsers.add_parser(
+        "verify", help="check a prepared checkpoint against its source, byte for byte",
+        description="Unprepares every layer of DIR and compares it with CKPT byte for byte, recomputes the input "
+                    "scales and derived scalars, compares every other tensor, and checks the manifest checksums. "
+                    "Prints each difference naming the tensor; exits 1 if there is any, 2 on a checkpoint error. "
+                    "A pass proves DIR is exactly the prepared form of CKPT that inverts back to it (catching "
+                    "corruption, truncation, a wrong source, mixed layers); it does not prove the layout itself, "
+                    "since unpreparing inverts the same index maps prepare used: that is established by the "
+                    "project's test suite against independent formulations of the layout.")
+    verify.add_argument("out", metavar="DIR", help="prepared checkpoint directory")
+    verify.add_argument("--against", required=env_value("against", None) is None, default=env_value("against", None),
+                        metavar="CKPT", help="the source checkpoint it was prepared from [env NVFP4_PREP_AGAINST]")
+    verify.set_defaults(run=run_verify)
+
+
+@contextlib.contextmanager
+def layer_preparers(servers: list[str], timeout: float | None = None, security: dict | None = None) -> Iterator[list]:
+    """One ``prepare_layer`` per server, or one through a server started here on 127.0.0.1.
+
+    Each tries its own server first and, when that stays unavailable (it died, or drains), the others in
+    turn: preparing is a pure function, so any server gives the same bytes.
+    """
+    from nvfp4_prep.client.errors import PrepUnavailable
+    from nvfp4_prep.client.sdk import PrepClient
+
+    with contextlib.ExitStack() as stack:
+        if not servers:
+            from nvfp4_prep.server.config import ServeConfig
+            from nvfp4_prep.server.server import PrepServer
+
+            server = PrepServer(ServeConfig(host="127.0.0.1", port=0, metrics_port=0)).start()
+            stack.callback(server.stop, 0)
+            servers = [server.address]
+            log.info("embedded server on %s", server.address)
+        clients = [stack.enter_context(PrepClient(address, timeout=timeout, **(security or {})))
+                   for address in servers]
+
+        def preparer(index: int):
+            order = clients[index:] + clients[:index]
+
+            def prepare_layer(stacked, backend: str, activation: str, policy: str):
+                for attempt, client in enumerate(order):
+                    try:
+                        return client.prepare_layer(stacked, backend, activation, policy)
+                    except PrepUnavailable as err:
+                        if attempt == len(order) - 1:
+                            raise
+                        log.warning("%s is unavailable (%s); trying %s", client.target, err.details,
+                                    order[attempt + 1].target)
+            return prepare_layer
+
+        yield [preparer(index) for index in range(len(clients))]
+
+
+def _report(differences: list, out: str) -> int:
+    for difference in differences:
+        print(f"DIFFERENCE {difference}")
+    if differences:
+        print(f"{out}: {len(differences)} differences", file=sys.stderr)
+        return EXIT_DIFFERENCES
+    print(f"{out}: verified, identical to its source")
+    return 0
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from nvfp4_prep.checkpoint import CheckpointError, open_checkpoint
+    from nvfp4_prep.prepared.prepare_job import prepare_checkpoint
+    from nvfp4_prep.prepared.verify import verify_prepared
+    from nvfp4_prep.client.errors import PrepClientError
+    from nvfp4_prep.contract.errors import PrepError
+
+    location = args.checkpoint or sample_checkpoint()
+    try:
+        with open_checkpoint(location) as checkpoint:
+            security = security_options(args)
+            with layer_preparers(_servers(args.server), args.timeout, security) as preparers:
+                summary = prepare_checkpoint(checkpoint, args.out, preparers, args.backend, args.activation,
+                                             args.input_scale_policy, progress=not args.quiet)
+            print(f"{summary.out_dir}: {summary.layers_prepared} layers prepared, {summary.layers_skipped} kept "
+                  f"from an earlier run, {summary.bytes_prepared / 1e6:.1f} MB in {summary.seconds:.2f}s")
+            if args.verify:
+                return _report(verify_prepared(args.out, checkpoint), summary.out_dir)
+    except (CheckpointError, PrepError, PrepClientError, ValueError) as exc:
+        print(f"nvfp4-prep prepare: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"nvfp4-prep prepare: interrupted; run it again to resume {args.out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from nvfp4_prep.checkpoint import CheckpointError
+    from nvfp4_prep.prepared.verify import verify_prepared
+
+    try:
+        return _report(verify_prepared(args.out, args.against), args.out)
+    except CheckpointError as exc:
+        print(f"nvfp4-prep verify: {exc}", file=sys.stderr)
+        return EXIT_ERROR

@@ -1,0 +1,41 @@
+"""The TLS and token flags of the client commands (``info``, ``layer``, ``prepare --server``).
+
+Each flag ``--foo`` may also come from ``NVFP4_PREP_FOO``. The token is read
+from a file (a Kubernetes Secret mounted as a file, typically), never taken on
+the command line, where ``ps`` would show it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from nvfp4_prep.contract.environment import env_value
+
+
+def add_security_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-ca", default=env_value("tls-ca"), metavar="PEM",
+                        help="speak TLS, trusting the server certificates this CA signed (with --tls-cert alone: "
+                             "the system's CAs) [env NVFP4_PREP_TLS_CA]")
+    parser.add_argument("--tls-cert", default=env_value("tls-cert"), metavar="PEM",
+                        help="this client's certificate, for servers that require mutual TLS "
+                             "[env NVFP4_PREP_TLS_CERT]")
+    parser.add_argument("--tls-key", default=env_value("tls-key"), metavar="PEM",
+                        help="the private key of --tls-cert [env NVFP4_PREP_TLS_KEY]")
+    parser.add_argument("--token-file", default=env_value("token-file"), metavar="FILE",
+                        help="file whose first line is the bearer token the server wants [env NVFP4_PREP_TOKEN_FILE]")
+
+
+def security_options(args: argparse.Namespace) -> dict:
+    """``PrepClient`` keyword arguments from the flags; ValueError naming the flag when one is unusable."""
+    from nvfp4_prep.client.credentials import read_token_file
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key: give both (mutual TLS) or neither")
+    for flag, path in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path is not None and not os.access(path, os.R_OK):
+            raise ValueError(f"{flag}: {path!r} is not a readable file")
+    options = {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
+    if args.token_file is not None:
+        options["token"] = read_token_file(args.token_file)
+    return options

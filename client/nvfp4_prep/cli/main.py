@@ -1,0 +1,229 @@
+"""nvfp4-prep: prepare NVFP4 MoE weights for FlashInfer kernels on a gRPC server.
+
+The connection flags of the client commands come from the environment too
+(``--server`` <-> ``NVFP4_PREP_SERVER``); ``serve`` and ``prepare`` read every flag
+from it, as their ``--help`` says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from nvfp4_prep.contract.environment import env_value
+from nvfp4_prep.wire import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+
+from .connection_flags import add_security_flags, security_options
+
+from . import checkpoint_commands
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def _add_client_flags(parser: argparse.ArgumentParser) -> None:
+    server = env_value("server")
+    parser.add_argument("--server", default=server, required=server is None,
+                        help="server address: host:port, ipv4:h:p1,h:p2 or dns:///name:port [env NVFP4_PREP_SERVER]")
+    parser.add_argument("--timeout", type=float, default=env_value("timeout", "600"),
+                        help="seconds per call, retries included (default 600) [env NVFP4_PREP_TIMEOUT]")
+    add_security_flags(parser)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from nvfp4_prep.server.config import ConfigError, ServeConfig
+
+    try:
+        config = ServeConfig.from_args(args)
+        from nvfp4_prep.server.server import run
+        return run(config)
+    except ConfigError as err:
+        print(f"nvfp4-prep serve: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _info(args: argparse.Namespace) -> int:
+    from nvfp4_prep.client.errors import PrepClientError
+    from nvfp4_prep.client.sdk import PrepClient
+
+    try:
+        security = security_options(args)
+    except ValueError as err:
+        print(f"nvfp4-prep info: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with PrepClient(args.server, timeout=args.timeout, retries=1, **security) as client:
+            capabilities = client.capabilities()
+            health = client.health()
+    except (PrepClientError, ValueError) as err:
+        print(f"nvfp4-prep info: {args.server}: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    record = json_format.MessageToDict(capabilities, preserving_proto_field_name=True)
+    record["health"] = health
+    if args.json:
+        print(json.dumps(record, indent=2, sort_keys=True))
+        return 0
+    print(f"server            {args.server} ({record['health']})")
+    print(f"api               {capabilities.api}, package {capabilities.package_version}")
+    print(f"torch             {capabilities.torch_version}")
+    print(f"flashinfer        {capabilities.flashinfer_version or '-'}")
+    print(f"pipeline          {capabilities.pipeline_version} (FlashInfer layouts {capabilities.flashinfer_layout_version})")
+    for device in capabilities.devices:
+        cc = f", sm {device.compute_capability}" if device.compute_capability else ""
+        print(f"device            {device.device}: {device.name}{cc}, budget {device.memory_budget_bytes} bytes")
+    for backend in capabilities.backends:
+        print(f"backend           {backend.backend}: {', '.join(backend.layout_versions)}")
+    print(f"activations       {', '.join(capabilities.activations)}")
+    print(f"scale policies    {', '.join(capabilities.input_scale_policies)}")
+    print(f"checkpoint refs   {'yes' if capabilities.checkpoint_refs else 'no'}")
+    limits = capabilities.limits
+    print(f"limits            chunk {limits.chunk_size} B, receive {limits.max_receive_message_bytes} B, "
+          f"request {limits.max_request_bytes} B, cache {limits.cache_bytes} B")
+    per_client = limits.max_concurrent_per_client or "no limit"
+    print(f"                  {limits.max_tensors} tensors of rank <= {limits.max_tensor_rank}"
+          f"{f' and <= {limits.max_tensor_bytes} B' if limits.max_tensor_bytes else ''}, "
+          f"{limits.max_concurrent} calls at once ({per_client} per client), {limits.max_deadline_seconds:g} s each")
+    return 0
+
+
+def _layer(args: argparse.Namespace) -> int:
+    from safetensors import SafetensorError
+    from tqdm import tqdm
+
+    from nvfp4_prep.client.errors import PrepClientError
+    from .layer_file import read_stacked_layer, write_prepared_layer
+    from nvfp4_prep.client.sdk import PrepClient, Progress
+
+    def usage(message: str) -> int:
+        print(f"nvfp4-prep layer: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+    try:
+        security = security_options(args)
+    except ValueError as err:
+        return usage(str(err))
+    try:
+        prefix, tensors = read_stacked_layer(args.input, args.prefix)
+    except ValueError as err:  # names the file or --prefix itself
+        return usage(str(err))
+    except (OSError, SafetensorError) as err:
+        return usage(f"{args.input}: cannot read the stacked layer ({err})")
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, disable=args.quiet)
+    phase = [""]
+
+    def progress(event: Progress) -> None:
+        if phase[0] != event.phase:
+            phase[0] = event.phase
+            bar.set_description(event.phase)
+            bar.reset(total=event.total)
+        bar.update(event.done - bar.n)
+
+    try:
+        with PrepClient(args.server, timeout=args.timeout, chunk_size=args.chunk_size, **security) as client:
+            layer = client.prepare_layer(tensors, args.backend, args.activation, args.input_scale_policy,
+                                         layout_version=args.layout_version, progress=progress)
+    except PrepClientError as err:
+        print(f"nvfp4-prep layer: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except ValueError as err:
+        return usage(str(err))
+    finally:
+        bar.close()
+    try:
+        write_prepared_layer(args.output, prefix, layer)
+    except (OSError, SafetensorError, ValueError) as err:
+        return usage(f"{args.output}: cannot write the prepared layer ({err})")
+    if not args.quiet:
+        print(f"wrote {args.output}: {len(layer.tensors)} tensors, layout {layer.layout['layout_id']}",
+              file=sys.stderr)
+    return 0
+
+
+def _size(text: str) -> int:
+    from nvfp4_prep.server.config import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _chunk_size(text: str) -> int:
+    size = _size(text)
+    if not MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is {size} bytes (expected {MIN_CHUNK_SIZE >> 10}KiB to {MAX_CHUNK_SIZE >> 20}MiB)")
+    return size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nvfp4_prep.server.config import add_arguments
+
+    parser = argparse.ArgumentParser(prog="nvfp4-prep", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = subparsers.add_parser("serve", help="run the gRPC server",
+                                  description="Run the nvfp4-prep gRPC server (one worker per device). Every "
+                                              "flag --foo-bar may also be set as NVFP4_PREP_FOO_BAR.")
+    add_arguments(serve)
+    serve.set_defaults(run=_serve)
+
+    info = subparsers.add_parser("info", help="show a server's versions, devices, backends and limits",
+                                 description="Ask a server what it runs and offers (GetCapabilities and health).")
+    _add_client_flags(info)
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.set_defaults(run=_info)
+
+    layer = subparsers.add_parser(
+        "layer", help="prepare one stacked layer from a safetensors file",
+        description="Send the stacked layer of a safetensors file (w13_weight, w13_weight_scale, ... optionally "
+                    "under a prefix) to a server and write the prepared layer, with its layout record in the "
+                    "metadata, to OUTPUT.")
+    layer.add_argument("input", type=Path, help="safetensors file holding the stacked layer")
+    layer.add_argument("output", type=Path, help="safetensors file to write")
+    _add_client_flags(layer)
+    layer.add_argument("--backend", required=True, help="flashinfer_cutedsl, flashinfer_cutlass, flashinfer_trtllm "
+                                                        "or vllm_cutlass")
+    layer.add_argument("--activation", default="swiglu", help="swiglu (default), swigluoai or relu2")
+    layer.add_argument("--input-scale-policy", default="max", help="max (default) or strict")
+    layer.add_argument("--layout-version", default=None, help="layout id the result must carry (default: any)")
+    layer.add_argument("--prefix", default=None, help="layer prefix in INPUT when it holds several layers")
+    layer.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK_SIZE,
+                       help=f"bytes per upload chunk, {MIN_CHUNK_SIZE >> 10}KiB to {MAX_CHUNK_SIZE >> 20}MiB "
+                            "(default 2MiB)")
+    layer.add_argument("--quiet", action="store_true", help="no progress bar")
+    layer.set_defaults(run=_layer)
+
+    checkpoint_commands.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one command and returns its exit status (tests call it in-process)."""
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+def entry() -> None:
+    """The ``nvfp4-prep`` program: ``main``, then an exit that skips the interpreter's teardown.
+
+    Every channel and server is closed by then, but grpcio's daemon threads may
+    still be unwinding streams that were cancelled (a server died, a layer
+    failed); finalising the interpreter under them can abort the process
+    (``std::terminate``, exit -6) after the real status was decided.
+    """
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    entry()

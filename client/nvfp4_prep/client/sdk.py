@@ -1,0 +1,266 @@
+"""PrepClient: prepares layers on nvfp4-prep servers, speaking only the nvfp4_prep.v1 contract."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import re
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from nvfp4_prep.contract.expert_keys import looks_per_expert
+from nvfp4_prep.v1 import prep_pb2 as pb
+from nvfp4_prep.v1 import prep_pb2_grpc
+from nvfp4_prep.wire import (
+    DEFAULT_CHUNK_SIZE, REQUEST_ID_KEY, FramingError, Prefetch, check_chunk_size, decode_response, encode_chunk,
+    encode_message, header_for, iter_pieces,
+)
+
+from .receiver import Answer, AnswerChanged, Progress, ProgressCallback
+from .credentials import BearerToken, PemSource, channel_credentials, is_loopback
+from .errors import PrepDeadlineExceeded, from_rpc_error, retryable
+from .result import RemoteLayer
+from .targets import open_channel, target_uri
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Prep"].full_name
+
+
+def tensor_form(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Per-expert when every key starts with an expert index ("0.gate_proj.weight"), else stacked."""
+    if tensors and all(looks_per_expert(name) for name in tensors):
+        return pb.TENSOR_FORM_PER_EXPERT
+    return pb.TENSOR_FORM_STACKED
+
+
+class _Stub:
+    """The generated stub's methods, except that Prepare's chunks go through ``chunk_codec``."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        generated = prep_pb2_grpc.PrepStub(channel)
+        self.GetCapabilities = generated.GetCapabilities
+        self.Prepare = channel.stream_stream(
+            "/nvfp4_prep.v1.Prep/Prepare", request_serializer=encode_message, response_deserializer=decode_response)
+
+
+class PrepClient:
+    """A client of one or more nvfp4-prep servers.
+
+    ``targets``: ``"host:port"``, a gRPC URI (``"ipv4:10.0.0.1:50051,10.0.0.2:50051"``,
+    ``"dns:///nvfp4-prep:50051"``) or a list of ``"ip:port"``; calls are spread
+    over every address with round_robin. ``channels`` > 1 opens that many
+    separate connections and rotates calls over them, for more throughput than
+    one TCP stream gives. ``timeout`` (seconds) bounds each call, retries
+    included.
+
+    Security: ``tls_ca`` (the CA of the server's certificate; default the
+    system's roots) makes the channels TLS, ``tls_cert`` and ``tls_key`` add
+    this client's certificate for mutual TLS (paths or PEM bytes);
+    ``credentials`` is the same as ready-made gRPC channel credentials.
+    ``token`` is sent as ``authorization: Bearer <token>`` with every call.
+    ``interceptors`` are further gRPC client interceptors (tracing).
+
+    Retries: a failed call is sent again, up to ``retries`` times with
+    exponential backoff, only when it failed for a passing reason: UNAVAILABLE
+    (no connection, a broken stream, a draining server) or a refusal because
+    too many calls were running (RESOURCE_EXHAUSTED naming max_concurrent or
+    max_concurrent_per_client). Sending again is safe because every call is
+    idempotent: GetCapabilities only reads, and Prepare is a pure function of
+    its source tensors and parameters; the server keeps nothing from it but a
+    cache of the same answer. A stream that broke part-way resumes after the
+    last verified chunk. Everything else (INVALID_ARGUMENT, DATA_LOSS, a size
+    limit, UNAUTHENTICATED, DEADLINE_EXCEEDED, ...) would fail the same way
+    again, and is raised at once. Use it as a context manager, or call
+    ``close()``.
+    """
+
+    def __init__(self, targets: str | Sequence[str], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 timeout: float | None = None, retries: int = 4, backoff: float = 0.2, max_backoff: float = 5.0,
+                 channels: int = 1, credentials: grpc.ChannelCredentials | None = None,
+                 tls_ca: PemSource | None = None, tls_cert: PemSource | None = None,
+                 tls_key: PemSource | None = None, token: str | None = None,
+                 options: Sequence[tuple[str, object]] = (), interceptors: Sequence[object] = ()) -> None:
+        try:
+            self.chunk_size = check_chunk_size(chunk_size)
+        except FramingError as err:
+            raise ValueError(str(err)) from None
+        if channels < 1 or retries < 0:
+            raise ValueError("channels must be >= 1 and retries >= 0")
+        self.target = target_uri(targets)
+        tls = channel_credentials(tls_ca, tls_cert, tls_key)
+        if tls is not None and credentials is not None:
+            raise ValueError("credentials and tls_ca/tls_cert/tls_key: give one or the other")
+        credentials = credentials or tls
+        if token is not None:
+            if credentials is None and not is_loopback(self.target):
+                log.warning("sending a bearer token over plaintext to %s; give tls_ca to encrypt it", self.target)
+            interceptors = (BearerToken(token), *interceptors)
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._channels = [open_channel(self.target, credentials, channels > 1, options) for _ in range(channels)]
+        intercepted = [grpc.intercept_channel(channel, *interceptors) for channel in self._channels]
+        self._health_channel = intercepted[0]
+        self._stubs = [_Stub(channel) for channel in intercepted]
+        self._next_stub = itertools.cycle(self._stubs)
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "PrepClient":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+    def _stub(self) -> "_Stub":
+        with self._lock:
+            return next(self._next_stub)
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    def capabilities(self, timeout: float | None = None) -> pb.Capabilities:
+        """What the server (one of them, under round_robin) runs and offers."""
+        return self._with_retries(lambda remaining: self._stub().GetCapabilities(
+            pb.GetCapabilitiesRequest(), timeout=remaining), timeout)
+
+    def health(self, service: str = SERVICE_NAME, timeout: float | None = None) -> str:
+        """The grpc.health.v1 status of ``service`` on the server, e.g. "SERVING" or "NOT_SERVING"."""
+        stub = health_pb2_grpc.HealthStub(self._health_channel)
+        answer = self._with_retries(lambda remaining: stub.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=remaining), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+
+    def prepare_layer(self, tensors: Mapping[str, torch.Tensor], backend: str, activation: str = "swiglu",
+                      input_scale_policy: str = "max", *, layout_version: str | None = None,
+                      timeout: float | None = None, progress: ProgressCallback | None = None) -> RemoteLayer:
+        """Prepares one layer remotely; same tensors in and out as ``nvfp4_prep.pipeline.prepare``.
+
+        ``tensors`` is the stacked form (``w13_weight``, ...) or the per-expert
+        form (``"0.gate_proj.weight"``, ...). ``layout_version`` pins the layout
+        id the answer must carry. ``progress`` is called with Progress tuples,
+        from gRPC's threads as well as the caller's; if it raises, the call is
+        cancelled and its exception raised here.
+        """
+        cpu = {name: tensor.detach().to("cpu") for name, tensor in tensors.items()}
+        header = pb.PrepareHeader(
+            backend=backend, activation=activation, input_scale_policy=input_scale_policy,
+            layout_version=layout_version or "",
+            tensors=pb.TensorSet(form=tensor_form(cpu), tensors=[header_for(name, t) for name, t in cpu.items()]),
+        )
+        total = sum(t.numel() * t.element_size() for t in cpu.values())
+
+        def chunks(callback_errors: list[BaseException]) -> Iterator[bytes]:
+            done = 0
+            for index, offset, data in iter_pieces(list(cpu.values()), self.chunk_size):
+                yield encode_chunk(index, offset, data)
+                done += len(data)
+                if progress is not None:
+                    try:
+                        progress(Progress("upload", done, total))
+                    except BaseException as err:  # stop uploading; the caller gets this error
+                        callback_errors.append(err)
+                        return
+
+        def requests(asked: pb.PrepareHeader, callback_errors: list[BaseException]) -> Prefetch:
+            return Prefetch(itertools.chain([pb.PrepareRequest(header=asked)], chunks(callback_errors)))
+
+        return self._prepare(requests, header, timeout, progress)
+
+    def prepare_reference(self, location: str, layer_prefix: str, backend: str, activation: str = "swiglu",
+                          input_scale_policy: str = "max", *, layout_version: str | None = None,
+                          timeout: float | None = None, progress: ProgressCallback | None = None) -> RemoteLayer:
+        """Prepares a layer that the server reads from a checkpoint under its allowed roots."""
+        header = pb.PrepareHeader(
+            backend=backend, activation=activation, input_scale_policy=input_scale_policy,
+            layout_version=layout_version or "",
+            ref=pb.CheckpointRef(location=location, layer_prefix=layer_prefix),
+        )
+        def requests(asked: pb.PrepareHeader, _: list[BaseException]) -> Iterator[pb.PrepareRequest]:
+            return iter([pb.PrepareRequest(header=asked)])  # the server reads the layer: nothing to send again
+
+        return self._prepare(requests, header, timeout, progress)
+
+    def prepare_layers(self, layers: Iterable[Mapping[str, torch.Tensor]], backend: str, activation: str = "swiglu",
+                       input_scale_policy: str = "max", *, concurrency: int = 4, **kwargs) -> Iterator[RemoteLayer]:
+        """Prepares many layers with up to ``concurrency`` calls in flight; yields results in input order."""
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        with ThreadPoolExecutor(concurrency, thread_name_prefix="nvfp4-prep-client") as pool:
+            pending = []
+            for layer in layers:
+                pending.append(pool.submit(self.prepare_layer, layer, backend, activation, input_scale_policy,
+                                           **kwargs))
+                while len(pending) >= 2 * concurrency:
+                    yield pending.pop(0).result()
+            for future in pending:
+                yield future.result()
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _prepare(self, requests: Callable[[pb.PrepareHeader, list[BaseException]],
+                                          Iterator[pb.PrepareRequest | bytes]],
+                 header: pb.PrepareHeader, timeout: float | None, progress: ProgressCallback | None) -> RemoteLayer:
+        request_id = uuid.uuid4().hex
+        log.debug("request %s: %s %s", request_id, header.backend, header.WhichOneof("source"))
+        answer = Answer(header, progress)  # outlives a broken attempt, so the next one resumes
+
+        def attempt(remaining: float | None) -> RemoteLayer:
+            callback_errors: list[BaseException] = []
+            asked = answer.request_header()
+            if asked.HasField("resume_from"):
+                log.info("request %s: resuming at tensor %d, byte %d", request_id, asked.resume_from.tensor_index,
+                         asked.resume_from.offset)
+            upload = requests(asked, callback_errors)
+            call = self._stub().Prepare(upload, timeout=remaining, metadata=((REQUEST_ID_KEY, request_id),))
+            try:
+                return answer.receive(call)
+            except BaseException:
+                call.cancel()
+                if callback_errors:  # the upload stopped because the progress callback raised
+                    raise callback_errors[0] from None
+                raise
+            finally:
+                if isinstance(upload, Prefetch):
+                    upload.close()  # stops the encoding thread even while gRPC waits on it
+
+        try:
+            layer = self._with_retries(attempt, timeout)
+        except Exception as err:
+            log.warning("request %s failed: %s", request_id, err)
+            raise
+        log.info("request %s: prepared for %s", request_id, layer.layout.get("layout_id"))
+        return layer
+
+    def _with_retries(self, attempt, timeout: float | None):
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for tries in itertools.count():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise PrepDeadlineExceeded("deadline passed before the call could start",
+                                           grpc.StatusCode.DEADLINE_EXCEEDED)
+            try:
+                return attempt(remaining)
+            except grpc.RpcError as err:
+                error = from_rpc_error(err)
+            except AnswerChanged as err:
+                error = err
+            if not retryable(error) or tries >= self.retries:
+                raise error
+            pause = min(self.max_backoff, self.backoff * 2 ** tries) * random.uniform(0.5, 1.0)
+            if deadline is not None:
+                pause = min(pause, max(deadline - time.monotonic(), 0))
+            time.sleep(pause)

@@ -1,0 +1,90 @@
+"""The manifest of a prepared checkpoint (``nvfp4_prep_manifest.json``).
+
+It records what was asked for (source, backend, activation, policy), the layout
+record (the fields shared by all layers plus each layer's padded and unpadded
+sizes) and, per finished shard, what it holds with a CRC32C per tensor. A shard is
+done only once the manifest lists it; the manifest is rewritten atomically after
+every shard, so it never claims more than is on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic_file import write_bytes_atomic
+from nvfp4_prep.checkpoint.errors import CheckpointInvalid
+
+MANIFEST_NAME = "nvfp4_prep_manifest.json"
+MANIFEST_FORMAT = "nvfp4-prep-manifest"
+MANIFEST_VERSION = 1
+LAYOUT_METADATA_KEY = "nvfp4_prep_layout"
+
+# Fields of a layer's layout record that are the same for every layer of one run.
+SHARED_LAYOUT_KEYS = ("layout_id", "backend", "activation", "input_scale_policy", "pipeline_version",
+                      "flashinfer_layout_version", "epilogue_tile_m", "sf_vec_size")
+
+
+def split_layout(layout: dict) -> tuple[dict, dict]:
+    """A layer's layout record as (fields shared by all layers, this layer's sizes)."""
+    shared = {key: layout.get(key) for key in SHARED_LAYOUT_KEYS}
+    own = {key: value for key, value in layout.items() if key not in SHARED_LAYOUT_KEYS}
+    return shared, own
+
+
+@dataclass
+class Manifest:
+    """In-memory form of the manifest; see the module docstring."""
+
+    source: dict
+    request: dict
+    layout: dict = field(default_factory=dict)          # shared layout fields, empty until a layer is written
+    layers: dict[str, dict] = field(default_factory=dict)  # prefix -> that layer's sizes
+    shards: dict[str, dict] = field(default_factory=dict)  # filename -> layer, other_tensors, size, tensors
+    complete: bool = False
+
+    def layer_layout(self, prefix: str) -> dict:
+        """The full layout record of one layer, as ``unprepare`` takes it."""
+        return {**self.layout, **self.layers[prefix]}
+
+    def layout_record(self, prefixes: list[str]) -> dict:
+        """The record stored in shard metadata: shared fields plus the named layers' sizes."""
+        return {**self.layout, "layers": {prefix: self.layers[prefix] for prefix in prefixes}}
+
+    def to_json(self) -> dict:
+        return {
+            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "complete": self.complete,
+            "source": self.source, "request": self.request,
+            "layout": self.layout_record(sorted(self.layers)), "shards": self.shards,
+        }
+
+    def save(self, directory: Path) -> None:
+        write_bytes_atomic(directory / MANIFEST_NAME, json.dumps(self.to_json(), indent=1).encode("utf-8"))
+
+    @classmethod
+    def load(cls, directory: Path) -> "Manifest | None":
+        """The manifest in ``directory``, None when there is none; CheckpointInvalid when malformed."""
+        path = directory / MANIFEST_NAME
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointInvalid(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            raise CheckpointInvalid(f"{path}: format is not {MANIFEST_FORMAT!r}")
+        if data.get("version") != MANIFEST_VERSION:
+            raise CheckpointInvalid(f"{path}: version {data.get('version')!r}, expected {MANIFEST_VERSION}")
+        parts = {key: data.get(key) for key in ("source", "request", "layout", "shards")}
+        for key, value in parts.items():
+            if not isinstance(value, dict):
+                raise CheckpointInvalid(f"{path}: {key} is not an object")
+        layout = dict(parts["layout"])
+        layers = layout.pop("layers", {})
+        if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+            raise CheckpointInvalid(f"{path}: layout.layers is not an object of layer records")
+        for name, shard in parts["shards"].items():
+            if not isinstance(shard, dict) or not isinstance(shard.get("tensors"), dict):
+                raise CheckpointInvalid(f"{path}: shards.{name} has no tensors object")
+        return cls(parts["source"], parts["request"], layout, layers, parts["shards"], data.get("complete") is True)

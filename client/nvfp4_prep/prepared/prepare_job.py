@@ -1,0 +1,118 @@
+"""The prepare job: every MoE layer of a checkpoint through a layer preparer into a prepared checkpoint.
+
+The preparer is a seam: any callable ``(stacked_tensors, backend, activation,
+input_scale_policy) -> object with .tensors and .layout`` — the SDK's
+``PrepClient.prepare_layer`` for a server, or ``nvfp4_prep.pipeline.prepare`` in
+process. Each preparer works on two layers at a time, so reading and writing
+overlap with preparing; with several preparers (one per server) each takes the
+next pending layer as soon as it is free, so faster servers take more layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping, Protocol, Sequence
+
+import torch
+from tqdm import tqdm
+
+from nvfp4_prep.checkpoint.checkpoint import Checkpoint
+from nvfp4_prep.checkpoint.errors import CheckpointInvalid
+from .shard_plan import DEFAULT_MAX_SHARD_BYTES
+from .writer import PreparedCheckpointWriter
+
+log = logging.getLogger(__name__)
+
+# Two layers per preparer at a time: one is read and written here while the other is prepared.
+LAYERS_IN_FLIGHT_PER_PREPARER = 2
+
+
+class PreparedLike(Protocol):
+    tensors: Mapping[str, torch.Tensor]
+    layout: dict
+
+
+LayerPreparer = Callable[[Mapping[str, torch.Tensor], str, str, str], PreparedLike]
+
+
+@dataclass(frozen=True)
+class PrepareSummary:
+    """What a run did: layers prepared now, layers kept from an earlier run, source bytes prepared, time."""
+
+    out_dir: str
+    layers_prepared: int
+    layers_skipped: int
+    bytes_prepared: int
+    seconds: float
+
+
+def _layer_bytes(checkpoint: Checkpoint, prefix: str) -> int:
+    return sum(checkpoint.entry(name).nbytes for name in checkpoint.layer(prefix).tensor_names)
+
+
+def prepare_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike, preparers: Sequence[LayerPreparer],
+                       backend: str, activation: str = "swiglu", input_scale_policy: str = "max",
+                       progress: bool = True, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> PrepareSummary:
+    """Prepares every pending MoE layer and writes ``out_dir``; see the module docstring."""
+    if not preparers:
+        raise ValueError("prepare_checkpoint needs at least one layer preparer")
+    layers = checkpoint.moe_layers()
+    if not layers:
+        raise CheckpointInvalid(f"{checkpoint.directory}: no NVFP4 MoE layers to prepare")
+    started = time.perf_counter()
+    with PreparedCheckpointWriter(checkpoint, out_dir, backend, activation, input_scale_policy,
+                                  max_shard_bytes) as writer:
+        pending = writer.pending_layers()
+        sizes = {prefix: _layer_bytes(checkpoint, prefix) for prefix in layers}
+        total = sum(sizes.values())
+        done_bytes = total - sum(sizes[prefix] for prefix in pending)
+        bar = tqdm(total=total, initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                   desc="prepare", disable=not progress, dynamic_ncols=True)
+        todo: queue.Queue[str] = queue.Queue()
+        for prefix in pending:
+            todo.put(prefix)
+        failures: list[BaseException] = []
+        stop = threading.Event()
+
+        def work(preparer: LayerPreparer) -> None:
+            while not stop.is_set():
+                try:
+                    prefix = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    stacked = checkpoint.read_layer(prefix, activation=activation)
+                    prepared = preparer(stacked, backend, activation, input_scale_policy)
+                    writer.write_layer(prefix, prepared)
+                except BaseException as exc:  # handed to the caller's thread below
+                    log.error("layer %s failed: %s", prefix, exc)
+                    failures.append(exc)
+                    stop.set()
+                    return
+                bar.set_postfix_str(prefix, refresh=False)
+                bar.update(sizes[prefix])
+
+        threads = [threading.Thread(target=work, args=(p,), name=f"prepare-{i}-{j}", daemon=True)
+                   for i, p in enumerate(preparers) for j in range(LAYERS_IN_FLIGHT_PER_PREPARER)]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            stop.set()  # on KeyboardInterrupt: no worker starts another layer
+            bar.close()
+        if failures:
+            raise failures[0]
+        writer.finish()
+    seconds = time.perf_counter() - started
+    summary = PrepareSummary(str(writer.out_dir), len(pending), len(layers) - len(pending),
+                             sum(sizes[prefix] for prefix in pending), seconds)
+    log.info("prepared %d layers (%d kept from an earlier run) in %.2fs", summary.layers_prepared,
+             summary.layers_skipped, seconds)
+    return summary

@@ -1,0 +1,236 @@
+"""verify: a prepared checkpoint checked against its source, tensor by tensor.
+
+Each prepared layer is unprepared with its stored layout and compared with the
+source's stacked form byte for byte (weights, block scales, global weight
+scales); input scales and derived scalars are compared with an independent
+formulation of SPEC sections 4 and 6 applied to the source (``reference_scales``);
+every other tensor must equal the source's bytes; every tensor must match its
+manifest checksum; the shard metadata must carry the manifest's layout record.
+
+What this proves, and what it does not: a clean verify shows that the output is
+exactly the prepared form of *this* source that inverts back to it, so it catches
+corruption, truncation, a wrong source and layers mixed from different runs. It
+does not show that the layout itself is the one the kernels expect: ``unprepare``
+inverts the same index maps ``prepare`` used, so a wrong map would round-trip
+cleanly. The layout's correctness is established by the test suite, which checks
+``prepare`` against independent formulations of the SPEC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nvfp4_prep.checkpoint.checkpoint import Checkpoint, open_checkpoint
+from .checksum import crc32c_hex
+from nvfp4_prep.checkpoint.errors import CheckpointError, CheckpointInvalid
+from .manifest import LAYOUT_METADATA_KEY, MANIFEST_NAME, Manifest
+from .prepared_config import CONFIG_MARKER_KEY
+from nvfp4_prep.checkpoint.reference_scales import PolicyViolation, expected_derived, expected_input_scales
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One way the prepared checkpoint differs from what its source says it must be."""
+
+    tensor: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.tensor}: {self.problem}"
+
+
+_BYTE_EXACT = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
+
+
+def _expected_dtype(name: str) -> str:
+    if name.endswith("_weight"):
+        return "U8"
+    return "F8_E4M3" if name.endswith("_weight_scale") else "F32"
+
+
+def _byte_difference(got: torch.Tensor, want: torch.Tensor) -> str | None:
+    """None when equal in dtype, shape and bytes, else what differs."""
+    if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
+        return f"{got.dtype} {list(got.shape)}, expected {want.dtype} {list(want.shape)}"
+    a = got.contiguous().reshape(-1).view(torch.uint8)
+    b = want.contiguous().reshape(-1).view(torch.uint8)
+    unequal = (a != b).nonzero()
+    if unequal.numel():
+        return f"{unequal.numel()} of {a.numel()} bytes differ from the source, the first at byte {int(unequal[0])}"
+    return None
+
+
+def _float_difference(got: torch.Tensor, want: np.ndarray) -> str | None:
+    values = got.detach().cpu().to(torch.float32).reshape(-1).numpy()
+    if values.shape != want.shape or not np.array_equal(values.view(np.uint32), want.view(np.uint32)):
+        return f"{values.tolist()[:8]}, expected {want.tolist()[:8]} (float32, bit for bit)"
+    return None
+
+
+def _check_layer(prefix: str, prepared: Checkpoint, source: Checkpoint, manifest: Manifest) -> list[Difference]:
+    from nvfp4_prep.contract.layout import PREPARED_NAMES
+    from nvfp4_prep.pipeline import PrepError, unprepare
+    from nvfp4_prep.contract.layout import GATED_ACTIVATIONS
+
+    if prefix not in manifest.layers:
+        return [Difference(prefix, f"no layout record for this layer in {MANIFEST_NAME}")]
+    layout = manifest.layer_layout(prefix)
+    names = {name: f"{prefix}.{name}" for name in PREPARED_NAMES}
+    present = set(prepared.tensor_names())
+    if any(full not in present for full in names.values()):
+        return []  # reported by the tensor-set check
+    diffs = []
+    for name, full in names.items():
+        dtype = prepared.entry(full).dtype
+        if dtype != _expected_dtype(name):
+            diffs.append(Difference(full, f"dtype {dtype}, expected {_expected_dtype(name)} (SPEC section 7)"))
+    if diffs:
+        return diffs
+    tensors = {name: prepared.read_tensor(full) for name, full in names.items()}
+    try:
+        back = unprepare(tensors, layout)
+    except PrepError as exc:
+        return [Difference(f"{prefix}.{exc.field}", f"cannot be unprepared: {exc}")]
+    src = source.read_layer(prefix, activation=layout["activation"])
+
+    for name in _BYTE_EXACT:
+        problem = _byte_difference(back[name], src[name])
+        if problem:
+            diffs.append(Difference(names[name], problem))
+    ws13 = src["w13_weight_scale_2"]
+    ws13 = ws13[:, 0] if ws13.dim() == 2 else ws13
+    for name, want in (("w13_weight_scale_2", ws13), ("w2_weight_scale_2", src["w2_weight_scale_2"])):
+        problem = _byte_difference(back[name], want.contiguous())
+        if problem:
+            diffs.append(Difference(names[name], problem))
+
+    try:
+        a13p, a2p = expected_input_scales(src["w13_input_scale"].numpy(), src["w2_input_scale"].numpy(),
+                                          layout["backend"], layout["input_scale_policy"])
+    except PolicyViolation as exc:
+        return diffs + [Difference(f"{prefix}.{exc.tensor}", f"the source does not allow this layout: {exc}")]
+    expected = {"w13_input_scale": a13p, "w2_input_scale": a2p}
+    expected.update(expected_derived(ws13.numpy(), a13p, src["w2_weight_scale_2"].numpy(), a2p,
+                                     layout["activation"] in GATED_ACTIVATIONS))
+    for name, want in expected.items():
+        problem = _float_difference(tensors[name], want)
+        if problem:
+            diffs.append(Difference(names[name], problem))
+    return diffs
+
+
+def _check_tensor_set(prepared: Checkpoint, source: Checkpoint) -> list[Difference]:
+    from nvfp4_prep.contract.layout import PREPARED_NAMES
+
+    want = {f"{prefix}.{name}" for prefix in source.moe_layers() for name in PREPARED_NAMES}
+    want.update(source.other_tensor_names())
+    have = set(prepared.tensor_names())
+    return ([Difference(name, "missing from the prepared checkpoint") for name in sorted(want - have)]
+            + [Difference(name, "not expected in the prepared checkpoint") for name in sorted(have - want)])
+
+
+def _check_carried(prepared: Checkpoint, source: Checkpoint) -> list[Difference]:
+    diffs = []
+    have = set(prepared.tensor_names())
+    for name in source.other_tensor_names():
+        if name not in have:
+            continue
+        got, want = prepared.entry(name), source.entry(name)
+        if (got.dtype, got.shape) != (want.dtype, want.shape):
+            diffs.append(Difference(name, f"{got.dtype} {list(got.shape)}, expected {want.dtype} {list(want.shape)}"))
+            continue
+        problem = _byte_difference(prepared.read_raw(name), source.read_raw(name))
+        if problem:
+            diffs.append(Difference(name, problem))
+    return diffs
+
+
+def _check_manifest(prepared: Checkpoint, manifest: Manifest) -> list[Difference]:
+    diffs = []
+    listed = {}
+    present = set(prepared.tensor_names())
+    for filename, shard in manifest.shards.items():
+        for name, info in shard["tensors"].items():
+            listed[name] = (filename, info)
+    for name in sorted(present - set(listed)):
+        diffs.append(Difference(name, f"not listed in {MANIFEST_NAME}"))
+    for name, (filename, info) in sorted(listed.items()):
+        if name not in present:
+            diffs.append(Difference(name, f"listed in {MANIFEST_NAME} under {filename} but not in the checkpoint"))
+            continue
+        entry = prepared.entry(name)
+        if [entry.dtype, list(entry.shape)] != [info.get("dtype"), info.get("shape")]:
+            diffs.append(Difference(name, f"{entry.dtype} {list(entry.shape)}, manifest says {info.get('dtype')} {info.get('shape')}"))
+            continue
+        crc = crc32c_hex(prepared.read_raw(name))
+        if crc != info.get("crc32c"):
+            diffs.append(Difference(name, f"crc32c {crc}, manifest says {info.get('crc32c')}"))
+    for shard in prepared.shard_files():
+        planned = manifest.shards.get(shard.path.name)
+        if planned is None:
+            diffs.append(Difference(shard.path.name, f"shard not listed in {MANIFEST_NAME}"))
+            continue
+        want = manifest.layout_record([planned["layer"]] if planned.get("layer") else [])
+        try:
+            have = json.loads(shard.metadata.get(LAYOUT_METADATA_KEY, "null"))
+        except json.JSONDecodeError:
+            have = None
+        if have != want:
+            diffs.append(Difference(shard.path.name, f"metadata {LAYOUT_METADATA_KEY} {have}, expected {want}"))
+    return diffs
+
+
+def _check_small_files(out_dir: Path, source: Checkpoint) -> list[Difference]:
+    diffs = []
+    for path in source.auxiliary_files():
+        target = out_dir / path.name
+        if not target.is_file():
+            diffs.append(Difference(path.name, "not copied from the source checkpoint"))
+            continue
+        if path.name == "config.json":
+            try:
+                config = json.loads(target.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                diffs.append(Difference(path.name, f"not valid JSON ({exc})"))
+                continue
+            if not isinstance(config, dict) or config.pop(CONFIG_MARKER_KEY, None) is None:
+                diffs.append(Difference(path.name, f"has no {CONFIG_MARKER_KEY!r} marker of the prepared layout"))
+            if config != json.loads(path.read_text(encoding="utf-8")):
+                diffs.append(Difference(path.name, "differs from the source's config.json beyond the marker"))
+        elif target.read_bytes() != path.read_bytes():
+            diffs.append(Difference(path.name, "differs from the source's copy"))
+    return diffs
+
+
+def verify_prepared(out_dir: str | os.PathLike, against: str | os.PathLike | Checkpoint) -> list[Difference]:
+    """Every difference between the prepared checkpoint ``out_dir`` and its source; empty when it is exact."""
+    out_dir = Path(out_dir)
+    try:
+        manifest = Manifest.load(out_dir)
+    except CheckpointInvalid as exc:
+        return [Difference(MANIFEST_NAME, str(exc))]
+    if manifest is None:
+        return [Difference(MANIFEST_NAME, f"missing from {out_dir}; expected the manifest written by prepare")]
+    diffs = []
+    if not manifest.complete:
+        diffs.append(Difference(MANIFEST_NAME, "the prepare run that wrote it did not finish"))
+    with contextlib.ExitStack() as opened:  # a source passed in open stays open; those opened here are closed
+        source = against if isinstance(against, Checkpoint) else opened.enter_context(open_checkpoint(against))
+        try:
+            prepared = opened.enter_context(open_checkpoint(out_dir))
+        except CheckpointError as exc:
+            return diffs + [Difference(str(out_dir), str(exc))]
+        diffs += _check_manifest(prepared, manifest)
+        diffs += _check_tensor_set(prepared, source)
+        for prefix in source.moe_layers():
+            diffs += _check_layer(prefix, prepared, source, manifest)
+        diffs += _check_carried(prepared, source)
+        diffs += _check_small_files(out_dir, source)
+    return diffs

@@ -1,0 +1,185 @@
+"""The running server: gRPC with the Prep service, health checking and reflection, and shutdown.
+
+SIGTERM (or SIGINT) drains: health turns NOT_SERVING, new and queued Prepare
+calls get UNAVAILABLE, running ones get up to --drain-timeout to finish, then
+the server stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from nvfp4_prep.v1 import prep_pb2 as pb
+from nvfp4_prep.wire import MESSAGE_OVERHEAD
+
+from . import logs
+from .cache import PreparedCache
+from .capabilities import build_capabilities
+from .deadline import Ceiling
+from .config import ConfigError, ServeConfig
+from .limits import RequestLimits
+from .metrics import Metrics, MetricsServer, start_metrics_server
+from .service import PrepService, add_to_server
+from .transport import HealthPort, channel_options, interceptors, listen
+from .worker import DeviceWorker, auto_budget, resolve_devices
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Prep"].full_name
+HEALTH_NAMES = ("", SERVICE_NAME)
+# Request chunks up to this size are always accepted, whatever --chunk-size says.
+MIN_ACCEPTED_CHUNK = 4 << 20
+# Threads beyond --max-concurrent in the pool that Prepare streams, health checks, capabilities and
+# reflection share, so that health is answered and extra calls are refused even at the limit.
+SPARE_THREADS = 16
+
+
+class PrepServer:
+    """A configured server; ``start()``, then ``drain()`` or ``stop()``."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        receive_limit = max(config.chunk_size, MIN_ACCEPTED_CHUNK) + MESSAGE_OVERHEAD
+        send_limit = config.chunk_size + MESSAGE_OVERHEAD
+        devices = resolve_devices(config.devices)
+        self.workers = [
+            DeviceWorker(device, config.memory_budget or auto_budget(device), receive_limit) for device in devices
+        ]
+        self.cache = PreparedCache(config.cache_bytes)
+        request_limits = RequestLimits(config.max_request_bytes, config.max_tensors, config.max_tensor_rank,
+                                       config.max_tensor_bytes, config.max_concurrent,
+                                       config.max_concurrent_per_client)
+        limits = pb.Limits(
+            chunk_size=config.chunk_size,
+            max_receive_message_bytes=receive_limit,
+            max_send_message_bytes=send_limit,
+            max_request_bytes=admissible_request_bytes(config.max_request_bytes, self.workers),
+            cache_bytes=config.cache_bytes,
+            max_tensors=config.max_tensors,
+            max_tensor_rank=config.max_tensor_rank,
+            max_tensor_bytes=config.max_tensor_bytes,
+            max_concurrent=config.max_concurrent,
+            max_concurrent_per_client=config.max_concurrent_per_client,
+            max_deadline_seconds=config.max_deadline,
+        )
+        capabilities = build_capabilities(self.workers, limits, bool(config.allowed_roots))
+        self.metrics = Metrics([str(worker.device) for worker in self.workers])
+        self.metrics.watch(self.workers, self.cache)
+        self.metrics_server: MetricsServer | None = None
+        self.ceiling = Ceiling(config.max_deadline)
+        self.service = PrepService(self.workers, self.cache, config.chunk_size, config.allowed_roots, capabilities,
+                                   self.metrics, request_limits, self.ceiling)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._rpc_pool = ThreadPoolExecutor(config.max_concurrent + SPARE_THREADS, thread_name_prefix="nvfp4-prep-rpc")
+        self._server = grpc.server(
+            self._rpc_pool,
+            interceptors=interceptors(config),
+            options=[
+                ("grpc.max_receive_message_length", receive_limit),
+                ("grpc.max_send_message_length", send_limit),
+                ("grpc.so_reuseport", 0),
+                *channel_options(config),
+            ],
+        )
+        add_to_server(self.service, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server)
+        self.health_port: HealthPort | None = None
+        self._stopped = threading.Event()
+        try:
+            self.port = listen(self._server, config)
+            if config.health_port:
+                self.health_port = HealthPort(self.health, config.host, config.health_port)
+        except ConfigError:
+            self.stop(grace=0)
+            raise
+
+    @property
+    def address(self) -> str:
+        """``host:port`` a client on this machine can dial."""
+        host = self.config.host
+        if host in ("0.0.0.0", "::", "[::]", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    def start(self) -> "PrepServer":
+        if self.config.metrics_port:
+            try:
+                self.metrics_server = start_metrics_server(self.config.metrics_port, self.config.host,
+                                                           self.metrics.registry)
+            except OSError as err:
+                self.stop(grace=0)
+                raise ConfigError(f"--metrics-port: cannot listen on {self.config.host}:{self.config.metrics_port} "
+                                  f"({err.strerror or err})") from None
+        self._server.start()
+        if self.health_port is not None:
+            self.health_port.start()
+        for name in HEALTH_NAMES:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        config = self.config
+        log.info("serving %s on %s:%d (%s%s%s) with %s", SERVICE_NAME, config.host, self.port,
+                 "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext",
+                 ", bearer token" if config.auth_token_file else "",
+                 f", health also on plaintext port {self.health_port.port}" if self.health_port else "",
+                 ", ".join(f"{w.device} (budget {w.budget.capacity} bytes)" for w in self.workers),
+                 extra={"port": self.port, "health_port": self.health_port.port if self.health_port else 0})
+        return self
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Graceful shutdown; True if every running call finished within ``timeout`` (default --drain-timeout)."""
+        timeout = self.config.drain_timeout if timeout is None else timeout
+        log.info("draining: health NOT_SERVING, up to %.1fs for %d running calls", timeout, self.service.in_flight)
+        self.health.enter_graceful_shutdown()
+        self.service.begin_drain()
+        drained = self.service.wait_idle(timeout)
+        if not drained:
+            log.warning("drain timeout: cancelling %d running calls", self.service.in_flight)
+        self.stop(grace=0)
+        return drained
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stops serving and ends every thread the server started (its pools, the watchdog, /metrics)."""
+        self._server.stop(grace).wait()
+        self._rpc_pool.shutdown(wait=True)
+        if self.health_port is not None:
+            self.health_port.stop(grace)
+        self.service.close()
+        self.ceiling.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
+        self._stopped.set()
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def admissible_request_bytes(max_request_bytes: int, workers: list[DeviceWorker]) -> int:
+    """The largest layer a request may stream and still be admitted: --max-request-bytes, but at most half
+    the largest memory budget, since a request holds its inputs and its prepared outputs at once."""
+    admissible = max(worker.budget.capacity for worker in workers) // 2
+    return min(max_request_bytes, admissible) if max_request_bytes else admissible
+
+
+def run(config: ServeConfig) -> int:
+    """``nvfp4-prep serve``: serves until SIGTERM or SIGINT, then drains."""
+    logs.configure(config.log_level, config.log_format)
+    server = PrepServer(config).start()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        threading.Thread(target=server.drain, name="nvfp4-prep-drain", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.wait()
+    return 0

@@ -1,0 +1,195 @@
+"""The Prep servicer: status codes, draining, and what every Prepare call shares."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import grpc
+
+from nvfp4_prep.checkpoint import CheckpointError
+from nvfp4_prep.contract.errors import PrepError
+from nvfp4_prep.v1 import prep_pb2 as pb
+from nvfp4_prep.v1 import prep_pb2_grpc
+from nvfp4_prep.wire import FIELD_METADATA_KEY, REQUEST_ID_KEY, encode_message
+
+from .cache import PreparedCache
+from .deadline import Ceiling
+from .errors import ServiceError, from_input_error
+from .decode import decode_request_or_malformed, reject_malformed
+from .limits import ConcurrencyGate, RequestLimits, client_identity
+from .metrics import UNKNOWN_BACKEND, Metrics
+from .prepare_call import PrepareCall, checkpoint_error
+from .worker import DeviceWorker
+
+log = logging.getLogger(__name__)
+
+HASH_THREADS = 8
+
+
+class PrepService(prep_pb2_grpc.PrepServicer):
+    """Shared state of the Prepare calls: workers, cache, draining.
+
+    ``in_flight`` (calls running) and ``outcomes`` (finished calls by status name,
+    "OK" for success) are plain attributes for metrics.
+    """
+
+    def __init__(self, workers: Sequence[DeviceWorker], cache: PreparedCache, chunk_size: int,
+                 allowed_roots: Sequence[Path], capabilities: pb.Capabilities, metrics: Metrics,
+                 limits: RequestLimits, ceiling: Ceiling) -> None:
+        self.workers = list(workers)
+        self.cache = cache
+        self.chunk_size = chunk_size
+        self.allowed_roots = [str(root) for root in allowed_roots]
+        self.capabilities = capabilities
+        self.metrics = metrics
+        self.limits = limits
+        self.ceiling = ceiling
+        self.gate = ConcurrencyGate(limits.max_concurrent, limits.max_concurrent_per_client)
+        self.hash_pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="nvfp4-prep-hash")
+        self.in_flight = 0
+        self.outcomes: Counter[str] = Counter()
+        self.draining = False
+        self._idle = threading.Condition()
+
+    def pick_worker(self) -> DeviceWorker:
+        return min(self.workers, key=DeviceWorker.load)
+
+    def GetCapabilities(self, request: pb.GetCapabilitiesRequest, context: grpc.ServicerContext) -> pb.Capabilities:
+        self.metrics.observe_request("GetCapabilities", UNKNOWN_BACKEND, "OK", 0.0)
+        return self.capabilities
+
+    def Prepare(self, request_iterator: Iterator[pb.PrepareRequest],
+                context: grpc.ServicerContext) -> Iterator[pb.PrepareResponse]:
+        request_id = _request_id(context)
+        client = client_identity(context)
+        refusal = self._enter(client)
+        if refusal is not None:
+            with self._idle:
+                self.outcomes[refusal.code.name] += 1
+            self.metrics.observe_request("Prepare", UNKNOWN_BACKEND, refusal.code.name, 0.0)
+            _abort(context, refusal)
+        started = time.perf_counter()
+        clock = self.ceiling.start(context)
+        call = PrepareCall(self, clock.messages(reject_malformed(request_iterator), "while receiving"), context,
+                           clock)
+        call.summary["request_id"] = request_id
+        self.metrics.inflight.labels("Prepare").inc()
+        failure: ServiceError | None = None
+        finished = False
+        try:
+            yield from clock.messages(call.run(), "while sending")
+            finished = True
+        except ServiceError as err:
+            err.__traceback__ = None  # its frames hold the call's tensors (a cycle through this frame)
+            failure = err
+        except PrepError as err:  # the wire's FramingError too
+            failure = from_input_error(err)
+        except CheckpointError as err:
+            failure = checkpoint_error(err)
+        except grpc.RpcError as err:  # raised by the request iterator when the client goes away
+            # grpc keeps this exception with the call's state; without its traceback it
+            # cannot keep this call's frames, and so its tensors, alive.
+            err.__traceback__ = None
+            failure = ServiceError(grpc.StatusCode.CANCELLED, "client went away")
+        except Exception:
+            log.exception("Prepare failed")
+            failure = ServiceError(grpc.StatusCode.INTERNAL, "internal error while preparing; see the server log")
+        finally:
+            outcome = _outcome(context, failure, finished)
+            clock.close()
+            self._exit(outcome, client)
+            self.metrics.inflight.labels("Prepare").dec()
+            self._count(call.summary, outcome, time.perf_counter() - started)
+            log.info("Prepare %s in %.3fs %s", outcome, time.perf_counter() - started,
+                     " ".join(f"{k}={v}" for k, v in call.summary.items()),
+                     extra={"outcome": outcome, **call.summary})
+        if failure is not None and context.is_active():
+            _abort(context, failure)
+
+    def _count(self, summary: dict, outcome: str, seconds: float) -> None:
+        backend = str(summary.get("backend", UNKNOWN_BACKEND))
+        self.metrics.observe_request("Prepare", backend, outcome, seconds)
+        if summary.get("bytes_in"):
+            source = "checkpoint" if summary.get("source") == "ref" else "stream"
+            self.metrics.received_bytes.labels(backend, source).inc(int(summary["bytes_in"]))
+        if summary.get("bytes_sent"):
+            self.metrics.sent_bytes.labels(backend).inc(int(summary["bytes_sent"]))
+
+    def _enter(self, client: str) -> ServiceError | None:
+        with self._idle:
+            if self.draining:
+                return ServiceError(grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another replica")
+            refusal = self.gate.enter(client)
+            if refusal is not None:
+                return refusal
+            self.in_flight += 1
+            return None
+
+    def _exit(self, outcome: str, client: str) -> None:
+        self.gate.leave(client)
+        with self._idle:
+            self.in_flight -= 1
+            self.outcomes[outcome] += 1
+            self._idle.notify_all()
+
+    def begin_drain(self) -> None:
+        """Refuses new calls and those still waiting for memory; running ones carry on."""
+        with self._idle:
+            self.draining = True
+        for worker in self.workers:
+            worker.budget.close()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Waits until no Prepare call runs; False if ``timeout`` passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self.in_flight == 0, timeout)
+
+    def close(self) -> None:
+        self.hash_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def add_to_server(service: PrepService, server: grpc.Server) -> None:
+    """Registers ``service`` like the generated ``add_PrepServicer_to_server``, except that Prepare's
+    chunks go through ``chunk_codec`` instead of protobuf (same bytes on the wire, fewer copies)."""
+    name = pb.DESCRIPTOR.services_by_name["Prep"].full_name
+    handlers = {
+        "Prepare": grpc.stream_stream_rpc_method_handler(
+            service.Prepare, request_deserializer=decode_request_or_malformed, response_serializer=encode_message),
+        "GetCapabilities": grpc.unary_unary_rpc_method_handler(
+            service.GetCapabilities, request_deserializer=pb.GetCapabilitiesRequest.FromString,
+            response_serializer=pb.Capabilities.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
+
+def _request_id(context: grpc.ServicerContext) -> str:
+    """The client's request id (the SDK sends one per layer), or a new one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and value:
+            return str(value)[:64]
+    return uuid.uuid4().hex
+
+
+def _outcome(context: grpc.ServicerContext, failure: ServiceError | None, finished: bool) -> str:
+    """How a call ended, for ``outcomes``."""
+    if failure is None and finished:
+        return "OK"
+    if context.is_active():
+        return failure.code.name if failure is not None else "CANCELLED"
+    # The client went away: whatever error that caused here, the call was cancelled or timed out.
+    timed_out = failure is not None and failure.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    return "DEADLINE_EXCEEDED" if timed_out or context.time_remaining() == 0 else "CANCELLED"
+
+
+def _abort(context: grpc.ServicerContext, error: ServiceError) -> None:
+    if error.field:
+        context.set_trailing_metadata(((FIELD_METADATA_KEY, error.field),))
+    context.abort(error.code, error.message)
