@@ -37,11 +37,11 @@ import torch
 from safetensors.torch import save_file
 
 from nvfp4_prep.checkpoint import open_checkpoint
-from nvfp4_prep.prepared.prepare_job import prepare_checkpoint
 from nvfp4_prep.cli.checkpoint_commands import layer_preparers
 from nvfp4_prep.client.sdk import PrepClient
 from nvfp4_prep.contract.layout import BACKENDS
 from nvfp4_prep.pipeline import prepare
+from nvfp4_prep.prepared.prepare_job import prepare_checkpoint
 
 SERVER = ("import sys; from nvfp4_prep.server.config import ServeConfig; from nvfp4_prep.server.server import run; "
           "sys.exit(run(ServeConfig(host='127.0.0.1', port=int(sys.argv[1]), metrics_port=0, log_level='WARNING')))")

@@ -11,11 +11,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layers import random_layer  # noqa: E402
-
+from layers import random_layer
 from nvfp4_prep.contract.layout import ACTIVATIONS, BACKENDS
-
-from nvfp4_prep.pipeline import gather, prepare  # noqa: E402
+from nvfp4_prep.pipeline import gather, prepare
 
 SHAPES = [(4, 512, 256), (3, 7168, 2048), (2, 400, 80), (5, 272, 208)]
 

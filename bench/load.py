@@ -103,7 +103,7 @@ def start_server(args: argparse.Namespace) -> Server:
 
     def read_log() -> None:
         for line in server.process.stderr:
-            server.log_tail = (server.log_tail + [line])[-20:]
+            server.log_tail = [*server.log_tail, line][-20:]
             if bound.is_set() or not line.startswith("{"):
                 continue
             record = json.loads(line)
@@ -176,8 +176,8 @@ class MemoryWatch:
 # -- clients -----------------------------------------------------------------------------------------
 
 def client_process(address: str, clients: int, first_client: int, shape: tuple[int, int, int],
-                   expected: list[dict[str, str]], backend: str, ready: "multiprocessing.Queue",
-                   window, go, results: "multiprocessing.Queue") -> None:
+                   expected: list[dict[str, str]], backend: str, ready: multiprocessing.Queue,
+                   window, go, results: multiprocessing.Queue) -> None:
     """``clients`` client threads, each with its own connection, preparing layers from when ``go`` is set
     (after every process reported ``ready``) until the end of ``window`` (start, stop in ``time.time()``)."""
     from nvfp4_prep.client import PrepClient

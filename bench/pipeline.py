@@ -11,6 +11,7 @@ plain device copy), and the peak extra device memory over the output size.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -19,11 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layers import nbytes, random_layer  # noqa: E402
-
+from layers import nbytes, random_layer
 from nvfp4_prep.contract.layout import ACTIVATIONS, BACKENDS
-
-from nvfp4_prep.pipeline import prepare  # noqa: E402
+from nvfp4_prep.pipeline import prepare
 
 
 def timed(fn, device: torch.device, repeat: int) -> float:
@@ -85,8 +84,9 @@ def main() -> None:
     print(f"{'baseline clone()':<20} {clone_s * 1e3:9.2f} ms {size / clone_s / 1e9:8.1f} GB/s")
     print(f"{'backend':<20} {'time':>12} {'GB/s':>8} {'vs clone':>9} {'peak extra/out':>15}")
     for backend in args.backends.split(","):
-        seconds = timed(lambda: prepare(layer, backend, args.activation), device, args.repeat)
-        peak, out = peak_extra(lambda: prepare(layer, backend, args.activation), device)
+        run = functools.partial(prepare, layer, backend, args.activation)
+        seconds = timed(run, device, args.repeat)
+        peak, out = peak_extra(run, device)
         memory = f"{peak / out:15.3f}" if out else f"{'n/a':>15}"
         print(f"{backend:<20} {seconds * 1e3:9.2f} ms {size / seconds / 1e9:8.1f} "
               f"{clone_s / seconds:9.3f} {memory}")

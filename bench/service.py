@@ -106,7 +106,7 @@ def _peer_connection(conn: socket.socket) -> None:
             down -= sent
 
 
-def tcp_peer(port_out: "multiprocessing.Queue") -> None:
+def tcp_peer(port_out: multiprocessing.Queue) -> None:
     """Receives a header (bytes up, bytes down), swallows the upload, sends the download."""
     listener = socket.create_server(("127.0.0.1", 0))
     port_out.put(listener.getsockname()[1])

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import grpc
 import pytest
 import torch
 
-from tests.helpers.checkpoint_factory import SHARED_NAMES
-from tests.helpers.layer_factory import random_layer
 from nvfp4_prep.server.config import ServeConfig
 from nvfp4_prep.server.server import PrepServer
 from nvfp4_prep.v1 import prep_pb2_grpc
+from tests.helpers.checkpoint_factory import SHARED_NAMES
+from tests.helpers.layer_factory import random_layer
 
 GATED = ("swiglu", "swigluoai")
 # The real checkpoints of shared/testdata: beside the checkout (as CI lays it out), else where the sessions have it.

@@ -13,12 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.checkpoint_factory import FORMATS, kill_after_shards, moe_layer_tensors, write_checkpoint
+from nvfp4_prep.cli import checkpoint_commands
 from nvfp4_prep.contract import layout
 from nvfp4_prep.prepared.manifest import MANIFEST_NAME
 from nvfp4_prep.prepared.verify import verify_prepared
-from nvfp4_prep.cli import checkpoint_commands
 from nvfp4_prep.server.server import PrepServer
+from tests.helpers.checkpoint_factory import (
+    FORMATS,
+    kill_after_shards,
+    moe_checkpoint,
+    moe_layer_tensors,
+    write_checkpoint,
+)
 
 INDEX = "model.safetensors.index.json"
 
@@ -73,10 +79,7 @@ def test_prepare_through_a_separate_server_then_verify(tmp_path: Path, servers, 
 
 
 def test_layers_spread_across_servers_and_match_the_embedded_output(tmp_path: Path, servers) -> None:
-    tensors = {}
-    for layer in range(8):
-        tensors.update(moe_layer_tensors(layer, 4, 256, 128, fmt="compressed-tensors", seed=2))
-    source = write_checkpoint(tmp_path / "src", tensors, fmt="compressed-tensors")
+    source = moe_checkpoint(tmp_path / "src", 8, 4, 256, 128, fmt="compressed-tensors", seed=2)
     addresses = ",".join(server.address for server in servers)
     assert cli("prepare", source, "--backend", "flashinfer_trtllm", "--out", tmp_path / "spread",
                "--server", addresses, "--quiet") == 0
@@ -158,10 +161,7 @@ def test_out_holding_another_model_is_refused_and_left_untouched(tmp_path: Path,
 
 
 def test_killed_prepare_is_completed_by_rerunning_it(tmp_path: Path) -> None:
-    tensors = {}
-    for layer in range(24):
-        tensors.update(moe_layer_tensors(layer, 8, 512, 256, seed=3))
-    source = write_checkpoint(tmp_path / "src", tensors)
+    source = moe_checkpoint(tmp_path / "src", 24, 8, 512, 256, seed=3)
     out = tmp_path / "out"
     command = [sys.executable, "-c", _CLI, "prepare", str(source), "--backend", "flashinfer_cutedsl",
                "--out", str(out), "--quiet"]

@@ -11,15 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.checkpoint_factory import (
-    FORMATS, kill_after_shards, load_all, moe_layer_tensors, sharded_copy, write_checkpoint,
-)
 from nvfp4_prep.checkpoint import CheckpointError, open_checkpoint
+from nvfp4_prep.contract.layout import BACKENDS, PREPARED_NAMES
+from nvfp4_prep.pipeline import PrepError, prepare
 from nvfp4_prep.prepared.manifest import MANIFEST_NAME
 from nvfp4_prep.prepared.prepare_job import prepare_checkpoint
 from nvfp4_prep.prepared.verify import verify_prepared
-from nvfp4_prep.contract.layout import BACKENDS, PREPARED_NAMES
-from nvfp4_prep.pipeline import PrepError, prepare
+from tests.helpers.checkpoint_factory import (
+    FORMATS,
+    kill_after_shards,
+    load_all,
+    moe_checkpoint,
+    moe_layer_tensors,
+    sharded_copy,
+    write_checkpoint,
+)
 
 INDEX = "model.safetensors.index.json"
 
@@ -75,7 +81,8 @@ def test_prepare_then_verify_round_trips(tmp_path: Path, fmt: str, backend: str,
         assert metadata_layout["layout_id"] == expected.layout["layout_id"]
     source_tensors = load_all(source / "model.safetensors")
     for name in reference.other_tensor_names():
-        assert torch.equal(tensors[name].reshape(-1).view(torch.uint8), source_tensors[name].reshape(-1).view(torch.uint8))
+        assert torch.equal(tensors[name].reshape(-1).view(torch.uint8),
+                           source_tensors[name].reshape(-1).view(torch.uint8))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["nvfp4_prep"]["backend"] == backend and config["nvfp4_prep"]["prepared"] is True
     assert config["quantization_config"] == json.loads((source / "config.json").read_text())["quantization_config"]
@@ -221,10 +228,7 @@ prepare_checkpoint(open_checkpoint(sys.argv[1]), sys.argv[2], [slow], "flashinfe
 
 
 def test_killed_run_is_completed_by_a_rerun(tmp_path: Path) -> None:
-    tensors = {}
-    for layer in range(8):
-        tensors.update(moe_layer_tensors(layer, 4, 256, 128, seed=1))
-    source = write_checkpoint(tmp_path / "src", tensors)
+    source = moe_checkpoint(tmp_path / "src", 8, 4, 256, 128, seed=1)
     out = tmp_path / "out"
     child = subprocess.Popen([sys.executable, "-c", _SLOW_PREPARE, str(source), str(out)], env=os.environ.copy())
     kill_after_shards(child, out, 3, timeout=60, what="the run")

@@ -8,11 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.checkpoint_factory import (
-    FORMATS, dense_tensors, load_all, moe_layer_tensors, nvfp4_projection, sharded_copy, write_checkpoint,
-)
 from nvfp4_prep.checkpoint import CheckpointInvalid, CheckpointNotFound, open_checkpoint
 from nvfp4_prep.pipeline import assemble_layer
+from tests.helpers.checkpoint_factory import (
+    FORMATS,
+    dense_tensors,
+    load_all,
+    moe_layer_tensors,
+    nvfp4_projection,
+    sharded_copy,
+    write_checkpoint,
+)
 
 PREFIXES = ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
 
@@ -142,7 +148,7 @@ def test_unquantized_checkpoint_is_rejected_naming_the_config(testdata: Path) ->
 
 def test_unknown_layer_prefix_is_not_found(ct_checkpoint: Path) -> None:
     checkpoint = open_checkpoint(ct_checkpoint)
-    with pytest.raises(CheckpointNotFound, match="model.layers.7.mlp.experts"):
+    with pytest.raises(CheckpointNotFound, match=r"model\.layers\.7\.mlp\.experts"):
         checkpoint.read_layer("model.layers.7.mlp.experts")
 
 

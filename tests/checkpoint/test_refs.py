@@ -10,12 +10,18 @@ import grpc
 import pytest
 import torch
 
-from tests.helpers.checkpoint_factory import dense_tensors, moe_layer_tensors, write_checkpoint
-from nvfp4_prep.checkpoint import (CheckpointError, CheckpointInvalid, CheckpointNotFound,
-                                   CheckpointPermissionDenied, open_checkpoint)
+from nvfp4_prep.checkpoint import (
+    CheckpointError,
+    CheckpointInvalid,
+    CheckpointNotFound,
+    CheckpointPermissionDenied,
+    open_checkpoint,
+)
 from nvfp4_prep.client.errors import PrepClientError
 from nvfp4_prep.client.sdk import PrepClient
 from nvfp4_prep.pipeline import prepare
+from nvfp4_prep.server.status import status_of
+from tests.helpers.checkpoint_factory import dense_tensors, moe_layer_tensors, write_checkpoint
 
 PREFIX = "model.layers.0.mlp.experts"
 
@@ -34,7 +40,7 @@ def expect(error: type[CheckpointError], code: str, location: object, roots: lis
     with pytest.raises(error) as info:
         open_checkpoint(location, allowed_roots=roots)
     message = str(info.value)
-    assert info.value.grpc_code == code
+    assert status_of(info.value).code.name == code
     for fragment in fragments:
         assert fragment in message, (fragment, message)
     return message
@@ -218,7 +224,8 @@ def test_references_over_grpc_get_their_status_codes(roots: tuple[Path, Path], s
     truncated = root / "truncated"
     truncated.mkdir()
     for path in (root / "ckpt").iterdir():
-        (truncated / path.name).write_bytes(path.read_bytes()[:50] if path.suffix == ".safetensors" else path.read_bytes())
+        data = path.read_bytes()
+        (truncated / path.name).write_bytes(data[:50] if path.suffix == ".safetensors" else data)
     server = start_server(allowed_roots=(root,))
     with PrepClient(server.address, retries=0) as client:
         good = client.prepare_reference(str(root / "ckpt"), PREFIX, "flashinfer_cutlass")

@@ -18,16 +18,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nvfp4_prep import pipeline
-from nvfp4_prep.contract import layout
 from nvfp4_prep.cli.main import main
+from nvfp4_prep.contract import layout
 from nvfp4_prep.server.config import FLAGS
 
 PREFIX = "model.layers.3.mlp.experts"
 
 
-def _write_layer(path: Path, layers: dict[str, dict[str, torch.Tensor]], extra: dict[str, torch.Tensor] = {}) -> None:
+def _write_layer(path: Path, layers: dict[str, dict[str, torch.Tensor]],
+                 extra: dict[str, torch.Tensor] | None = None) -> None:
     tensors = {f"{prefix}.{name}": t for prefix, layer in layers.items() for name, t in layer.items()}
-    save_file({**tensors, **extra}, str(path))
+    save_file({**tensors, **(extra or {})}, str(path))
 
 
 def test_layer_command_writes_the_prepared_layer(prep_address, make_layer, same_tensors, tmp_path: Path, capsys):

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from nvfp4_prep.client.receiver import Answer
 from nvfp4_prep.client.errors import PrepProtocolError
+from nvfp4_prep.client.receiver import Answer
 from nvfp4_prep.v1 import prep_pb2 as pb
 
 ASKED = pb.PrepareHeader(backend="flashinfer_cutlass", activation="swiglu", input_scale_policy="max")

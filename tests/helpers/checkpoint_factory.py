@@ -48,7 +48,8 @@ def moe_layer_tensors(layer: int, experts: int, hidden: int, inter: int, fmt: st
     """Every expert tensor of one MoE layer, full names, plus a bf16 router."""
     gen = torch.Generator().manual_seed(seed * 1000 + layer)
     block, (gate, up, down) = NAMING[naming]
-    out = {f"model.layers.{layer}.{block}.gate.weight": torch.randn(experts, hidden, dtype=torch.bfloat16, generator=gen)}
+    out = {f"model.layers.{layer}.{block}.gate.weight":
+           torch.randn(experts, hidden, dtype=torch.bfloat16, generator=gen)}
     for e in range(experts):
         for proj, shape in ((gate, (inter, hidden)), (up, (inter, hidden)), (down, (hidden, inter))):
             for suffix, tensor in nvfp4_projection(*shape, fmt, gen).items():
@@ -70,6 +71,15 @@ def quant_config(fmt: str, ignore: list[str]) -> dict:
             "config_groups": {"group_0": {"format": "nvfp4-pack-quantized", "targets": ["Linear"]}}}
 
 
+def moe_checkpoint(directory: Path, layers: int, experts: int, hidden: int, inter: int, fmt: str = "modelopt",
+                   seed: int = 0, dense: bool = False) -> Path:
+    """A checkpoint of ``layers`` MoE layers of the same sizes (and, with ``dense``, the dense tensors)."""
+    tensors = dense_tensors(hidden) if dense else {}
+    for layer in range(layers):
+        tensors.update(moe_layer_tensors(layer, experts, hidden, inter, fmt=fmt, seed=seed))
+    return write_checkpoint(directory, tensors, fmt=fmt)
+
+
 def write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], fmt: str = "modelopt",
                      shards: int = 1, ignore: list[str] | None = None) -> Path:
     """A checkpoint directory: config.json, a tokenizer stub, one file or ``shards`` files and an index."""
@@ -80,7 +90,8 @@ def write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], fmt: str
     (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
     if fmt == "modelopt":
         (directory / "hf_quant_config.json").write_text(json.dumps(
-            {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "NVFP4", "exclude_modules": ignore or []}}))
+            {"producer": {"name": "modelopt"},
+             "quantization": {"quant_algo": "NVFP4", "exclude_modules": ignore or []}}))
     write_weights(directory, tensors, shards)
     return directory
 

@@ -11,7 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from flashinfer.fused_moe.core import get_w2_permute_indices_with_cache, _maybe_get_cached_w3_w1_permute_indices
+from flashinfer.fused_moe.core import _maybe_get_cached_w3_w1_permute_indices, get_w2_permute_indices_with_cache
 
 GATED = {"swiglu": True, "swigluoai": True, "relu2": False}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:

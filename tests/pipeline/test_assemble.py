@@ -11,7 +11,6 @@ import torch
 from safetensors import safe_open
 
 from nvfp4_prep.contract.layout import BACKENDS
-
 from nvfp4_prep.pipeline import assemble_layer, prepare, unprepare
 
 PREFIX = "model.layers.1.mlp.experts."

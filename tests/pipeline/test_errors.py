@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from tests.helpers.layer_factory import random_layer
 from nvfp4_prep.pipeline import PrepError, assemble_layer, prepare, unprepare
+from tests.helpers.layer_factory import random_layer
 
 
 def layer(**changes):

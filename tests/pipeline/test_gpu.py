@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers.layer_factory import random_layer
 from nvfp4_prep.contract.layout import ACTIVATIONS, BACKENDS
 from nvfp4_prep.pipeline import gather, prepare, unprepare
+from tests.helpers.layer_factory import random_layer
 
 GATED = {"swiglu": True, "swigluoai": True, "relu2": False}
 

@@ -7,9 +7,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers.layer_factory import random_layer
 from nvfp4_prep.contract.layout import ACTIVATIONS, BACKENDS, PREPARED_NAMES, STACKED_NAMES, layout_id
 from nvfp4_prep.pipeline import prepare, unprepare
+from tests.helpers.layer_factory import random_layer
 from tests.helpers.pipeline_reference import GATED, reference_prepare
 
 

@@ -10,11 +10,11 @@ from flashinfer.cute_dsl.utils import convert_sf_to_mma_layout
 from flashinfer.fused_moe.core import get_reorder_rows_for_gated_act_gemm_row_indices
 from flashinfer.utils import get_shuffle_matrix_a_row_indices
 
-from tests.helpers.layer_factory import random_layer, read_tags, tagged_layer
 from nvfp4_prep.contract.mma_view import mma_view
 from nvfp4_prep.pipeline import prepare, unprepare
 from nvfp4_prep.pipeline.rowmaps import gated_pairing, interleave_64, swap_halves, trtllm_gemm1, trtllm_shuffle
 from nvfp4_prep.pipeline.swizzle import tile_offsets, tiled_shape
+from tests.helpers.layer_factory import random_layer, read_tags, tagged_layer
 
 
 def test_p5_pairing_vector():

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.server_state import wait_for
 from nvfp4_prep.server.config import ConfigError, ServeConfig, add_arguments, parse_size
+from tests.helpers.server_state import wait_for
 
 
 def config(argv: list[str], environ: dict[str, str] | None = None) -> ServeConfig:

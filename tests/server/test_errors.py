@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import grpc
 import pytest
 import torch
 
 from nvfp4_prep import pipeline
-from nvfp4_prep.contract import layout
 from nvfp4_prep.client import (
-    PrepChecksumError, PrepClient, PrepInvalidArgument, PrepLayoutMismatch, PrepNotFound, PrepPermissionDenied,
+    PrepChecksumError,
+    PrepClient,
+    PrepInvalidArgument,
+    PrepLayoutMismatch,
+    PrepNotFound,
+    PrepPermissionDenied,
     PrepProtocolError,
 )
+from nvfp4_prep.contract import layout
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import Chunk, encode_tensors, header_for
 
@@ -229,10 +234,10 @@ def test_sdk_verifies_the_layout_record_and_scalars(prep_address, make_layer):
         return changed
 
     with PrepClient(prep_address, interceptors=[Tamper("response", 0, other_backend)]) as client:
-        with pytest.raises(PrepLayoutMismatch, match="layout.backend"):
+        with pytest.raises(PrepLayoutMismatch, match=r"layout\.backend"):
             client.prepare_layer(make_layer(), "flashinfer_cutlass")
     with PrepClient(prep_address, interceptors=[Tamper("response", 0, other_alpha)]) as client:
-        with pytest.raises(PrepProtocolError, match="scalars.g1_alphas"):
+        with pytest.raises(PrepProtocolError, match=r"scalars\.g1_alphas"):
             client.prepare_layer(make_layer(), "flashinfer_cutlass")
 
 
@@ -284,13 +289,13 @@ def test_reference_errors_map_to_their_codes(start_server, testdata, tmp_path: P
         with pytest.raises(PrepNotFound) as info:
             client.prepare_reference(str(tmp_path / "absent"), PREFIX, "flashinfer_cutlass")
         assert info.value.field == "header.ref"
-        with pytest.raises(PrepInvalidArgument, match="header.ref.layer_prefix"):
+        with pytest.raises(PrepInvalidArgument, match=r"header\.ref\.layer_prefix"):
             client.prepare_reference(str(tmp_path), "", "flashinfer_cutlass")
 
 
 def test_unknown_layer_prefix_is_not_found(start_server, testdata):
     server = start_server(allowed_roots=(testdata,))
-    with PrepClient(server.address) as client, pytest.raises(PrepNotFound, match="model.layers.9.mlp.experts"):
+    with PrepClient(server.address) as client, pytest.raises(PrepNotFound, match=r"model\.layers\.9\.mlp\.experts"):
         client.prepare_reference(str(testdata / "qwen3moe_modelopt_nvfp4"), "model.layers.9.mlp.experts",
                                  "flashinfer_cutlass")
 

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.checkpoint_factory import dense_tensors, moe_layer_tensors, write_checkpoint
-from tests.helpers.fault_proxy import CuttingProxy
-from tests.helpers.layer_factory import random_layer
-from tests.helpers.server_state import idle, wait_for
 from nvfp4_prep import pipeline
 from nvfp4_prep.checkpoint import open_checkpoint
-from nvfp4_prep.prepared.verify import verify_prepared
 from nvfp4_prep.client import PrepClient, Progress
+from nvfp4_prep.prepared.verify import verify_prepared
+from tests.helpers.checkpoint_factory import dense_tensors, moe_checkpoint, moe_layer_tensors, write_checkpoint
+from tests.helpers.fault_proxy import CuttingProxy
+from tests.helpers.layer_factory import random_layer
 from tests.helpers.server_process import ServerProcess
+from tests.helpers.server_state import idle, wait_for
 
 BACKEND = "flashinfer_cutlass"
 PREFIX = "model.layers.0.mlp.experts"
@@ -106,7 +106,7 @@ def test_clients_cancelled_mid_stream_in_a_loop_leave_the_server_idle(start_serv
             phase = ("upload", "download")[round_ % 2]
             at = (round_ * 7919) % 40 + 1  # the chunk at which the client walks away
 
-            def cancel(event: Progress) -> None:
+            def cancel(event: Progress, phase: str = phase, at: int = at) -> None:
                 if event.phase == phase and event.done >= at * CHUNK:
                     raise Stop
 
@@ -126,10 +126,7 @@ def test_clients_cancelled_mid_stream_in_a_loop_leave_the_server_idle(start_serv
 
 @pytest.fixture
 def checkpoint(tmp_path: Path) -> Path:
-    tensors = dense_tensors(1024)
-    for layer in range(12):
-        tensors.update(moe_layer_tensors(layer, 8, 1024, 512, seed=5))
-    return write_checkpoint(tmp_path / "src", tensors)
+    return moe_checkpoint(tmp_path / "src", 12, 8, 1024, 512, seed=5, dense=True)
 
 
 # Answers reach the job at this pace (bytes/s) through a proxy, so the job is still running when the
@@ -169,7 +166,7 @@ def test_killed_server_mid_prepare_job_finishes_through_the_other(checkpoint, tm
         assert "12 layers prepared" in stdout
         assert prepared(servers[1]) >= 12 - prepared(servers[0])
     finally:
-        for server, proxy in zip(servers, proxies):
+        for server, proxy in zip(servers, proxies, strict=True):
             server.kill()
             proxy.close()
     assert verify_prepared(out, checkpoint) == []

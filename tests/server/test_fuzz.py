@@ -16,14 +16,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers.layer_factory import random_layer
-from tests.helpers.server_state import idle, wait_for
 from nvfp4_prep import pipeline
 from nvfp4_prep.client import PrepClient
 from nvfp4_prep.server.config import ServeConfig
 from nvfp4_prep.server.server import PrepServer
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import crc32c, decode_chunk, encode_chunk, header_for, iter_pieces
+from tests.helpers.layer_factory import random_layer
+from tests.helpers.server_state import idle, wait_for
 
 BACKEND = "flashinfer_cutedsl"
 CHUNK = 16 << 10
@@ -197,7 +197,7 @@ def mutate(headers: list[pb.TensorHeader], chunks: list[bytes], mutation: tuple)
 
 def test_mutated_streams_are_refused_and_the_server_keeps_serving(server, channel, layer, same_tensors):
     base_headers, base_chunks = valid_stream(layer)
-    base = [header_message(base_headers)] + base_chunks
+    base = [header_message(base_headers), *base_chunks]
     checker = Checker(server, layer)
     assert send(channel, base) == grpc.StatusCode.OK
     wait_for(lambda: idle(server))
@@ -210,7 +210,7 @@ def test_mutated_streams_are_refused_and_the_server_keeps_serving(server, channe
         headers, chunks = base_headers, list(base_chunks)
         for mutation in mutations:
             headers = mutate(headers, chunks, mutation)
-        messages = [header_message(headers)] + chunks
+        messages = [header_message(headers), *chunks]
         status = send(channel, messages)
         seen[status.name] = seen.get(status.name, 0) + 1
         if messages == base:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from nvfp4_prep import pipeline
-from nvfp4_prep.contract import layout
 from nvfp4_prep.client import PrepClient, Progress
+from nvfp4_prep.contract import layout
 
 pytestmark = [
     pytest.mark.gpu,
@@ -59,7 +59,7 @@ def test_gpu_concurrent_layers_are_each_exact(gpu_server, make_layer, same_tenso
     layers = [make_layer(experts=8, hidden=1024, inter=512, seed=s) for s in range(4)]
     with PrepClient(gpu_server.address, channels=2) as client:
         results = list(client.prepare_layers(layers, "flashinfer_trtllm", concurrency=4))
-    for layer, result in zip(layers, results):
+    for layer, result in zip(layers, results, strict=True):
         same_tensors(result.tensors, pipeline.prepare(layer, "flashinfer_trtllm").tensors)
 
 

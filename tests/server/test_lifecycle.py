@@ -11,18 +11,22 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from tests.helpers.server_state import idle, wait_for
 from nvfp4_prep import pipeline
-from nvfp4_prep.contract import layout
 from nvfp4_prep.client import (
-    PrepClient, PrepDeadlineExceeded, PrepResourceExhausted, PrepUnavailable, Progress,
+    PrepClient,
+    PrepDeadlineExceeded,
+    PrepResourceExhausted,
+    PrepUnavailable,
+    Progress,
 )
+from nvfp4_prep.contract import layout
 from nvfp4_prep.server.config import ServeConfig
 from nvfp4_prep.server.estimate import reservation_bytes
 from nvfp4_prep.server.server import PrepServer
 from nvfp4_prep.server.service import HASH_THREADS
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import encode_tensors, header_for, read_headers
+from tests.helpers.server_state import idle, wait_for
 
 BACKEND = "flashinfer_cutlass"
 
@@ -279,7 +283,7 @@ def test_round_robin_spreads_layers_over_replicas(start_server, make_layer, same
     layers = [make_layer(seed=seed) for seed in range(6)]
     with PrepClient([s.address for s in servers], channels=channels) as client:
         results = list(client.prepare_layers(layers, BACKEND, concurrency=3))
-    for layer, result in zip(layers, results):
+    for layer, result in zip(layers, results, strict=True):
         same_tensors(result.tensors, pipeline.prepare(layer, BACKEND).tensors)
     served = [s.service.outcomes["OK"] for s in servers]
     assert sum(served) == 6 and min(served) >= 1, served
@@ -337,7 +341,8 @@ def test_servers_started_and_stopped_leave_no_threads_behind(make_layer):
     before = threading.active_count()
     stopped = []  # kept, as the start_server fixture keeps its servers: their threads must end all the same
     for _ in range(5):
-        # Every thread kind: a call (rpc pool, hashing for the cache, the --max-deadline watchdog), health port, metrics.
+        # Every thread kind: a call (rpc pool, hashing for the cache, the --max-deadline watchdog), health port,
+        # metrics.
         server = PrepServer(ServeConfig(host="127.0.0.1", port=0, devices=("cpu",), memory_budget=1 << 30,
                                         cache_bytes=64 << 20, max_deadline=30, metrics_port=free_port(),
                                         health_port=free_port())).start()

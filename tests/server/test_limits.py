@@ -10,23 +10,25 @@ import time
 import grpc
 import pytest
 
+from nvfp4_prep.client import (
+    PrepClient,
+    PrepInvalidArgument,
+    PrepResourceExhausted,
+)
+from nvfp4_prep.client.credentials import channel_credentials
+from nvfp4_prep.client.errors import retryable
+from nvfp4_prep.client.targets import KEEPALIVE_TIME_MS
+from nvfp4_prep.server.config import ConfigError, ServeConfig, add_arguments
+from nvfp4_prep.server.limits import ConcurrencyGate
+from nvfp4_prep.server.transport import channel_options
+from nvfp4_prep.v1 import prep_pb2 as pb
+from nvfp4_prep.v1 import prep_pb2_grpc
+from nvfp4_prep.wire import encode_tensors, header_for
 from tests.helpers.certificates import issue, make_ca
 from tests.helpers.checkpoint_factory import dense_tensors, moe_layer_tensors, write_checkpoint
 from tests.helpers.fault_proxy import CuttingProxy
 from tests.helpers.layer_factory import random_layer
 from tests.helpers.server_state import idle, wait_for
-from nvfp4_prep.client import (
-    PrepClient, PrepInvalidArgument, PrepResourceExhausted,
-)
-from nvfp4_prep.client.credentials import channel_credentials
-from nvfp4_prep.client.errors import CONCURRENCY_LIMITS
-from nvfp4_prep.client.targets import KEEPALIVE_TIME_MS
-from nvfp4_prep.server.config import ConfigError, ServeConfig, add_arguments
-from nvfp4_prep.server.limits import CONCURRENCY_FIELDS
-from nvfp4_prep.server.transport import channel_options
-from nvfp4_prep.v1 import prep_pb2 as pb
-from nvfp4_prep.v1 import prep_pb2_grpc
-from nvfp4_prep.wire import encode_tensors, header_for
 
 BACKEND = "flashinfer_cutlass"
 
@@ -259,8 +261,13 @@ def test_connection_age_makes_clients_reconnect_without_failing_calls(start_serv
 
 # -- what the SDK retries ----------------------------------------------------------------------------
 
-def test_sdk_and_server_agree_on_the_retryable_limits():
-    assert set(CONCURRENCY_LIMITS) == set(CONCURRENCY_FIELDS)
+def test_the_sdk_retries_what_the_concurrency_gate_refuses():
+    total, per_client = ConcurrencyGate(1, 0), ConcurrencyGate(2, 1)
+    assert total.enter("a") is None and per_client.enter("b") is None
+    refusals = [total.enter("a"), per_client.enter("b")]
+    assert [refusal.field for refusal in refusals] == ["max_concurrent", "max_concurrent_per_client"]
+    for refusal in refusals:
+        assert retryable(PrepResourceExhausted(refusal.message, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.field))
 
 
 def test_permanent_errors_are_sent_once(start_server, layer):

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from pathlib import Path
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nvfp4_prep.client import PrepClient
+from nvfp4_prep.client import PrepClient, PrepInvalidArgument
 from nvfp4_prep.pipeline import prepare
 
 BACKEND = "flashinfer_trtllm"
@@ -51,7 +51,7 @@ def test_metrics_move_by_the_amounts_of_real_requests(served, make_layer, caplog
     with PrepClient(server.address, retries=0) as client:
         first = client.prepare_layer(layer, BACKEND)
         second = client.prepare_layer(layer, BACKEND)
-        with pytest.raises(Exception):
+        with pytest.raises(PrepInvalidArgument):
             client.prepare_layer(layer, "no_such_backend")
         client.capabilities()
     assert not first.cache_hit and second.cache_hit
@@ -81,8 +81,9 @@ def test_metrics_move_by_the_amounts_of_real_requests(served, make_layer, caplog
     assert after[("nvfp4_prep_cache_bytes", ())] == expected_out
 
     # The SDK's request id reaches the server's log line for the same request.
+    prepared_line = f"prepared for {first.layout['layout_id']}"
     sdk_ids = [r.args[0] for r in caplog.records
-               if r.name == "nvfp4_prep.client.sdk" and r.getMessage().endswith(f"prepared for {first.layout['layout_id']}")]
+               if r.name == "nvfp4_prep.client.sdk" and r.getMessage().endswith(prepared_line)]
     server_ids = [getattr(r, "request_id", None) for r in caplog.records if r.name == "nvfp4_prep.server.service"]
     assert len(sdk_ids) == 2 and set(sdk_ids) <= set(server_ids)
 

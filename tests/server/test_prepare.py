@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import zlib
 
 import pytest
 import torch
 
 from nvfp4_prep import pipeline
-from nvfp4_prep.contract import layout
 from nvfp4_prep.checkpoint import open_checkpoint
 from nvfp4_prep.client import PrepClient, Progress, mma_view
+from nvfp4_prep.contract import layout
 
 PREFIX = "model.layers.1.mlp.experts"
 
@@ -85,7 +86,7 @@ def test_progress_reports_both_phases_to_their_totals(prep_address, make_layer):
     received = sum(t.numel() * t.element_size() for t in got.tensors.values())
     assert len(upload) > 1 and upload[-1] == Progress("upload", sent, sent)
     assert len(download) > 1 and download[-1] == Progress("download", received, received)
-    assert all(a.done < b.done for a, b in zip(upload, upload[1:]))
+    assert all(a.done < b.done for a, b in itertools.pairwise(upload))
 
 
 def test_cache_hit_streams_identical_bytes_and_counts(start_server, make_layer, same_tensors):

@@ -13,18 +13,22 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.helpers.certificates import issue, make_ca
-from tests.helpers.checkpoint_factory import dense_tensors, moe_layer_tensors, write_checkpoint
-from tests.helpers.layer_factory import random_layer
 from nvfp4_prep import pipeline
 from nvfp4_prep.client import (
-    PrepClient, PrepInvalidArgument, PrepPermissionDenied, PrepUnauthenticated, PrepUnavailable,
+    PrepClient,
+    PrepInvalidArgument,
+    PrepPermissionDenied,
+    PrepUnauthenticated,
+    PrepUnavailable,
 )
 from nvfp4_prep.client.credentials import BearerToken
 from nvfp4_prep.server.config import ConfigError, ServeConfig
 from nvfp4_prep.server.server import PrepServer
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.v1 import prep_pb2_grpc
+from tests.helpers.certificates import issue, make_ca
+from tests.helpers.checkpoint_factory import dense_tensors, moe_layer_tensors, write_checkpoint
+from tests.helpers.layer_factory import random_layer
 from tests.helpers.server_process import ServerProcess
 
 BACKEND = "flashinfer_cutlass"

@@ -10,7 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nvfp4_prep.v1 import prep_pb2 as pb
-from nvfp4_prep.wire import Chunk, Prefetch, chunk_of, crc32c, decode_chunk, decode_request, decode_response, encode_chunk
+from nvfp4_prep.wire import (
+    Chunk,
+    Prefetch,
+    chunk_of,
+    crc32c,
+    decode_chunk,
+    decode_request,
+    decode_response,
+    encode_chunk,
+)
 
 chunks = st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**63 - 1), st.binary(min_size=1, max_size=3000))
 

@@ -8,8 +8,20 @@ import torch
 from nvfp4_prep import pipeline
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import (
-    WIRE_DTYPES, ChecksumError, FramingError, HostTensors, TensorReceiver, check_scalars, crc32c, encode_tensors,
-    header_for, layout_from_proto, layout_to_proto, read_headers, scalars_to_proto, torch_dtype,
+    WIRE_DTYPES,
+    ChecksumError,
+    FramingError,
+    HostTensors,
+    TensorReceiver,
+    check_scalars,
+    crc32c,
+    encode_tensors,
+    header_for,
+    layout_from_proto,
+    layout_to_proto,
+    read_headers,
+    scalars_to_proto,
+    torch_dtype,
 )
 
 
@@ -46,7 +58,8 @@ def test_every_wire_dtype_round_trips(dtype_name: str) -> None:
     tensor = (raw % 2).bool() if dtype == torch.bool else raw.view(dtype)
     got = receive({"t": tensor}, 7 * 8)["t"]
     assert got.dtype == tensor.dtype and got.shape == tensor.shape
-    assert got.contiguous().view(torch.uint8).numpy().tobytes() == tensor.contiguous().view(torch.uint8).numpy().tobytes()
+    got_bytes = got.contiguous().view(torch.uint8).numpy().tobytes()
+    assert got_bytes == tensor.contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def test_odd_sizes_scalars_empty_and_strided_tensors_round_trip() -> None:

@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import sys
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
 
 from nvfp4_prep.contract.environment import env_value
 from nvfp4_prep.contract.layout import ACTIVATIONS, BACKENDS, INPUT_SCALE_POLICIES
@@ -145,10 +144,10 @@ def _report(differences: list, out: str) -> int:
 
 def run_prepare(args: argparse.Namespace) -> int:
     from nvfp4_prep.checkpoint import CheckpointError, open_checkpoint
-    from nvfp4_prep.prepared.prepare_job import prepare_checkpoint
-    from nvfp4_prep.prepared.verify import verify_prepared
     from nvfp4_prep.client.errors import PrepClientError
     from nvfp4_prep.contract.errors import PrepError
+    from nvfp4_prep.prepared.prepare_job import prepare_checkpoint
+    from nvfp4_prep.prepared.verify import verify_prepared
 
     location = args.checkpoint or sample_checkpoint()
     try:

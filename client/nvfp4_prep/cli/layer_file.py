@@ -14,12 +14,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from nvfp4_prep.prepared.manifest import LAYOUT_METADATA_KEY, split_layout
+from nvfp4_prep.client.result import RemoteLayer
 from nvfp4_prep.contract.dtypes import dtype_by_torch
 from nvfp4_prep.contract.tensor_bytes import byte_view
+from nvfp4_prep.prepared.manifest import LAYOUT_METADATA_KEY, split_layout
 from nvfp4_prep.prepared.safetensors_writer import OutputTensor, write_safetensors
-
-from nvfp4_prep.client.result import RemoteLayer
 
 _LAYER_MARKER = "w13_weight"
 

@@ -19,9 +19,8 @@ from google.protobuf import json_format
 from nvfp4_prep.contract.environment import env_value
 from nvfp4_prep.wire import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
-from .connection_flags import add_security_flags, security_options
-
 from . import checkpoint_commands
+from .connection_flags import add_security_flags, security_options
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -73,7 +72,8 @@ def _info(args: argparse.Namespace) -> int:
     print(f"api               {capabilities.api}, package {capabilities.package_version}")
     print(f"torch             {capabilities.torch_version}")
     print(f"flashinfer        {capabilities.flashinfer_version or '-'}")
-    print(f"pipeline          {capabilities.pipeline_version} (FlashInfer layouts {capabilities.flashinfer_layout_version})")
+    print(f"pipeline          {capabilities.pipeline_version} "
+          f"(FlashInfer layouts {capabilities.flashinfer_layout_version})")
     for device in capabilities.devices:
         cc = f", sm {device.compute_capability}" if device.compute_capability else ""
         print(f"device            {device.device}: {device.name}{cc}, budget {device.memory_budget_bytes} bytes")
@@ -97,8 +97,9 @@ def _layer(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from nvfp4_prep.client.errors import PrepClientError
-    from .layer_file import read_stacked_layer, write_prepared_layer
     from nvfp4_prep.client.sdk import PrepClient, Progress
+
+    from .layer_file import read_stacked_layer, write_prepared_layer
 
     def usage(message: str) -> int:
         print(f"nvfp4-prep layer: {message}", file=sys.stderr)

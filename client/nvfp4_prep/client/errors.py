@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
-from nvfp4_prep.wire import FIELD_METADATA_KEY
-
-# RESOURCE_EXHAUSTED fields of the server's concurrency limits (see prep.proto): the only
-# RESOURCE_EXHAUSTED errors that pass, and so the only ones worth a retry.
-CONCURRENCY_LIMITS = ("max_concurrent", "max_concurrent_per_client")
+from nvfp4_prep.wire import FIELD_METADATA_KEY, RETRYABLE_FIELDS
 
 
 class PrepClientError(Exception):
@@ -85,15 +84,36 @@ _BY_CODE: dict[grpc.StatusCode, type[PrepClientError]] = {
 
 
 def from_rpc_error(error: grpc.RpcError) -> PrepClientError:
-    """The typed exception for a failed call (``error`` is a grpc.Call as well)."""
+    """The typed exception for a failed call (``error`` is a grpc.Call as well); ``field`` comes from the
+    status details (``google.rpc`` field violations), else from the ``nvfp4-prep-field`` trailer."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = (error.details() if hasattr(error, "details") else "") or str(error)
-    field = ""
     trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-    for key, value in trailers or ():
-        if key == FIELD_METADATA_KEY:
-            field = value
+    field = _detailed_field(error) or dict(trailers or ()).get(FIELD_METADATA_KEY, "")
     return _BY_CODE.get(code, PrepServerError)(details, code, field)
+
+
+def _detailed_field(error: grpc.RpcError) -> str:
+    """The field the ``google.rpc`` status details name, or "" (none, or details that do not parse)."""
+    try:
+        status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
+    except (ValueError, DecodeError):
+        return ""
+    for packed in status.details if status is not None else ():
+        for kind, subjects in _SUBJECTS:
+            if packed.Is(kind.DESCRIPTOR):
+                detail = kind()
+                packed.Unpack(detail)
+                for subject in subjects(detail):
+                    return subject
+    return ""
+
+
+_SUBJECTS = (
+    (error_details_pb2.BadRequest, lambda d: [v.field for v in d.field_violations]),
+    (error_details_pb2.QuotaFailure, lambda d: [v.subject for v in d.violations]),
+    (error_details_pb2.PreconditionFailure, lambda d: [v.subject for v in d.violations]),
+)
 
 
 def retryable(error: PrepClientError) -> bool:
@@ -102,4 +122,4 @@ def retryable(error: PrepClientError) -> bool:
     idempotent (see PrepClient), so this depends only on why it failed."""
     if isinstance(error, PrepUnavailable):
         return True
-    return isinstance(error, PrepResourceExhausted) and error.field in CONCURRENCY_LIMITS
+    return isinstance(error, PrepResourceExhausted) and error.field in RETRYABLE_FIELDS

@@ -11,13 +11,20 @@ are never mixed.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import grpc
 
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import (
-    ChecksumError, FramingError, HostTensors, TensorReceiver, check_scalars, chunk_of, layout_from_proto,
+    ChecksumError,
+    FramingError,
+    HostTensors,
+    TensorReceiver,
+    check_scalars,
+    chunk_of,
+    layout_from_proto,
     read_headers,
 )
 

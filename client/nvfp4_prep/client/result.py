@@ -8,6 +8,7 @@ import torch
 
 from nvfp4_prep.contract.mma_view import mma_view
 
+
 @dataclass
 class RemoteLayer:
     """A layer prepared by the server; ``tensors`` and ``layout`` match ``nvfp4_prep.pipeline.prepare``."""

@@ -5,12 +5,11 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-import re
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import grpc
 import torch
@@ -20,13 +19,21 @@ from nvfp4_prep.contract.expert_keys import looks_per_expert
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.v1 import prep_pb2_grpc
 from nvfp4_prep.wire import (
-    DEFAULT_CHUNK_SIZE, REQUEST_ID_KEY, FramingError, Prefetch, check_chunk_size, decode_response, encode_chunk,
-    encode_message, header_for, iter_pieces,
+    DEFAULT_CHUNK_SIZE,
+    REQUEST_ID_KEY,
+    FramingError,
+    Prefetch,
+    check_chunk_size,
+    decode_response,
+    encode_chunk,
+    encode_message,
+    header_for,
+    iter_pieces,
 )
 
-from .receiver import Answer, AnswerChanged, Progress, ProgressCallback
 from .credentials import BearerToken, PemSource, channel_credentials, is_loopback
 from .errors import PrepDeadlineExceeded, from_rpc_error, retryable
+from .receiver import Answer, AnswerChanged, Progress, ProgressCallback
 from .result import RemoteLayer
 from .targets import open_channel, target_uri
 
@@ -115,7 +122,7 @@ class PrepClient:
         self._next_stub = itertools.cycle(self._stubs)
         self._lock = threading.Lock()
 
-    def __enter__(self) -> "PrepClient":
+    def __enter__(self) -> PrepClient:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -125,7 +132,7 @@ class PrepClient:
         for channel in self._channels:
             channel.close()
 
-    def _stub(self) -> "_Stub":
+    def _stub(self) -> _Stub:
         with self._lock:
             return next(self._next_stub)
 

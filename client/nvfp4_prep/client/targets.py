@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 import grpc
 

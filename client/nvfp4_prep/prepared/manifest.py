@@ -13,8 +13,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic_file import write_bytes_atomic
 from nvfp4_prep.checkpoint.errors import CheckpointInvalid
+
+from .atomic_file import write_bytes_atomic
 
 MANIFEST_NAME = "nvfp4_prep_manifest.json"
 MANIFEST_FORMAT = "nvfp4-prep-manifest"
@@ -63,7 +64,7 @@ class Manifest:
         write_bytes_atomic(directory / MANIFEST_NAME, json.dumps(self.to_json(), indent=1).encode("utf-8"))
 
     @classmethod
-    def load(cls, directory: Path) -> "Manifest | None":
+    def load(cls, directory: Path) -> Manifest | None:
         """The manifest in ``directory``, None when there is none; CheckpointInvalid when malformed."""
         path = directory / MANIFEST_NAME
         if not path.is_file():

@@ -15,14 +15,16 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
 
 from nvfp4_prep.checkpoint.checkpoint import Checkpoint
 from nvfp4_prep.checkpoint.errors import CheckpointInvalid
+
 from .shard_plan import DEFAULT_MAX_SHARD_BYTES
 from .writer import PreparedCheckpointWriter
 

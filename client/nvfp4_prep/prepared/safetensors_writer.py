@@ -16,9 +16,10 @@ from pathlib import Path
 import crc32c
 import torch
 
+from nvfp4_prep.checkpoint.safetensors_file import DTYPE_BITS, expected_nbytes
+
 from .atomic_file import atomic_write
 from .checksum import CHUNK_BYTES
-from nvfp4_prep.checkpoint.safetensors_file import DTYPE_BITS, expected_nbytes
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,12 @@ import numpy as np
 import torch
 
 from nvfp4_prep.checkpoint.checkpoint import Checkpoint, open_checkpoint
-from .checksum import crc32c_hex
 from nvfp4_prep.checkpoint.errors import CheckpointError, CheckpointInvalid
+from nvfp4_prep.checkpoint.reference_scales import PolicyViolation, expected_derived, expected_input_scales
+
+from .checksum import crc32c_hex
 from .manifest import LAYOUT_METADATA_KEY, MANIFEST_NAME, Manifest
 from .prepared_config import CONFIG_MARKER_KEY
-from nvfp4_prep.checkpoint.reference_scales import PolicyViolation, expected_derived, expected_input_scales
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,8 @@ def _float_difference(got: torch.Tensor, want: np.ndarray) -> str | None:
 
 
 def _check_layer(prefix: str, prepared: Checkpoint, source: Checkpoint, manifest: Manifest) -> list[Difference]:
-    from nvfp4_prep.contract.layout import PREPARED_NAMES
+    from nvfp4_prep.contract.layout import GATED_ACTIVATIONS, PREPARED_NAMES
     from nvfp4_prep.pipeline import PrepError, unprepare
-    from nvfp4_prep.contract.layout import GATED_ACTIVATIONS
 
     if prefix not in manifest.layers:
         return [Difference(prefix, f"no layout record for this layer in {MANIFEST_NAME}")]
@@ -115,7 +115,7 @@ def _check_layer(prefix: str, prepared: Checkpoint, source: Checkpoint, manifest
         a13p, a2p = expected_input_scales(src["w13_input_scale"].numpy(), src["w2_input_scale"].numpy(),
                                           layout["backend"], layout["input_scale_policy"])
     except PolicyViolation as exc:
-        return diffs + [Difference(f"{prefix}.{exc.tensor}", f"the source does not allow this layout: {exc}")]
+        return [*diffs, Difference(f"{prefix}.{exc.tensor}", f"the source does not allow this layout: {exc}")]
     expected = {"w13_input_scale": a13p, "w2_input_scale": a2p}
     expected.update(expected_derived(ws13.numpy(), a13p, src["w2_weight_scale_2"].numpy(), a2p,
                                      layout["activation"] in GATED_ACTIVATIONS))
@@ -167,7 +167,8 @@ def _check_manifest(prepared: Checkpoint, manifest: Manifest) -> list[Difference
             continue
         entry = prepared.entry(name)
         if [entry.dtype, list(entry.shape)] != [info.get("dtype"), info.get("shape")]:
-            diffs.append(Difference(name, f"{entry.dtype} {list(entry.shape)}, manifest says {info.get('dtype')} {info.get('shape')}"))
+            diffs.append(Difference(
+                name, f"{entry.dtype} {list(entry.shape)}, manifest says {info.get('dtype')} {info.get('shape')}"))
             continue
         crc = crc32c_hex(prepared.read_raw(name))
         if crc != info.get("crc32c"):
@@ -226,7 +227,7 @@ def verify_prepared(out_dir: str | os.PathLike, against: str | os.PathLike | Che
         try:
             prepared = opened.enter_context(open_checkpoint(out_dir))
         except CheckpointError as exc:
-            return diffs + [Difference(str(out_dir), str(exc))]
+            return [*diffs, Difference(str(out_dir), str(exc))]
         diffs += _check_manifest(prepared, manifest)
         diffs += _check_tensor_set(prepared, source)
         for prefix in source.moe_layers():

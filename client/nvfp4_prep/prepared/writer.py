@@ -25,15 +25,16 @@ from pathlib import Path
 
 import torch
 
-from .atomic_file import partial_path, remove_partials, write_bytes_atomic
 from nvfp4_prep.checkpoint.checkpoint import INDEX_NAME, Checkpoint
-from .checksum import crc32c_hex
 from nvfp4_prep.checkpoint.errors import CheckpointError, CheckpointInvalid
-from .manifest import LAYOUT_METADATA_KEY, MANIFEST_NAME, Manifest, split_layout
-from .prepared_config import prepared_config_bytes
 from nvfp4_prep.checkpoint.safetensors_file import SafetensorsFile, expected_nbytes
 from nvfp4_prep.contract.dtypes import dtype_by_torch
 from nvfp4_prep.contract.tensor_bytes import byte_view
+
+from .atomic_file import partial_path, remove_partials, write_bytes_atomic
+from .checksum import crc32c_hex
+from .manifest import LAYOUT_METADATA_KEY, MANIFEST_NAME, Manifest, split_layout
+from .prepared_config import prepared_config_bytes
 from .safetensors_writer import OutputTensor, write_safetensors
 from .shard_plan import DEFAULT_MAX_SHARD_BYTES, PlannedShard, plan_shards
 
@@ -57,7 +58,8 @@ class PreparedCheckpointWriter:
         self.checkpoint = checkpoint
         self.out_dir = Path(out_dir).absolute()
         if os.path.realpath(self.out_dir) == os.path.realpath(checkpoint.directory):
-            raise CheckpointInvalid(f"output directory {self.out_dir} is the source checkpoint; expected another directory")
+            raise CheckpointInvalid(
+                f"output directory {self.out_dir} is the source checkpoint; expected another directory")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.out_dir, os.O_RDONLY)
         try:
@@ -153,7 +155,8 @@ class PreparedCheckpointWriter:
 
     def pending_layers(self) -> list[str]:
         """MoE layers whose shard still has to be written, in layer order."""
-        return [shard.layer for shard in self.plan if shard.layer is not None and shard.filename not in self.manifest.shards]
+        return [shard.layer for shard in self.plan
+                if shard.layer is not None and shard.filename not in self.manifest.shards]
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -168,7 +171,8 @@ class PreparedCheckpointWriter:
         shared, own = split_layout(layout)
         for key, wanted in self._request.items():
             if shared.get(key) != wanted:
-                raise CheckpointInvalid(f"{prefix}: the preparer returned layout {key} {shared.get(key)!r}, expected {wanted!r}")
+                raise CheckpointInvalid(
+                    f"{prefix}: the preparer returned layout {key} {shared.get(key)!r}, expected {wanted!r}")
         with self._mutex:
             if not self.manifest.layout:
                 self.manifest.layout = shared
@@ -246,7 +250,7 @@ class PreparedCheckpointWriter:
             os.close(self._lock_fd)
             self._lock_fd = -1
 
-    def __enter__(self) -> "PreparedCheckpointWriter":
+    def __enter__(self) -> PreparedCheckpointWriter:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

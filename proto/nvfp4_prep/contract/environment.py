@@ -5,7 +5,7 @@ each variable's default lives with its flag."""
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 ENV_PREFIX = "NVFP4_PREP_"
 

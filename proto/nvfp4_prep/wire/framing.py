@@ -9,8 +9,9 @@ responses, so both sides use this module.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Protocol, Sequence
+from typing import Protocol
 
 import numpy
 import torch
@@ -127,7 +128,8 @@ class HostTensors:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The assembled tensors with their announced dtypes and shapes."""
-        return {spec.name: buf.view(spec.dtype).reshape(spec.shape) for spec, buf in zip(self._specs, self._buffers)}
+        return {spec.name: buf.view(spec.dtype).reshape(spec.shape)
+                for spec, buf in zip(self._specs, self._buffers, strict=True)}
 
 
 class TensorReceiver:

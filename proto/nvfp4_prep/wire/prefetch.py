@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Generic, Iterator, TypeVar
+from collections.abc import Iterator
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -60,7 +61,7 @@ class Prefetch(Generic[T]):
             if close is not None:
                 close()
 
-    def __iter__(self) -> "Prefetch[T]":
+    def __iter__(self) -> Prefetch[T]:
         return self
 
     def __next__(self) -> T:

@@ -6,7 +6,7 @@ fields; a layout record missing a field fails loudly instead of travelling short
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

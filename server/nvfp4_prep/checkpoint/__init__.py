@@ -4,6 +4,10 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .errors import CheckpointError, CheckpointInvalid, CheckpointNotFound, CheckpointPermissionDenied
 
 __all__ = [
-    "Checkpoint", "open_checkpoint",
-    "CheckpointError", "CheckpointInvalid", "CheckpointNotFound", "CheckpointPermissionDenied",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointInvalid",
+    "CheckpointNotFound",
+    "CheckpointPermissionDenied",
+    "open_checkpoint",
 ]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -148,7 +148,7 @@ class Checkpoint:
         for shard in self._shards.values():
             shard.close()
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -187,7 +187,8 @@ def open_checkpoint(location: PathLike, allowed_roots: Sequence[PathLike] | None
 
     if weights.name.endswith(".index.json"):
         weight_map = _weight_map_from_index(weights)
-        shards = {name: SafetensorsFile(shard_path(directory, name, roots)) for name in sorted(set(weight_map.values()))}
+        shards = {name: SafetensorsFile(shard_path(directory, name, roots))
+                  for name in sorted(set(weight_map.values()))}
         for tensor, shard in weight_map.items():
             if tensor not in shards[shard].entries:
                 raise CheckpointInvalid(

@@ -10,8 +10,8 @@ config excludes and layers whose experts carry no NVFP4 tensors.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from .errors import CheckpointInvalid
 from .formats import QuantFormat

@@ -8,8 +8,8 @@ followed) and must then lie under one of the roots the server was configured wit
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 from urllib.parse import unquote, urlparse
 
 from .errors import CheckpointInvalid, CheckpointNotFound, CheckpointPermissionDenied
@@ -28,7 +28,8 @@ def location_to_path(location: PathLike) -> Path:
         uri = urlparse(text)
         if uri.scheme != "file":
             raise CheckpointInvalid(
-                f"checkpoint location {text!r}: scheme {uri.scheme!r} is not supported (expected a path or file:// URI)")
+                f"checkpoint location {text!r}: scheme {uri.scheme!r} is not supported "
+                "(expected a path or file:// URI)")
         if uri.netloc not in ("", "localhost"):
             raise CheckpointInvalid(
                 f"checkpoint location {text!r}: host {uri.netloc!r} is not supported (expected file:///absolute/path)")

@@ -59,7 +59,8 @@ def _entry(path: Path, name: object, info: object, data_start: int, data_size: i
         raise CheckpointInvalid(f"{where}: expected a JSON object with dtype, shape and data_offsets")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if dtype not in DTYPE_BITS:
-        raise CheckpointInvalid(f"{where}: dtype {dtype!r} is not a safetensors dtype (expected one of {sorted(DTYPE_BITS)})")
+        raise CheckpointInvalid(
+            f"{where}: dtype {dtype!r} is not a safetensors dtype (expected one of {sorted(DTYPE_BITS)})")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise CheckpointInvalid(f"{where}: shape {shape!r} is not a list of non-negative integers")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
@@ -113,7 +114,8 @@ class SafetensorsFile:
         try:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointInvalid(f"{path}: header is not valid UTF-8 JSON ({exc}); expected a safetensors header") from None
+            raise CheckpointInvalid(
+                f"{path}: header is not valid UTF-8 JSON ({exc}); expected a safetensors header") from None
         if not isinstance(header, dict):
             raise CheckpointInvalid(f"{path}: header is JSON {type(header).__name__}, expected an object")
         metadata = header.pop("__metadata__", None) or {}

@@ -5,7 +5,6 @@ them directly. See ``shared/SPEC.md`` for the layout contract, ``nvfp4_prep.cont
 """
 
 from nvfp4_prep.contract.errors import PrepError
-
 from nvfp4_prep.contract.mma_view import mma_view
 
 from .assemble import assemble_layer

@@ -9,15 +9,15 @@ names; keys are relative to the experts prefix, e.g. ``"3.up_proj.weight"``.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
 from nvfp4_prep.contract.errors import PrepError
 from nvfp4_prep.contract.expert_keys import PROJECTION_ROLES, parse_expert_key
 from nvfp4_prep.contract.layout import ACTIVATIONS, GATED_ACTIVATIONS
-from .validate import check_choice
 
+from .validate import check_choice
 
 MODELOPT = {"weight": "weight", "block": "weight_scale", "global": "weight_scale_2", "input": "input_scale"}
 COMPRESSED = {"weight": "weight_packed", "block": "weight_scale", "global": "weight_global_scale",
@@ -29,7 +29,8 @@ def _parse(expert_tensors: Mapping[str, torch.Tensor]) -> dict[int, dict[str, di
     for key, tensor in expert_tensors.items():
         parsed = parse_expert_key(key)
         if parsed is None:
-            raise PrepError(key, "is not an expert tensor name", "'<expert>.<gate_proj|up_proj|down_proj|w1|w3|w2>.<tensor>'")
+            raise PrepError(key, "is not an expert tensor name",
+                            "'<expert>.<gate_proj|up_proj|down_proj|w1|w3|w2>.<tensor>'")
         index, proj, leaf = parsed
         experts.setdefault(index, {}).setdefault(proj, {})[leaf] = tensor
     if not experts:

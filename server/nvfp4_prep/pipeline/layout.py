@@ -6,8 +6,13 @@ import math
 from dataclasses import dataclass
 
 from nvfp4_prep.contract.layout import (
-    EPILOGUE_TILE_M, FLASHINFER_LAYOUT_VERSION, PIPELINE_VERSION, SF_VEC_SIZE, layout_id,
+    EPILOGUE_TILE_M,
+    FLASHINFER_LAYOUT_VERSION,
+    PIPELINE_VERSION,
+    SF_VEC_SIZE,
+    layout_id,
 )
+
 
 def round_up(value: int, multiple: int) -> int:
     return math.ceil(value / multiple) * multiple

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .layout import round_up
-
 from nvfp4_prep.contract.mma_view import TILE_COLS, TILE_ROWS
+
+from .layout import round_up
 
 
 def tiled_shape(rows: int, cols: int) -> tuple[int, int]:

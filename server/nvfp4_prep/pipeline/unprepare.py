@@ -5,14 +5,14 @@ The inverse of every backend; ``verify`` and the round-trip tests rest on it.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
-from . import gather
 from nvfp4_prep.contract.errors import PrepError
 from nvfp4_prep.contract.layout import ACTIVATIONS, BACKENDS, GATED_ACTIVATIONS, INPUT_SCALE_POLICIES, PIPELINE_VERSION
 
+from . import gather
 from .layout import padded_dims
 from .plan import GatherPlan, layer_plan
 from .validate import check_choice

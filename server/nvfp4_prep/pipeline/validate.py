@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -58,7 +58,8 @@ def _global_scale(name: str, tensor: torch.Tensor, experts: int, pair_allowed: b
 def _alignment(backend: str, dims: LayerDims) -> None:
     inter = dims.intermediate
     if backend == "flashinfer_cutedsl" and dims.gated and inter % 64:
-        raise PrepError("w2_weight", f"intermediate size I = {inter}", "I % 64 == 0 for flashinfer_cutedsl gated layers")
+        raise PrepError("w2_weight", f"intermediate size I = {inter}",
+                        "I % 64 == 0 for flashinfer_cutedsl gated layers")
     if backend in ("flashinfer_cutlass", "vllm_cutlass") and dims.gated and dims.n1 % 128:
         raise PrepError("w13_weight", f"N1 = {dims.n1} rows", f"N1 % 128 == 0 for {backend} gated layers")
 

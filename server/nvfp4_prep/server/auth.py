@@ -13,14 +13,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import grpc
 
 from nvfp4_prep.wire import AUTHORIZATION_KEY
 
 from .config import ConfigError
+from .status import abort, status
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def _refusal(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMet
     """A handler of the same kind as ``handler`` that fails the call with UNAUTHENTICATED."""
 
     def refuse(_request: object, context: grpc.ServicerContext) -> None:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        abort(context, status(grpc.StatusCode.UNAUTHENTICATED, message))
 
     if handler is None:
         return grpc.unary_unary_rpc_method_handler(refuse)

@@ -2,7 +2,7 @@
 
 Requests queue in arrival order until their reservation fits, so a burst
 waits instead of running the device out of memory; one that could never fit
-is refused at once with RESOURCE_EXHAUSTED. Waiting ends early when the
+is refused at once (LimitExceeded). Waiting ends early when the
 client goes away, its deadline passes, or the server starts draining.
 """
 
@@ -12,11 +12,9 @@ import itertools
 import threading
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
-import grpc
-
-from .errors import ServiceError
+from .errors import CallCancelled, DeadlinePassed, LimitExceeded, ServerDraining
 
 _POLL_SECONDS = 0.05
 
@@ -24,7 +22,7 @@ _POLL_SECONDS = 0.05
 class Reservation:
     """Bytes held against a budget; release (or leave the ``with`` block) to give them back."""
 
-    def __init__(self, budget: "MemoryBudget", nbytes: int) -> None:
+    def __init__(self, budget: MemoryBudget, nbytes: int) -> None:
         self._budget = budget
         self.nbytes = nbytes
 
@@ -37,7 +35,7 @@ class Reservation:
     def release(self) -> None:
         self.shrink(self.nbytes)
 
-    def __enter__(self) -> "Reservation":
+    def __enter__(self) -> Reservation:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -64,8 +62,7 @@ class MemoryBudget:
                 cancelled: Callable[[], bool] = lambda: False) -> Reservation:
         """Waits until ``nbytes`` fit; ``deadline`` is a ``time.monotonic()`` instant."""
         if nbytes > self.capacity:
-            raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise LimitExceeded(
                 f"request needs {nbytes} bytes on {self.name or 'the device'}, more than its memory budget "
                 f"of {self.capacity} bytes (--memory-budget)", "memory_budget")
         with self._cond:
@@ -86,12 +83,12 @@ class MemoryBudget:
 
     def _check_wait(self, deadline: float | None, cancelled: Callable[[], bool]) -> None:
         if self._closed:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another replica")
+            raise ServerDraining("server is draining; retry on another replica")
         if cancelled():
-            raise ServiceError(grpc.StatusCode.CANCELLED, "client cancelled while waiting for memory")
+            raise CallCancelled("client cancelled while waiting for memory")
         if deadline is not None and time.monotonic() >= deadline:
-            raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"deadline passed while waiting for {self.name or 'device'} memory")
+            raise DeadlinePassed(
+                f"deadline passed while waiting for {self.name or 'device'} memory")
 
     def close(self) -> None:
         """Refuses every waiting and future reservation (the server is draining)."""

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 from nvfp4_prep.contract.environment import ENV_PREFIX, env_name, env_value
-
 from nvfp4_prep.wire import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from nvfp4_prep.wire.framing import MAX_DIMS
 
@@ -212,7 +211,8 @@ FLAGS = (
           "variable (default: none, references refused)", field="allowed_roots", repeatable=True),
     _Flag("cache-bytes", "0", _size, _SIZES,
           "size of the prepared-layer cache in host memory, e.g. 16GiB (0 disables)"),
-    _Flag("drain-timeout", "30", _seconds, "seconds >= 0", "seconds in-flight requests may take to finish after SIGTERM"),
+    _Flag("drain-timeout", "30", _seconds, "seconds >= 0",
+          "seconds in-flight requests may take to finish after SIGTERM"),
     _Flag("tls-cert", None, _file, "a readable PEM file",
           "PEM certificate chain of the server; with --tls-key the gRPC port speaks TLS only (default: plaintext)"),
     _Flag("tls-key", None, _file, "a readable PEM file", "PEM private key (unencrypted) of --tls-cert"),
@@ -305,7 +305,7 @@ class ServeConfig:
     max_connection_age: float = _DEFAULTS["max_connection_age"]
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> "ServeConfig":
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServeConfig:
         """Builds the config from parsed flags, falling back to ``environ`` (default ``os.environ``)."""
         values = {}
         for flag in FLAGS:
@@ -320,7 +320,7 @@ class ServeConfig:
             values[flag.attribute] = _DEFAULTS[flag.attribute] if value is None else flag.value(value, source)
         return cls(**values)._checked()
 
-    def _checked(self) -> "ServeConfig":
+    def _checked(self) -> ServeConfig:
         """Checks the flags that only make sense together."""
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key: give both (TLS) or neither (plaintext)")

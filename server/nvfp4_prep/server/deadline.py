@@ -15,11 +15,12 @@ import itertools
 import logging
 import threading
 import time
-from typing import Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import grpc
 
-from .errors import ServiceError
+from .errors import DeadlinePassed
 
 log = logging.getLogger(__name__)
 
@@ -86,21 +87,21 @@ class _Watchdog:
 class CallClock:
     """The effective deadline of one call (``time.monotonic()`` instant) and its checks."""
 
-    def __init__(self, ceiling: "Ceiling", deadline: float, limited: bool, watch: int | None) -> None:
+    def __init__(self, ceiling: Ceiling, deadline: float, limited: bool, watch: int | None) -> None:
         self._ceiling = ceiling
         self.deadline = deadline
         self._limited = limited  # whether the ceiling (not the client's deadline) sets it
         self._watch = watch
 
     def check(self, stage: str) -> None:
-        """Raises DEADLINE_EXCEEDED once the deadline has passed; ``stage`` says where, e.g. "before compute"."""
+        """Raises DeadlinePassed once the deadline has passed; ``stage`` says where, e.g. "before compute"."""
         if time.monotonic() < self.deadline:
             return
         if self._limited:
-            raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"the call ran longer than this server allows, stopped {stage} "
-                               f"(--max-deadline={self._ceiling.seconds:g}s)", "max_deadline")
-        raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed {stage}")
+            raise DeadlinePassed(
+                f"the call ran longer than this server allows, stopped {stage} "
+                f"(--max-deadline={self._ceiling.seconds:g}s)", "max_deadline")
+        raise DeadlinePassed(f"deadline passed {stage}")
 
     def messages(self, items: Iterator[T], stage: str) -> Iterator[T]:
         """``items``, checking the deadline before each one is handed on; closes ``items`` when closed."""

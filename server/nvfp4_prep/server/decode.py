@@ -9,12 +9,13 @@ into an INVALID_ARGUMENT naming the message's position in the stream.
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, TypeVar
+from collections.abc import Iterator
+from typing import NamedTuple, TypeVar
 
 from google.protobuf.message import DecodeError
 
-from nvfp4_prep.wire import Chunk, decode_request
 from nvfp4_prep.v1 import prep_pb2 as pb
+from nvfp4_prep.wire import Chunk, decode_request
 
 from .errors import invalid
 

@@ -8,12 +8,10 @@ whose padded sizes follow from the shapes in the header.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from nvfp4_prep.contract.expert_keys import parse_expert_key
-
-from nvfp4_prep.contract.layout import ACTIVATIONS, BACKENDS, DERIVED_NAMES, STACKED_NAMES
-from nvfp4_prep.contract.layout import GATED_ACTIVATIONS
+from nvfp4_prep.contract.layout import ACTIVATIONS, BACKENDS, DERIVED_NAMES, GATED_ACTIVATIONS, STACKED_NAMES
 from nvfp4_prep.pipeline.layout import padded_dims
 from nvfp4_prep.pipeline.swizzle import tiled_shape
 from nvfp4_prep.wire import TensorSpec

@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
-import grpc
+from nvfp4_prep.wire import MAX_CONCURRENT_FIELD, MAX_CONCURRENT_PER_CLIENT_FIELD, TensorSpec
 
-from nvfp4_prep.wire import TensorSpec
-
-from .errors import ServiceError
-
-# Field names of the concurrency refusals; the SDK retries these (and only these) RESOURCE_EXHAUSTED errors.
-CONCURRENCY_FIELDS = ("max_concurrent", "max_concurrent_per_client")
+from .errors import LimitExceeded, RequestTooComplex
 
 
 @dataclass(frozen=True)
@@ -38,40 +33,27 @@ class RequestLimits:
     max_concurrent_per_client: int
 
     def check_tensors(self, specs: Sequence[TensorSpec], field: str = "header.tensors.tensors") -> None:
-        """Raises ServiceError when the announced tensors break a limit."""
+        """Raises LimitExceeded or RequestTooComplex when the announced tensors break a limit."""
         if len(specs) > self.max_tensors:
-            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"{field}: announces {len(specs)} tensors, more than this server accepts "
-                               f"(--max-tensors={self.max_tensors})", "max_tensors")
+            raise RequestTooComplex(
+                f"{field}: announces {len(specs)} tensors, more than this server accepts "
+                f"(--max-tensors={self.max_tensors})", "max_tensors")
         total = 0
         for index, spec in enumerate(specs):
             where = f"{field}[{index}] ({spec.name})"
             if len(spec.shape) > self.max_tensor_rank:
-                raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"{where}.shape: has rank {len(spec.shape)}, more than this server accepts "
-                                   f"(--max-tensor-rank={self.max_tensor_rank})", "max_tensor_rank")
+                raise RequestTooComplex(
+                    f"{where}.shape: has rank {len(spec.shape)}, more than this server accepts "
+                    f"(--max-tensor-rank={self.max_tensor_rank})", "max_tensor_rank")
             if self.max_tensor_bytes and spec.byte_length > self.max_tensor_bytes:
-                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"{where}.byte_length: is {spec.byte_length} bytes, more than this server "
-                                   f"accepts (--max-tensor-bytes={self.max_tensor_bytes})", "max_tensor_bytes")
+                raise LimitExceeded(
+                    f"{where}.byte_length: is {spec.byte_length} bytes, more than this server "
+                    f"accepts (--max-tensor-bytes={self.max_tensor_bytes})", "max_tensor_bytes")
             total += spec.byte_length
         if self.max_request_bytes and total > self.max_request_bytes:
-            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"{field}: announces {total} bytes in all, more than this server accepts "
-                               f"(--max-request-bytes={self.max_request_bytes})", "max_request_bytes")
-
-
-def client_identity(context: grpc.ServicerContext) -> str:
-    """Who a call comes from, for per-client limits: its certificate's identity under mutual TLS, else the
-    peer's address without the port."""
-    identities = context.peer_identities()
-    if identities:
-        return "cert:" + ",".join(name.decode("utf-8", "replace") for name in identities)
-    peer = context.peer() or "unknown"
-    kind, _, rest = peer.partition(":")
-    if kind in ("ipv4", "ipv6") and ":" in rest:
-        return f"{kind}:{rest.rsplit(':', 1)[0]}"
-    return peer
+            raise LimitExceeded(
+                f"{field}: announces {total} bytes in all, more than this server accepts "
+                f"(--max-request-bytes={self.max_request_bytes})", "max_request_bytes")
 
 
 class ConcurrencyGate:
@@ -86,18 +68,18 @@ class ConcurrencyGate:
         self.by_client: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def enter(self, client: str) -> ServiceError | None:
+    def enter(self, client: str) -> LimitExceeded | None:
         """Counts a call of ``client`` in; or, over a limit, the refusal to send it (nothing counted)."""
         with self._lock:
             if self.in_flight >= self.total:
-                return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                    f"{self.in_flight} Prepare calls are running, the most this server runs at "
-                                    f"once (--max-concurrent={self.total}); retry later", "max_concurrent")
+                return LimitExceeded(
+                    f"{self.in_flight} Prepare calls are running, the most this server runs at "
+                    f"once (--max-concurrent={self.total}); retry later", MAX_CONCURRENT_FIELD)
             if self.per_client and self.by_client[client] >= self.per_client:
-                return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                    f"{self.by_client[client]} Prepare calls of this client ({client}) are running, "
-                                    f"the most one client may run at once (--max-concurrent-per-client="
-                                    f"{self.per_client}); retry later", "max_concurrent_per_client")
+                return LimitExceeded(
+                    f"{self.by_client[client]} Prepare calls of this client ({client}) are running, "
+                    f"the most one client may run at once (--max-concurrent-per-client="
+                    f"{self.per_client}); retry later", MAX_CONCURRENT_PER_CLIENT_FIELD)
             self.in_flight += 1
             self.by_client[client] += 1
             return None

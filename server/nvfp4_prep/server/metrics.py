@@ -11,11 +11,11 @@ is 0.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from threading import Thread
-from typing import Iterable, Iterator, Sequence
 from wsgiref.simple_server import WSGIServer
 
 import torch
@@ -77,7 +77,7 @@ class GpuMemoryCollector(Collector):
             for device in self._devices:
                 free, total = torch.cuda.mem_get_info(device)
                 values = (torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device), free, total)
-                for family, value in zip(families, values):
+                for family, value in zip(families, values, strict=True):
                     family.add_metric([device], float(value))
         yield from families
 

@@ -22,8 +22,8 @@ from nvfp4_prep.wire import MESSAGE_OVERHEAD
 from . import logs
 from .cache import PreparedCache
 from .capabilities import build_capabilities
-from .deadline import Ceiling
 from .config import ConfigError, ServeConfig
+from .deadline import Ceiling
 from .limits import RequestLimits
 from .metrics import Metrics, MetricsServer, start_metrics_server
 from .service import PrepService, add_to_server
@@ -111,7 +111,7 @@ class PrepServer:
             host = "127.0.0.1"
         return f"{host}:{self.port}"
 
-    def start(self) -> "PrepServer":
+    def start(self) -> PrepServer:
         if self.config.metrics_port:
             try:
                 self.metrics_server = start_metrics_server(self.config.metrics_port, self.config.host,

@@ -1,4 +1,4 @@
-"""The Prep servicer: status codes, draining, and what every Prepare call shares."""
+"""The Prep servicer: the gRPC edge of every call (admission of the call itself, draining, its final status)."""
 
 from __future__ import annotations
 
@@ -7,25 +7,26 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import grpc
 
-from nvfp4_prep.checkpoint import CheckpointError
-from nvfp4_prep.contract.errors import PrepError
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.v1 import prep_pb2_grpc
-from nvfp4_prep.wire import FIELD_METADATA_KEY, REQUEST_ID_KEY, encode_message
+from nvfp4_prep.wire import REQUEST_ID_KEY, encode_message
 
+from .admission import Admission
 from .cache import PreparedCache
 from .deadline import Ceiling
-from .errors import ServiceError, from_input_error
 from .decode import decode_request_or_malformed, reject_malformed
-from .limits import ConcurrencyGate, RequestLimits, client_identity
+from .errors import ServerDraining
+from .limits import ConcurrencyGate, RequestLimits
 from .metrics import UNKNOWN_BACKEND, Metrics
-from .prepare_call import PrepareCall, checkpoint_error
+from .prepare_call import PrepareCall
+from .resources import CallResources
+from .status import Status, abort, status_of
 from .worker import DeviceWorker
 
 log = logging.getLogger(__name__)
@@ -44,22 +45,17 @@ class PrepService(prep_pb2_grpc.PrepServicer):
                  allowed_roots: Sequence[Path], capabilities: pb.Capabilities, metrics: Metrics,
                  limits: RequestLimits, ceiling: Ceiling) -> None:
         self.workers = list(workers)
-        self.cache = cache
-        self.chunk_size = chunk_size
-        self.allowed_roots = [str(root) for root in allowed_roots]
         self.capabilities = capabilities
         self.metrics = metrics
-        self.limits = limits
         self.ceiling = ceiling
         self.gate = ConcurrencyGate(limits.max_concurrent, limits.max_concurrent_per_client)
         self.hash_pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="nvfp4-prep-hash")
+        self.resources = CallResources(Admission(self.workers, limits), cache, metrics, chunk_size,
+                                       tuple(str(root) for root in allowed_roots), self.hash_pool)
         self.in_flight = 0
         self.outcomes: Counter[str] = Counter()
         self.draining = False
         self._idle = threading.Condition()
-
-    def pick_worker(self) -> DeviceWorker:
-        return min(self.workers, key=DeviceWorker.load)
 
     def GetCapabilities(self, request: pb.GetCapabilitiesRequest, context: grpc.ServicerContext) -> pb.Capabilities:
         self.metrics.observe_request("GetCapabilities", UNKNOWN_BACKEND, "OK", 0.0)
@@ -74,33 +70,23 @@ class PrepService(prep_pb2_grpc.PrepServicer):
             with self._idle:
                 self.outcomes[refusal.code.name] += 1
             self.metrics.observe_request("Prepare", UNKNOWN_BACKEND, refusal.code.name, 0.0)
-            _abort(context, refusal)
+            abort(context, refusal)
         started = time.perf_counter()
         clock = self.ceiling.start(context)
-        call = PrepareCall(self, clock.messages(reject_malformed(request_iterator), "while receiving"), context,
-                           clock)
+        requests = clock.messages(reject_malformed(request_iterator), "while receiving")
+        call = PrepareCall(self.resources, requests, context, clock)
         call.summary["request_id"] = request_id
         self.metrics.inflight.labels("Prepare").inc()
-        failure: ServiceError | None = None
+        failure: Status | None = None
         finished = False
         try:
             yield from clock.messages(call.run(), "while sending")
             finished = True
-        except ServiceError as err:
-            err.__traceback__ = None  # its frames hold the call's tensors (a cycle through this frame)
-            failure = err
-        except PrepError as err:  # the wire's FramingError too
-            failure = from_input_error(err)
-        except CheckpointError as err:
-            failure = checkpoint_error(err)
-        except grpc.RpcError as err:  # raised by the request iterator when the client goes away
-            # grpc keeps this exception with the call's state; without its traceback it
-            # cannot keep this call's frames, and so its tensors, alive.
+        except Exception as err:
+            failure = status_of(err)
+            # The traceback's frames hold the call's tensors, and grpc keeps an RpcError with the call's
+            # state: without it, nothing keeps them alive past the call.
             err.__traceback__ = None
-            failure = ServiceError(grpc.StatusCode.CANCELLED, "client went away")
-        except Exception:
-            log.exception("Prepare failed")
-            failure = ServiceError(grpc.StatusCode.INTERNAL, "internal error while preparing; see the server log")
         finally:
             outcome = _outcome(context, failure, finished)
             clock.close()
@@ -111,7 +97,7 @@ class PrepService(prep_pb2_grpc.PrepServicer):
                      " ".join(f"{k}={v}" for k, v in call.summary.items()),
                      extra={"outcome": outcome, **call.summary})
         if failure is not None and context.is_active():
-            _abort(context, failure)
+            abort(context, failure)
 
     def _count(self, summary: dict, outcome: str, seconds: float) -> None:
         backend = str(summary.get("backend", UNKNOWN_BACKEND))
@@ -122,13 +108,13 @@ class PrepService(prep_pb2_grpc.PrepServicer):
         if summary.get("bytes_sent"):
             self.metrics.sent_bytes.labels(backend).inc(int(summary["bytes_sent"]))
 
-    def _enter(self, client: str) -> ServiceError | None:
+    def _enter(self, client: str) -> Status | None:
         with self._idle:
             if self.draining:
-                return ServiceError(grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another replica")
+                return status_of(ServerDraining("server is draining; retry on another replica"))
             refusal = self.gate.enter(client)
             if refusal is not None:
-                return refusal
+                return status_of(refusal)
             self.in_flight += 1
             return None
 
@@ -170,6 +156,19 @@ def add_to_server(service: PrepService, server: grpc.Server) -> None:
     server.add_registered_method_handlers(name, handlers)
 
 
+def client_identity(context: grpc.ServicerContext) -> str:
+    """Who a call comes from, for per-client limits: its certificate's identity under mutual TLS, else the
+    peer's address without the port."""
+    identities = context.peer_identities()
+    if identities:
+        return "cert:" + ",".join(name.decode("utf-8", "replace") for name in identities)
+    peer = context.peer() or "unknown"
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6") and ":" in rest:
+        return f"{kind}:{rest.rsplit(':', 1)[0]}"
+    return peer
+
+
 def _request_id(context: grpc.ServicerContext) -> str:
     """The client's request id (the SDK sends one per layer), or a new one."""
     for key, value in context.invocation_metadata() or ():
@@ -178,7 +177,7 @@ def _request_id(context: grpc.ServicerContext) -> str:
     return uuid.uuid4().hex
 
 
-def _outcome(context: grpc.ServicerContext, failure: ServiceError | None, finished: bool) -> str:
+def _outcome(context: grpc.ServicerContext, failure: Status | None, finished: bool) -> str:
     """How a call ended, for ``outcomes``."""
     if failure is None and finished:
         return "OK"
@@ -187,9 +186,3 @@ def _outcome(context: grpc.ServicerContext, failure: ServiceError | None, finish
     # The client went away: whatever error that caused here, the call was cancelled or timed out.
     timed_out = failure is not None and failure.code == grpc.StatusCode.DEADLINE_EXCEEDED
     return "DEADLINE_EXCEEDED" if timed_out or context.time_remaining() == 0 else "CANCELLED"
-
-
-def _abort(context: grpc.ServicerContext, error: ServiceError) -> None:
-    if error.field:
-        context.set_trailing_metadata(((FIELD_METADATA_KEY, error.field),))
-    context.abort(error.code, error.message)

@@ -9,7 +9,7 @@ copied off the device a few chunks ahead of the one being sent.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy
 import torch
@@ -72,7 +72,8 @@ class DeviceTensors:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The assembled tensors, once every copy to the device finished."""
         self._stream.synchronize()
-        return {spec.name: buf.view(spec.dtype).reshape(spec.shape) for spec, buf in zip(self._specs, self._buffers)}
+        pairs = zip(self._specs, self._buffers, strict=True)
+        return {spec.name: buf.view(spec.dtype).reshape(spec.shape) for spec, buf in pairs}
 
     def close(self) -> None:
         """Waits for copies still reading the ring (e.g. after an error) and drops the buffers."""

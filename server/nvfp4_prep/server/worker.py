@@ -7,7 +7,7 @@ import os
 import platform
 import threading
 import weakref
-from typing import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 

@@ -1,0 +1,20 @@
+"""What every Prepare call of one server shares, handed to the call's collaborators as one object."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .admission import Admission
+from .cache import PreparedCache
+from .metrics import Metrics
+
+
+@dataclass(frozen=True)
+class CallResources:
+    admission: Admission
+    cache: PreparedCache
+    metrics: Metrics
+    chunk_size: int
+    allowed_roots: tuple[str, ...]
+    hash_pool: ThreadPoolExecutor

@@ -1,0 +1,99 @@
+"""The answer of a Prepare call: its header, then the prepared tensors chunk by chunk.
+
+Sends a freshly prepared layer (device-to-host copies overlapped with the network, the encoded chunks
+kept for the cache when they fit), or replays a cached one; either starts at the resume point the
+request names.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from nvfp4_prep.pipeline import PreparedLayer
+from nvfp4_prep.v1 import prep_pb2 as pb
+from nvfp4_prep.wire import Prefetch, encode_chunk, header_for, layout_to_proto, scalars_to_proto
+
+from .cache import CachedLayer, CacheKey
+from .resources import CallResources
+from .resume import START, ResumePoint, bytes_before, read_resume, remaining, renumbered, replay_from
+from .staging import PinnedRing
+from .worker import DeviceWorker
+
+
+class Responder:
+    def __init__(self, header: pb.PrepareHeader, resources: CallResources, summary: dict) -> None:
+        self._header = header
+        self._resources = resources
+        self._summary = summary
+
+    def send(self, worker: DeviceWorker, prepared: PreparedLayer, ring: PinnedRing | None, key: CacheKey | None,
+             backend: str) -> Iterator[pb.PrepareResponse | bytes]:
+        """Streams ``prepared`` (and stores it in the cache under ``key`` when it is sent whole and fits)."""
+        names = list(prepared.tensors)
+        tensors = [prepared.tensors[name] for name in names]
+        header = pb.PreparedHeader(
+            layout=layout_to_proto(prepared.layout),
+            scalars=scalars_to_proto(prepared.tensors),
+            tensors=[header_for(name, tensor) for name, tensor in zip(names, tensors, strict=True)],
+        )
+        sizes = [t.numel() * t.element_size() for t in tensors]
+        total = sum(sizes)
+        self._summary["bytes_out"] = total
+        point = self._resume_point(sizes)
+        cache = self._resources.cache
+        kept: list[bytes] | None = [] if key is not None and point == START and cache.fits(total) else None
+        del prepared
+        yield pb.PrepareResponse(header=header)
+        metrics = self._resources.metrics
+        copied = _Timed(renumbered(worker.chunks(remaining(tensors, point), self._resources.chunk_size, ring), point))
+        encoded = Prefetch(encode_chunk(index, offset, data) for index, offset, data in copied)
+        try:
+            with metrics.stage_timer("send", backend):
+                for message in encoded:
+                    if kept is not None:
+                        kept.append(message)
+                    yield message
+        finally:
+            encoded.close()
+            metrics.stage_seconds.labels("device_to_host", backend).observe(copied.seconds)
+        self._summary["bytes_sent"] = total - bytes_before(point, sizes)
+        if kept is not None:
+            cache.put(key, CachedLayer(header, tuple(kept), total))
+
+    def replay(self, cached: CachedLayer) -> Iterator[pb.PrepareResponse | bytes]:
+        """Streams a cached answer, marked as a cache hit."""
+        self._summary["cache_hit"] = True
+        header = pb.PreparedHeader()
+        header.CopyFrom(cached.header)
+        header.cache_hit = True
+        sizes = [tensor.byte_length for tensor in header.tensors]
+        point = self._resume_point(sizes)
+        yield pb.PrepareResponse(header=header)
+        yield from replay_from(cached.chunks, point)
+        self._summary["bytes_sent"] = cached.nbytes - bytes_before(point, sizes)
+
+    def _resume_point(self, sizes: list[int]) -> ResumePoint:
+        """Where the answer's chunks start: the request's resume point, checked against the answer."""
+        point = read_resume(self._header, sizes)
+        if point != START:
+            self._summary["resume_from"] = f"{point.tensor_index}:{point.offset}"
+        return point
+
+
+class _Timed:
+    """Wraps an iterator and adds up the seconds spent producing its items (device-to-host copies)."""
+
+    def __init__(self, items: Iterator) -> None:
+        self._items = items
+        self.seconds = 0.0
+
+    def __iter__(self) -> _Timed:
+        return self
+
+    def __next__(self):
+        started = time.perf_counter()
+        try:
+            return next(self._items)
+        finally:
+            self.seconds += time.perf_counter() - started
