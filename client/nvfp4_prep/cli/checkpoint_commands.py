@@ -8,14 +8,20 @@ starts in-process on 127.0.0.1 (the embedded default). Every flag ``--foo-bar``
 may also be set as ``NVFP4_PREP_FOO_BAR``.
 
 Exit codes: 0 success, 1 verify found differences, 2 bad arguments or a
-checkpoint or server error, 130 interrupted (rerun to resume).
+checkpoint or server error, 3 an operating-system error (disk full, ``--out`` a
+regular file or not writable, ...), printed as one line
+``nvfp4-prep COMMAND: PATH: REASON (errno NAME)`` (files are written under
+temporary names and renamed, so nothing half-written is left and a rerun once
+the cause is fixed resumes), 130 interrupted (rerun to resume).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from importlib import resources
@@ -29,7 +35,7 @@ from .connection_flags import add_security_flags, security_options
 log = logging.getLogger(__name__)
 
 SAMPLE_NAME = "qwen3moe_ct_nvfp4"
-EXIT_DIFFERENCES, EXIT_ERROR, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_DIFFERENCES, EXIT_ERROR, EXIT_OS_ERROR, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 def sample_checkpoint() -> Path:
@@ -132,6 +138,16 @@ def layer_preparers(servers: list[str], timeout: float | None = None, security: 
         yield [preparer(index) for index in range(len(clients))]
 
 
+def os_error_line(command: str, exc: OSError, fallback: object) -> str:
+    """``nvfp4-prep COMMAND: PATH: REASON (errno NAME)``; PATH is ``fallback`` when the error names none."""
+    path = exc.filename if exc.filename is not None else fallback
+    if exc.filename2 is not None:
+        path = f"{path} -> {exc.filename2}"
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    name = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno is not None else type(exc).__name__
+    return f"nvfp4-prep {command}: {os.fsdecode(path)}: {reason} (errno {name})"
+
+
 def _report(differences: list, out: str) -> int:
     for difference in differences:
         print(f"DIFFERENCE {difference}")
@@ -163,6 +179,9 @@ def run_prepare(args: argparse.Namespace) -> int:
     except (CheckpointError, PrepError, PrepClientError, ValueError) as exc:
         print(f"nvfp4-prep prepare: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as exc:  # disk full, --out a file or not writable: not "differences" (1), no traceback
+        print(os_error_line("prepare", exc, args.out), file=sys.stderr)
+        return EXIT_OS_ERROR
     except KeyboardInterrupt:
         print(f"nvfp4-prep prepare: interrupted; run it again to resume {args.out}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -178,3 +197,6 @@ def run_verify(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         print(f"nvfp4-prep verify: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as exc:  # an unreadable DIR is not "differences" (1)
+        print(os_error_line("verify", exc, args.out), file=sys.stderr)
+        return EXIT_OS_ERROR

@@ -6,6 +6,11 @@ scales); input scales and derived scalars are compared with an independent
 formulation of SPEC sections 4 and 6 applied to the source (``reference_scales``);
 every other tensor must equal the source's bytes; every tensor must match its
 manifest checksum; the shard metadata must carry the manifest's layout record.
+Checked first, because it is what loaders read: the ``"nvfp4_prep"`` marker in
+config.json must be exactly the one ``prepared_config`` derives from the
+manifest's layout record (each differing field is reported on its own). The
+directory must hold nothing the manifest does not account for: its shards, the
+manifest, the index and the source's config, tokenizer and other small files.
 
 What this proves, and what it does not: a clean verify shows that the output is
 exactly the prepared form of *this* source that inverts back to it, so it catches
@@ -27,13 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nvfp4_prep.checkpoint.checkpoint import Checkpoint, open_checkpoint
+from nvfp4_prep.checkpoint.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from nvfp4_prep.checkpoint.errors import CheckpointError, CheckpointInvalid
 from nvfp4_prep.checkpoint.reference_scales import PolicyViolation, expected_derived, expected_input_scales
 
 from .checksum import crc32c_hex
 from .manifest import LAYOUT_METADATA_KEY, MANIFEST_NAME, Manifest
-from .prepared_config import CONFIG_MARKER_KEY
+from .prepared_config import CONFIG_MARKER_KEY, marker
 
 
 @dataclass(frozen=True)
@@ -188,6 +193,48 @@ def _check_manifest(prepared: Checkpoint, manifest: Manifest) -> list[Difference
     return diffs
 
 
+def _json_text(value: object) -> str:
+    """``value`` as JSON: equal texts are equal JSON values, so ``true`` differs from ``1`` and 128 from 128.0."""
+    return json.dumps(value, sort_keys=True)
+
+
+def _check_config_marker(out_dir: Path, manifest: Manifest) -> list[Difference]:
+    """config.json's layout marker, field by field, against the one the manifest's layout record implies."""
+    path = out_dir / "config.json"
+    if not path.is_file():
+        return []  # a source without config.json gets none; one that had it: reported by _check_small_files
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return [Difference(path.name, f"not valid JSON ({exc})")]
+    have = config.get(CONFIG_MARKER_KEY) if isinstance(config, dict) else None
+    if not isinstance(have, dict):
+        return [Difference(path.name, f"has no {CONFIG_MARKER_KEY!r} marker of the prepared layout "
+                                      f"(found {_json_text(have)})")]
+    want = marker(manifest.layout)
+    diffs = []
+    for key in [*want, *(key for key in have if key not in want)]:
+        field_name = f"{CONFIG_MARKER_KEY}.{key}"
+        if key not in have:
+            diffs.append(Difference(path.name, f"{field_name} is missing; the layout record in {MANIFEST_NAME} "
+                                               f"gives {_json_text(want[key])}"))
+        elif key not in want:
+            diffs.append(Difference(path.name, f"{field_name} is {_json_text(have[key])}, a field the prepared "
+                                               "layout marker does not have"))
+        elif _json_text(have[key]) != _json_text(want[key]):
+            diffs.append(Difference(path.name, f"{field_name} is {_json_text(have[key])}; the layout record in "
+                                               f"{MANIFEST_NAME} and the shards gives {_json_text(want[key])}"))
+    return diffs
+
+
+def _check_unaccounted(out_dir: Path, manifest: Manifest, source: Checkpoint) -> list[Difference]:
+    """Entries of ``out_dir`` that are neither the manifest's shards, the manifest, the index nor a small file."""
+    expected = {MANIFEST_NAME, INDEX_NAME, *manifest.shards, *(path.name for path in source.auxiliary_files())}
+    return [Difference(path.name, f"{'directory' if path.is_dir() else 'file'} in {out_dir} not accounted for "
+                                  f"by {MANIFEST_NAME}")
+            for path in sorted(out_dir.iterdir()) if path.name not in expected]
+
+
 def _check_small_files(out_dir: Path, source: Checkpoint) -> list[Difference]:
     diffs = []
     for path in source.auxiliary_files():
@@ -201,8 +248,8 @@ def _check_small_files(out_dir: Path, source: Checkpoint) -> list[Difference]:
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 diffs.append(Difference(path.name, f"not valid JSON ({exc})"))
                 continue
-            if not isinstance(config, dict) or config.pop(CONFIG_MARKER_KEY, None) is None:
-                diffs.append(Difference(path.name, f"has no {CONFIG_MARKER_KEY!r} marker of the prepared layout"))
+            if isinstance(config, dict):  # the marker itself: _check_config_marker
+                config.pop(CONFIG_MARKER_KEY, None)
             if config != json.loads(path.read_text(encoding="utf-8")):
                 diffs.append(Difference(path.name, "differs from the source's config.json beyond the marker"))
         elif target.read_bytes() != path.read_bytes():
@@ -219,7 +266,7 @@ def verify_prepared(out_dir: str | os.PathLike, against: str | os.PathLike | Che
         return [Difference(MANIFEST_NAME, str(exc))]
     if manifest is None:
         return [Difference(MANIFEST_NAME, f"missing from {out_dir}; expected the manifest written by prepare")]
-    diffs = []
+    diffs = _check_config_marker(out_dir, manifest)  # first: it is what loaders read
     if not manifest.complete:
         diffs.append(Difference(MANIFEST_NAME, "the prepare run that wrote it did not finish"))
     with contextlib.ExitStack() as opened:  # a source passed in open stays open; those opened here are closed
@@ -234,4 +281,5 @@ def verify_prepared(out_dir: str | os.PathLike, against: str | os.PathLike | Che
             diffs += _check_layer(prefix, prepared, source, manifest)
         diffs += _check_carried(prepared, source)
         diffs += _check_small_files(out_dir, source)
+        diffs += _check_unaccounted(out_dir, manifest, source)
     return diffs

@@ -5,14 +5,37 @@ from __future__ import annotations
 import torch
 
 
+def row_major_strides(shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+    """The strides of a freshly allocated tensor of ``shape`` (1 on the last dimension)."""
+    strides, step = [], 1
+    for size in reversed(tuple(shape)):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def dense(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with row-major strides: itself where it has them, a copy otherwise.
+
+    ``Tensor.contiguous()`` is not enough: torch counts a size-1 dimension (an expert count of
+    one, ``t[:, 0]`` of a ``[1, 2]`` tensor, ``expand(1)``) as contiguous whatever its stride, so
+    a later ``view`` to another dtype or shape can still refuse it. Every byte reinterpretation
+    goes through this first.
+    """
+    if tensor.stride() == row_major_strides(tensor.shape):
+        return tensor
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+    return out.copy_(tensor)
+
+
 def byte_view(tensor: torch.Tensor) -> torch.Tensor:
     """The bytes of ``tensor`` in row-major order as a flat uint8 tensor on the CPU.
 
-    A view where the tensor already is contiguous on the CPU, a copy otherwise. Goes through ``reshape(-1)``
-    first, so that sizes of 1 (an expert count of one) with any stride never reach ``view``.
+    A view where the tensor already is row-major on the CPU, a copy otherwise (including a
+    tensor that torch calls contiguous but whose size-1 dimensions carry other strides).
     """
-    flat = tensor.detach().reshape(-1)
+    flat = tensor.detach()
     if flat.device.type != "cpu":
         flat = flat.cpu()
-    flat = flat.contiguous()
+    flat = dense(flat).reshape(-1)
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from nvfp4_prep.contract.environment import env_value
+from nvfp4_prep.contract.tensor_bytes import dense
 
 from . import triton_gather
 from .plan import GatherPlan
@@ -15,7 +16,8 @@ _KERNEL = env_value("gather", "auto")
 
 def _words(tensor: torch.Tensor, plan: GatherPlan, rows: int, cols: int) -> torch.Tensor:
     experts = tensor.shape[0]
-    return tensor.view(torch.uint8).view(experts, -1).view(plan.word).view(experts, rows, cols)
+    # dense(), not contiguous(): with E = 1 a contiguous tensor may still carry an odd stride there.
+    return dense(tensor).view(torch.uint8).view(experts, -1).view(plan.word).view(experts, rows, cols)
 
 
 def apply(plan: GatherPlan, source: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -27,7 +29,7 @@ def apply(plan: GatherPlan, source: torch.Tensor, out: torch.Tensor) -> torch.Te
     copy of the tensor.
     """
     src_map, inverse, padding = plan.maps(source.device)
-    src = _words(source.contiguous(), plan, plan.in_rows, plan.in_cols)
+    src = _words(source, plan, plan.in_rows, plan.in_cols)
     dst = _words(out, plan, plan.out_rows, plan.out_cols)
     if _KERNEL != "torch" and triton_gather.available(source):
         triton_gather.gather(src_map, src, dst)
@@ -44,7 +46,7 @@ def apply(plan: GatherPlan, source: torch.Tensor, out: torch.Tensor) -> torch.Te
 def invert(plan: GatherPlan, prepared: torch.Tensor) -> torch.Tensor:
     """The source bytes back from prepared ones, as a ``[E, in_rows * in_cols]`` word tensor."""
     _, inverse, _ = plan.maps(prepared.device)
-    dst = _words(prepared.contiguous(), plan, plan.out_rows, plan.out_cols)
+    dst = _words(prepared, plan, plan.out_rows, plan.out_cols)
     data = dst if plan.out_cols == plan.in_cols else dst.narrow(2, 0, plan.in_cols)
     return torch.index_select(data, 1, inverse)
 
@@ -52,7 +54,7 @@ def invert(plan: GatherPlan, prepared: torch.Tensor) -> torch.Tensor:
 def padding_is_zero(plan: GatherPlan, prepared: torch.Tensor) -> bool:
     """Whether every padding byte of ``prepared`` is 0x00, as SPEC section 1 requires."""
     _, _, padding = plan.maps(prepared.device)
-    dst = _words(prepared.contiguous(), plan, plan.out_rows, plan.out_cols)
+    dst = _words(prepared, plan, plan.out_rows, plan.out_cols)
     if padding.numel() and bool(torch.index_select(dst, 1, padding).any()):
         return False
     if plan.out_cols > plan.in_cols:

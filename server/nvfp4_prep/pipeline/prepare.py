@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nvfp4_prep.contract.tensor_bytes import dense
+
 from . import gather
 from .layout import layout_record
 from .plan import GatherPlan, layer_plan
@@ -37,7 +39,9 @@ def prepare(
     dims = validate(tensors, backend, activation, input_scale_policy)
     a13, a2 = input_scales(tensors["w13_input_scale"], tensors["w2_input_scale"], backend, input_scale_policy)
     ws13 = weight_scale_2(tensors["w13_weight_scale_2"])
-    ws2 = tensors["w2_weight_scale_2"].contiguous()
+    ws2 = dense(tensors["w2_weight_scale_2"])
+    # Before any output is written: the derived scalars can still overflow (PrepError naming the input).
+    derived = derived_scalars(ws13, a13, ws2, a2, dims.gated)
     plan = layer_plan(backend, activation, dims)
 
     out = {
@@ -50,5 +54,5 @@ def prepare(
         "w2_weight_scale_2": ws2,
         "w2_input_scale": a2,
     }
-    out.update(derived_scalars(ws13, a13, ws2, a2, dims.gated))
+    out.update(derived)
     return PreparedLayer(out, layout_record(backend, activation, input_scale_policy, dims))

@@ -11,6 +11,7 @@ import torch
 
 from nvfp4_prep.contract.errors import PrepError
 from nvfp4_prep.contract.layout import ACTIVATIONS, BACKENDS, GATED_ACTIVATIONS, INPUT_SCALE_POLICIES, PIPELINE_VERSION
+from nvfp4_prep.contract.tensor_bytes import dense
 
 from . import gather
 from .layout import padded_dims
@@ -73,5 +74,5 @@ def unprepare(tensors: Mapping[str, torch.Tensor], layout: Mapping) -> dict[str,
             raise PrepError(name, "is missing", "every prepared tensor")
         if tuple(tensors[name].shape) != (experts,):
             raise PrepError(name, f"has shape {list(tensors[name].shape)}", str([experts]))
-        out[name] = tensors[name]
+        out[name] = dense(tensors[name])
     return out

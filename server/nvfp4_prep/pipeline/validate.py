@@ -69,6 +69,10 @@ def validate(tensors: Mapping[str, torch.Tensor], backend: str, activation: str,
     check_choice("backend", backend, BACKENDS)
     check_choice("activation", activation, ACTIVATIONS)
     check_choice("input_scale_policy", policy, INPUT_SCALE_POLICIES)
+    unknown = sorted(str(name) for name in tensors if name not in STACKED_NAMES)
+    if unknown:
+        raise PrepError(unknown[0], "is not a tensor of the stacked form",
+                        "only " + ", ".join(STACKED_NAMES) + " (SPEC section 2)")
     gated = activation in GATED_ACTIVATIONS
     devices = {t.device for name in STACKED_NAMES if isinstance(t := tensors.get(name), torch.Tensor)}
     if len(devices) > 1:
