@@ -40,8 +40,6 @@ def prepare(
     a13, a2 = input_scales(tensors["w13_input_scale"], tensors["w2_input_scale"], backend, input_scale_policy)
     ws13 = weight_scale_2(tensors["w13_weight_scale_2"])
     ws2 = dense(tensors["w2_weight_scale_2"])
-    # Before any output is written: the derived scalars can still overflow (PrepError naming the input).
-    derived = derived_scalars(ws13, a13, ws2, a2, dims.gated)
     plan = layer_plan(backend, activation, dims)
 
     out = {
@@ -54,5 +52,7 @@ def prepare(
         "w2_weight_scale_2": ws2,
         "w2_input_scale": a2,
     }
-    out.update(derived)
+    # After the gathers are queued, so that the check's one device sync overlaps them instead of delaying
+    # them; an overflow (PrepError naming the input) discards the fresh outputs.
+    out.update(derived_scalars(ws13, a13, ws2, a2, dims.gated))
     return PreparedLayer(out, layout_record(backend, activation, input_scale_policy, dims))
