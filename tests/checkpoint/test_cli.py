@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -18,6 +17,7 @@ from nvfp4_prep.contract import layout
 from nvfp4_prep.prepared.manifest import MANIFEST_NAME
 from nvfp4_prep.prepared.verify import verify_prepared
 from nvfp4_prep.server.server import PrepServer
+from tests.helpers.checkpoint_cli import cli
 from tests.helpers.checkpoint_factory import (
     FORMATS,
     kill_after_shards,
@@ -37,13 +37,6 @@ register(parser.add_subparsers(required=True))
 args = parser.parse_args(sys.argv[1:])
 sys.exit(args.run(args))
 """
-
-
-def cli(*argv: object) -> int:
-    parser = argparse.ArgumentParser(prog="nvfp4-prep")
-    checkpoint_commands.register(parser.add_subparsers(required=True))
-    args = parser.parse_args([str(a) for a in argv])
-    return args.run(args)
 
 
 @pytest.fixture

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 
-from nvfp4_prep.cli import checkpoint_commands
 from nvfp4_prep.contract.layout import BACKENDS
 from nvfp4_prep.prepared.prepared_config import CONFIG_MARKER_KEY
 from nvfp4_prep.prepared.verify import verify_prepared
-
-
-def cli(*argv: object) -> int:
-    parser = argparse.ArgumentParser(prog="nvfp4-prep")
-    checkpoint_commands.register(parser.add_subparsers(required=True))
-    args = parser.parse_args([str(a) for a in argv])
-    return args.run(args)
+from tests.helpers.checkpoint_cli import cli
 
 
 @pytest.fixture
