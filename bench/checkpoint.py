@@ -6,10 +6,10 @@ index), then measures in the same run, on the same hot page cache:
 - baselines: a Python read loop over every file, ``cat`` of every file, and a
   copy loop (read, write and fsync every file), since prepare writes as many
   bytes as it reads;
-- prepare through the in-process pipeline (no gRPC);
-- prepare embedded (what ``nvfp4-prep prepare`` does without --server: a server
-  started in this process, the SDK over loopback);
-- prepare through a separately started server process.
+- ``prepare``: what ``nvfp4-prep prepare`` does without --server (the pipeline in
+  this process, on the GPU when there is one; no gRPC);
+- ``prepare --server``: through a separately started server process, layers
+  streamed over loopback.
 
 Each prepare run reads every shard, prepares every layer and writes (and fsyncs)
 a complete prepared checkpoint. GB/s is source checkpoint bytes over wall time;
@@ -18,6 +18,7 @@ fast as reading, or as copying, the files).
 
     python bench/checkpoint.py                   # here (2 cores): a 0.7 GB checkpoint
     python bench/checkpoint.py --size-gb 8       # device machine: Qwen3-30B-A3B-shaped, ~8 GB
+    python bench/checkpoint.py --json rows.json  # also the rows as JSON (see bench/report.py)
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from nvfp4_prep.checkpoint import open_checkpoint
 from nvfp4_prep.cli.checkpoint_commands import layer_preparers
 from nvfp4_prep.client.sdk import PrepClient
 from nvfp4_prep.contract.layout import BACKENDS
-from nvfp4_prep.pipeline import prepare
 from nvfp4_prep.prepared.prepare_job import prepare_checkpoint
+from report import add_json_flag, print_rows, reset_device_peak, row, write_json
 
 SERVER = ("import sys; from nvfp4_prep.server.config import ServeConfig; from nvfp4_prep.server.server import run; "
           "sys.exit(run(ServeConfig(host='127.0.0.1', port=int(sys.argv[1]), metrics_port=0, log_level='WARNING')))")
@@ -128,18 +129,12 @@ def cat(files: list[Path]) -> float:
 def timed_prepare(source: Path, out: Path, preparers: list, backend: str) -> float:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    summary = prepare_checkpoint(open_checkpoint(source), out, preparers, backend, progress=False)
+    summary = prepare_checkpoint(open_checkpoint(source), out, preparers, backend)
     seconds = time.perf_counter() - start
     if summary.layers_skipped:
         raise RuntimeError("a benchmark run resumed an earlier output")
     shutil.rmtree(out)
     return seconds
-
-
-def in_process_preparer(device: torch.device):
-    def run(stacked, backend: str, activation: str, policy: str):
-        return prepare({name: tensor.to(device) for name, tensor in stacked.items()}, backend, activation, policy)
-    return run
 
 
 def start_server_process() -> tuple[subprocess.Popen, str]:
@@ -160,10 +155,9 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=2048, help="hidden size (default: %(default)s)")
     parser.add_argument("--intermediate", type=int, default=768, help="expert intermediate size (default: %(default)s)")
     parser.add_argument("--backend", choices=BACKENDS, default="flashinfer_cutedsl")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device of the in-process pipeline run (default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each measurement; the best is kept")
     parser.add_argument("--work-dir", type=Path, default=None, help="where to write (default: a temporary directory)")
+    add_json_flag(parser)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="nvfp4-prep-bench-", dir=args.work_dir))
@@ -182,28 +176,28 @@ def main() -> int:
         def best(fn) -> float:
             return min(fn() for _ in range(args.repeat))
 
-        results = [("read loop (baseline)", best(lambda: read_loop(files))), ("cat", best(lambda: cat(files))),
-                   ("copy loop (read+write+fsync)", best(lambda: copy_loop(files, out)))]
-        device = torch.device(args.device)
-        results.append((f"prepare in-process ({device.type})",
-                        best(lambda: timed_prepare(source, out, [in_process_preparer(device)], args.backend))))
-        with layer_preparers([]) as preparers:
-            results.append(("prepare embedded server",
-                            best(lambda: timed_prepare(source, out, preparers, args.backend))))
+        def gbps(seconds: float) -> float:
+            return size / seconds / 1e9
+
+        read, copy = "read loop", "copy loop (read+write+fsync)"
+        read_gbps = gbps(best(lambda: read_loop(files)))
+        copy_gbps = gbps(best(lambda: copy_loop(files, out)))
+        rows = [row(read, read_gbps, read, read_gbps), row("cat", gbps(best(lambda: cat(files))), read, read_gbps),
+                row(copy, copy_gbps, copy, copy_gbps)]
+        reset_device_peak()
+        with layer_preparers([]) as preparers:  # what the README's first command runs
+            rows.append(row("prepare", gbps(best(lambda: timed_prepare(source, out, preparers, args.backend))),
+                            copy, copy_gbps))
         process, address = start_server_process()
         try:
             with layer_preparers([address]) as preparers:
-                results.append(("prepare server process",
-                                best(lambda: timed_prepare(source, out, preparers, args.backend))))
+                seconds = best(lambda: timed_prepare(source, out, preparers, args.backend))
+                rows.append(row("prepare --server", gbps(seconds), copy, copy_gbps))
         finally:
             process.terminate()
             process.wait(60)
-
-        read_rate, copy_rate = size / results[0][1], size / results[2][1]
-        print(f"{'run':<30} {'seconds':>9} {'GB/s':>8} {'vs read':>8} {'vs copy':>8}")
-        for name, seconds in results:
-            rate = size / seconds
-            print(f"{name:<30} {seconds:9.3f} {rate / 1e9:8.2f} {rate / read_rate:8.3f} {rate / copy_rate:8.3f}")
+        print_rows(rows)
+        write_json(args.json, rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

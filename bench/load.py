@@ -33,6 +33,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -92,12 +93,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace) -> Server:
+def start_server(args: argparse.Namespace, extra: Sequence[str] = ()) -> Server:
+    """The server on ``args.device`` with ``args.memory_budget``; ``extra`` flags come last, so they win."""
     metrics_port = free_port()
     command = [sys.executable, "-m", "nvfp4_prep.cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
                "--device", args.device, "--memory-budget", args.memory_budget, "--cache-bytes", "0",
                "--max-concurrent", str(max(args.clients, 1) * 2), "--log-format", "json",
-               "--metrics-port", str(metrics_port)]
+               "--metrics-port", str(metrics_port), *extra]
     server = Server(subprocess.Popen(command, stderr=subprocess.PIPE, text=True), metrics_port=metrics_port)
     bound = threading.Event()
 
@@ -177,9 +179,10 @@ class MemoryWatch:
 
 def client_process(address: str, clients: int, first_client: int, shape: tuple[int, int, int],
                    expected: list[dict[str, str]], backend: str, ready: multiprocessing.Queue,
-                   window, go, results: multiprocessing.Queue) -> None:
+                   window, go, results: multiprocessing.Queue, client_options: dict | None = None) -> None:
     """``clients`` client threads, each with its own connection, preparing layers from when ``go`` is set
-    (after every process reported ``ready``) until the end of ``window`` (start, stop in ``time.time()``)."""
+    (after every process reported ``ready``) until the end of ``window`` (start, stop in ``time.time()``).
+    ``client_options`` are further ``PrepClient`` arguments (a token, a shorter timeout)."""
     from nvfp4_prep.client import PrepClient
     from nvfp4_prep.client.errors import PrepChecksumError, PrepClientError
 
@@ -192,7 +195,8 @@ def client_process(address: str, clients: int, first_client: int, shape: tuple[i
 
     def run(client_index: int) -> None:
         # Each client its own connection, as separate loader processes would have.
-        with PrepClient(address, options=[("grpc.use_local_subchannel_pool", 1)], timeout=600) as client:
+        options = {"options": [("grpc.use_local_subchannel_pool", 1)], "timeout": 600, **(client_options or {})}
+        with PrepClient(address, **options) as client:
             client.capabilities()
             connected.wait()
             go.wait()
@@ -234,7 +238,7 @@ def client_process(address: str, clients: int, first_client: int, shape: tuple[i
 
 
 def run_load(address: str, clients: int, processes: int, shape: tuple[int, int, int],
-             expected: list[dict[str, str]], backend: str, duration: float) -> dict:
+             expected: list[dict[str, str]], backend: str, duration: float, client_options: dict | None = None) -> dict:
     """Runs ``clients`` clients for ``duration`` seconds; their merged outcome plus the wall time."""
     context = multiprocessing.get_context("spawn")
     results: multiprocessing.Queue = context.Queue()
@@ -246,7 +250,7 @@ def run_load(address: str, clients: int, processes: int, shape: tuple[int, int, 
     for p in range(processes):
         count = clients // processes + (1 if p < clients % processes else 0)
         procs.append(context.Process(target=client_process, args=(
-            address, count, first, shape, expected, backend, ready, window, go, results)))
+            address, count, first, shape, expected, backend, ready, window, go, results, client_options)))
         first += count
     for proc in procs:
         proc.start()
@@ -277,6 +281,15 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
+def add_layer_flags(parser: argparse.ArgumentParser, layers: int) -> None:
+    """--layers (default ``layers``), --experts, --hidden and --inter of the layers the clients send."""
+    parser.add_argument("--layers", type=int, default=layers,
+                        help=f"distinct layers the clients cycle through (default {layers})")
+    parser.add_argument("--experts", type=int, default=8, help="E (default 8)")
+    parser.add_argument("--hidden", type=int, default=1024, help="H (default 1024)")
+    parser.add_argument("--inter", type=int, default=512, help="I (default 512)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -286,10 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of load (default 30)")
     parser.add_argument("--baseline-duration", type=float, default=10.0,
                         help="seconds of the one-client baseline (default 10)")
-    parser.add_argument("--layers", type=int, default=4, help="distinct layers the clients cycle through")
-    parser.add_argument("--experts", type=int, default=8, help="E (default 8)")
-    parser.add_argument("--hidden", type=int, default=1024, help="H (default 1024)")
-    parser.add_argument("--inter", type=int, default=512, help="I (default 512)")
+    add_layer_flags(parser, layers=4)
     parser.add_argument("--backend", default=BACKEND_DEFAULT, help=f"default {BACKEND_DEFAULT}")
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu",
                         help="the server's device (default cuda:0 if there is a GPU, else cpu)")

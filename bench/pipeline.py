@@ -6,6 +6,7 @@ plain device copy), and the peak extra device memory over the output size.
 
     python bench/pipeline.py                      # GPU: a DeepSeek-R1-sized layer
     python bench/pipeline.py --device cpu         # CPU: a smaller layer
+    python bench/pipeline.py --json rows.json     # also one row per backend as JSON (bench/report.py)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layers import nbytes, random_layer
 from nvfp4_prep.contract.layout import ACTIVATIONS, BACKENDS
 from nvfp4_prep.pipeline import prepare
+from report import add_json_flag, reset_device_peak, row, write_json
 
 
 def timed(fn, device: torch.device, repeat: int) -> float:
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--activation", default="swiglu", choices=ACTIVATIONS)
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated")
     parser.add_argument("--repeat", type=int, default=5)
+    add_json_flag(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
     experts = args.experts or (256 if device.type == "cuda" else 16)
@@ -83,13 +86,17 @@ def main() -> None:
     clone_s = timed(lambda: clone_all(layer), device, args.repeat)
     print(f"{'baseline clone()':<20} {clone_s * 1e3:9.2f} ms {size / clone_s / 1e9:8.1f} GB/s")
     print(f"{'backend':<20} {'time':>12} {'GB/s':>8} {'vs clone':>9} {'peak extra/out':>15}")
+    rows = []
     for backend in args.backends.split(","):
         run = functools.partial(prepare, layer, backend, args.activation)
         seconds = timed(run, device, args.repeat)
+        reset_device_peak()
         peak, out = peak_extra(run, device)
         memory = f"{peak / out:15.3f}" if out else f"{'n/a':>15}"
         print(f"{backend:<20} {seconds * 1e3:9.2f} ms {size / seconds / 1e9:8.1f} "
               f"{clone_s / seconds:9.3f} {memory}")
+        rows.append(row(backend, size / seconds / 1e9, "clone()", size / clone_s / 1e9))
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

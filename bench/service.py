@@ -42,6 +42,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nvfp4_prep.client import PrepClient, Progress
 from nvfp4_prep.server.config import parse_size
+from report import Row as ReportRow
+from report import add_json_flag, write_json
 
 _TCP_BUFFER = 8 << 20
 
@@ -147,6 +149,14 @@ class Server:
             else:
                 sys.stderr.write(line)
 
+    def peak_rss(self) -> int:
+        """The server process's peak resident set (VmHWM), in bytes."""
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
 
 def start_server(device: str, chunk_size: str, budget: str) -> Server:
     with socket.socket() as probe:
@@ -244,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                         "server and SDK default to 2MiB)")
     parser.add_argument("--memory-budget", default="auto", help="the server's --memory-budget")
     parser.add_argument("--repeat", type=int, default=2, help="runs per row; the best is reported")
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    add_json_flag(parser)
     args = parser.parse_args(argv)
     streams = sorted({int(s) for s in args.streams.split(",")})
     gated = args.activation != "relu2"
@@ -290,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(Row("gRPC prepare", count, count * (up + down), seconds, overlap, compute,
                                 client_cores, server_cores))
                 print(f"gRPC x{count}: {seconds:.2f}s", flush=True)
+        server_peak = server.peak_rss()
     finally:
         server.process.terminate()
         server.process.wait(timeout=60)
@@ -308,8 +319,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{row.rate / tcp[1]:>8.2f} {row.rate / tcp[row.streams]:>8.2f} {optional(row.overlap, 2):>8} "
               f"{optional(row.compute, 3):>8} {optional(row.client_cores, 1):>9} {optional(row.server_cores, 1):>9}")
     print(f"chunk size {args.chunk_size}, backend {args.backend}, activation {args.activation}")
-    if args.json is not None:
-        args.json.write_text(json.dumps([{**vars(row), "rate": row.rate} for row in rows], indent=2))
+    # The JSON rows: each gRPC row against as many raw TCP streams; its memory is the server process's peak.
+    write_json(args.json, [ReportRow(f"stream x{row.streams}", row.rate / 1e9, row.rate / tcp[row.streams],
+                                     f"raw TCP x{row.streams}", server_peak, 0)
+                           for row in rows if row.mode == "gRPC prepare"])
     return 0
 
 

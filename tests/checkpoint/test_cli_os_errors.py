@@ -68,14 +68,15 @@ def test_os_error_mid_run_exits_3_and_a_rerun_resumes(tmp_path: Path, ct_checkpo
     out = tmp_path / "out"
     assert nvfp4_prep("prepare", ct_checkpoint, "--backend", "flashinfer_trtllm", "--out", out,
                       "--quiet").returncode == 0
-    # A rerun with another backend rewrites every shard. The temporary file of the last shard (the one
+    # A rerun with another backend (and --overwrite) rewrites every shard. The temporary file of the last shard (the one
     # holding the non-MoE tensors, written after the layers) is blocked by a directory of that name, so
     # opening it fails with a real EISDIR after the layer shards are written.
     last = sorted(out.glob("model-*.safetensors"))[-1]
     blocker = out / f".{last.name}.partial"
     blocker.mkdir()
     (blocker / "keep").write_bytes(b"")
-    result = nvfp4_prep("prepare", ct_checkpoint, "--backend", "flashinfer_cutedsl", "--out", out, "--quiet")
+    result = nvfp4_prep("prepare", ct_checkpoint, "--backend", "flashinfer_cutedsl", "--out", out, "--quiet",
+                        "--overwrite")
     assert_os_error(result, "prepare", blocker, "EISDIR")
     assert not (out / INDEX).exists()  # never looks finished
     assert (out / MANIFEST_NAME).is_file()

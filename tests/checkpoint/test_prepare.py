@@ -31,7 +31,7 @@ INDEX = "model.safetensors.index.json"
 
 
 def run(source: Path, out: Path, backend: str = "flashinfer_cutedsl", **options: object):
-    return prepare_checkpoint(open_checkpoint(source), out, [prepare], backend, progress=False, **options)
+    return prepare_checkpoint(open_checkpoint(source), out, [prepare], backend, **options)
 
 
 def flip_byte(shard: Path, tensor: str) -> None:
@@ -182,10 +182,35 @@ def test_rerun_redoes_a_layer_whose_bytes_no_longer_match(tmp_path: Path, modelo
     assert verify_prepared(out, modelopt_checkpoint) == []
 
 
-def test_rerun_with_another_backend_rewrites_everything(tmp_path: Path, modelopt_checkpoint: Path) -> None:
+def test_rerun_with_another_backend_is_refused_without_overwrite(tmp_path: Path, modelopt_checkpoint: Path) -> None:
     out = tmp_path / "out"
     run(modelopt_checkpoint, out, "flashinfer_cutedsl")
-    summary = run(modelopt_checkpoint, out, "flashinfer_trtllm")
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    with pytest.raises(CheckpointError, match=r"made from other options.*--overwrite"):
+        run(modelopt_checkpoint, out, "flashinfer_trtllm")
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_overwrite_from_another_source_leaves_no_stray_file(tmp_path: Path, modelopt_checkpoint: Path) -> None:
+    other = write_checkpoint(tmp_path / "other", moe_layer_tensors(0, 2, 64, 64))
+    (other / "tokenizer.json").write_text("{}")
+    out = tmp_path / "out"
+    run(other, out)
+    assert (out / "tokenizer.json").exists()
+    with pytest.raises(CheckpointError, match="made from another source"):
+        run(modelopt_checkpoint, out)
+    run(modelopt_checkpoint, out, overwrite=True)
+    assert verify_prepared(out, modelopt_checkpoint) == []
+    expected = {path.name for path in modelopt_checkpoint.iterdir() if path.suffix != ".safetensors"}
+    stray = {path.name for path in out.iterdir() if not path.name.endswith(".safetensors")} - expected
+    assert stray <= {MANIFEST_NAME, INDEX}, stray
+
+
+def test_rerun_with_another_backend_and_overwrite_rewrites_everything(tmp_path: Path,
+                                                                       modelopt_checkpoint: Path) -> None:
+    out = tmp_path / "out"
+    run(modelopt_checkpoint, out, "flashinfer_cutedsl")
+    summary = run(modelopt_checkpoint, out, "flashinfer_trtllm", overwrite=True)
     assert (summary.layers_prepared, summary.layers_skipped) == (2, 0)
     assert verify_prepared(out, modelopt_checkpoint) == []
     assert json.loads((out / "config.json").read_text())["nvfp4_prep"]["backend"] == "flashinfer_trtllm"
@@ -223,7 +248,7 @@ def slow(stacked, backend, activation, policy):
     time.sleep(0.4)  # room for the parent to kill this run between layers or mid-write
     return prepare(stacked, backend, activation, policy)
 
-prepare_checkpoint(open_checkpoint(sys.argv[1]), sys.argv[2], [slow], "flashinfer_cutlass", progress=False)
+prepare_checkpoint(open_checkpoint(sys.argv[1]), sys.argv[2], [slow], "flashinfer_cutlass")
 """
 
 

@@ -45,7 +45,7 @@ def test_shared_checkpoints_are_detected_with_two_layers_of_eight_experts(fmt: s
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_stacked_layer_equals_the_safetensors_library_reading(fmt: str, shared: dict[str, Path]) -> None:
-    """Our mmap reader gives the same tensors as safetensors' own loader."""
+    """Our reader gives the same tensors as safetensors' own loader."""
     reference = load_all(shared[fmt] / "model.safetensors")
     checkpoint = open_checkpoint(shared[fmt])
     prefix = PREFIXES[1]

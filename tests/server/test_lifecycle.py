@@ -319,9 +319,18 @@ def test_capabilities_describe_the_server(start_server):
         caps = client.capabilities()
     assert caps.api == "nvfp4_prep.v1"
     assert caps.torch_version and caps.pipeline_version == layout.PIPELINE_VERSION
-    assert {b.backend: list(b.layout_versions) for b in caps.backends} == {
-        b: [layout.layout_id(b)] for b in layout.BACKENDS}
-    assert list(caps.activations) == list(layout.ACTIVATIONS)
+    offered = {b.backend: b for b in caps.backends}
+    assert set(offered) == set(layout.BACKENDS)
+    for backend, capability in offered.items():
+        assert layout.layout_id(backend) in capability.layout_versions
+        profiles = {p.profile: p for p in capability.profiles}
+        assert set(profiles) == set(layout.PROFILES)
+        for name, profile in profiles.items():
+            assert tuple(profile.activations) == layout.backend_activations(name, backend)
+            assert all(layout.layout_id(backend, profile=name, activation=a) in capability.layout_versions
+                       for a in profile.activations)
+    assert "swigluoai" not in {p.profile: p for p in offered["flashinfer_trtllm"].profiles}["vllm-0.33"].activations
+    assert list(caps.activations) == list(layout.ALL_ACTIVATIONS)
     assert [(d.device, d.memory_budget_bytes) for d in caps.devices] == [("cpu", 123 << 20)]
     assert caps.limits.chunk_size == 1 << 20 and caps.limits.cache_bytes == 5 << 20
     assert caps.limits.max_receive_message_bytes > 4 << 20

@@ -212,7 +212,8 @@ def test_deadline_ceiling_cancels_a_client_that_stalls(start_server, layer):
         wait_for(lambda: server.workers[0].budget.in_use > 0)
         started = time.monotonic()
         assert held.finished.wait(10)
-        assert held.error.code() == grpc.StatusCode.CANCELLED
+        assert held.error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "--max-deadline=1s" in held.error.details()
         assert time.monotonic() - started < 5
         wait_for(lambda: idle(server))
         held.release_event.set()

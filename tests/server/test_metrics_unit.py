@@ -12,7 +12,9 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from nvfp4_prep.server.metrics import STAGES, GpuMemoryCollector, Metrics, start_metrics_server
+from nvfp4_prep.server.metrics import STAGES, GpuMemoryCollector, Metrics
+from nvfp4_prep.server.metrics_http import MetricsHttpServer
+from nvfp4_prep.server.refusals import RefusalLog
 
 README = Path(__file__).resolve().parents[2] / "deploy" / "README.md"
 BACKEND = "flashinfer_cutedsl"
@@ -22,7 +24,7 @@ BACKEND = "flashinfer_cutedsl"
 def served():
     """A Metrics object and its running /metrics server on a free loopback port."""
     metrics = Metrics(devices=("cpu",))
-    server = start_metrics_server(0, "127.0.0.1", metrics.registry)
+    server = MetricsHttpServer(metrics.page, "127.0.0.1", 0).start()
     yield metrics, f"http://127.0.0.1:{server.port}/metrics"
     server.stop()
 
@@ -134,6 +136,7 @@ def test_every_metric_the_deploy_readme_lists_is_served(served):
     metrics.inflight.labels("Prepare")
     for gauge in (metrics.queue_depth, metrics.memory_budget_bytes, metrics.memory_in_use_bytes):
         gauge.labels("cpu")
+    metrics.watch_refusals(RefusalLog())
     samples = {name for name, _ in scrape(url)}
     served_names = samples | {re.sub(r"_(bucket|count|sum)$", "", name) for name in samples}
     listed = set()
@@ -172,7 +175,7 @@ def test_gpu_memory_reads_the_allocator_at_scrape_time():
 
 def test_stopped_server_refuses_connections():
     metrics = Metrics()
-    server = start_metrics_server(0, "127.0.0.1", metrics.registry)
+    server = MetricsHttpServer(metrics.page, "127.0.0.1", 0).start()
     url = f"http://127.0.0.1:{server.port}/metrics"
     assert scrape(url)
     server.stop()

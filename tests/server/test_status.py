@@ -81,6 +81,7 @@ def test_messages_and_fields_are_ascii_and_bounded():
     assert bounded("caf\u00e9\tok", 100) == "caf\\xe9\\tok"
     made = status(grpc.StatusCode.INVALID_ARGUMENT, hostile, hostile)
     assert len(made.details) <= MAX_MESSAGE_CHARS and made.details.isascii() and made.details.isprintable()
-    assert made.details.startswith("x\\xe9\\n\\x00yyy") and made.details.endswith("(truncated)")
+    assert made.details.startswith("x\\xe9\\n\\x00yyy") and "characters cut)..." in made.details
+    assert made.details.endswith("yyy")
     field = made.field
     assert field.isascii() and field.isprintable() and len(field) <= 256

@@ -3,8 +3,8 @@
 Thin: the job itself lives in ``nvfp4_prep.checkpoint``. ``prepare`` sends each
 MoE layer to the servers named by ``--server`` (one connection each; a free
 server takes the next layer; a layer whose server stays unavailable after the
-SDK's retries goes to the next server) or, without ``--server``, to a server it
-starts in-process on 127.0.0.1 (the embedded default). Every flag ``--foo-bar``
+SDK's retries goes to the next server) or, without ``--server``, through the
+pipeline in this process (the embedded default: no server, no loopback). Every flag ``--foo-bar``
 may also be set as ``NVFP4_PREP_FOO_BAR``.
 
 Exit codes: 0 success, 1 verify found differences, 2 bad arguments or a
@@ -31,6 +31,7 @@ from nvfp4_prep.contract.environment import env_value
 from nvfp4_prep.contract.layout import ACTIVATIONS, BACKENDS, INPUT_SCALE_POLICIES
 
 from .connection_flags import add_security_flags, security_options
+from .progress import LayerProgress, megabytes
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--timeout", type=float, default=env_value("timeout", "600"),
                          help="seconds per layer call to a server, retries included (default: 600) "
                               "[env NVFP4_PREP_TIMEOUT]")
+    prepare.add_argument("--overwrite", action="store_true",
+                         help="replace an OUT prepared from another checkpoint or with other options (default: refuse)")
     add_security_flags(prepare)
-    prepare.add_argument("--quiet", action="store_true", help="no progress bar")
+    prepare.add_argument("--quiet", action="store_true", help="no progress output")
     prepare.set_defaults(run=run_prepare)
 
     verify = subparsers.add_parser(
@@ -100,26 +103,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 @contextlib.contextmanager
-def layer_preparers(servers: list[str], timeout: float | None = None, security: dict | None = None) -> Iterator[list]:
-    """One ``prepare_layer`` per server, or one through a server started here on 127.0.0.1.
+def layer_preparers(servers: list[str], timeout: float | None = None, security: dict | None = None,
+                    backend: str | None = None) -> Iterator[list]:
+    """One ``prepare_layer`` per server, or the pipeline in this process when no server is named.
+
+    With ``backend``, each server is asked first (health, capabilities) whether it serves and produces
+    this package's layout for that backend, so that a wrong server fails before anything is written.
 
     Each tries its own server first and, when that stays unavailable (it died, or drains), the others in
     turn: preparing is a pure function, so any server gives the same bytes.
     """
+    if not servers:
+        from nvfp4_prep.prepared.in_process import InProcessPreparer
+
+        preparer = InProcessPreparer()
+        log.info("preparing in this process on %s", preparer.device)
+        yield [preparer]
+        return
     from nvfp4_prep.client.errors import PrepUnavailable
     from nvfp4_prep.client.sdk import PrepClient
 
     with contextlib.ExitStack() as stack:
-        if not servers:
-            from nvfp4_prep.server.config import ServeConfig
-            from nvfp4_prep.server.server import PrepServer
-
-            server = PrepServer(ServeConfig(host="127.0.0.1", port=0, metrics_port=0)).start()
-            stack.callback(server.stop, 0)
-            servers = [server.address]
-            log.info("embedded server on %s", server.address)
         clients = [stack.enter_context(PrepClient(address, timeout=timeout, **(security or {})))
                    for address in servers]
+        if backend is not None:
+            for client in clients:
+                check_server(client, backend)
 
         def preparer(index: int):
             order = clients[index:] + clients[:index]
@@ -136,6 +145,20 @@ def layer_preparers(servers: list[str], timeout: float | None = None, security: 
             return prepare_layer
 
         yield [preparer(index) for index in range(len(clients))]
+
+
+def check_server(client, backend: str) -> None:
+    """Raises ``ValueError`` naming the server when it is not serving or cannot produce our layout."""
+    from nvfp4_prep.contract.layout import layout_id
+
+    status = client.health()
+    if status != "SERVING":
+        raise ValueError(f"server {client.target} reports health {status}, expected SERVING")
+    offered = {cap.backend: list(cap.layout_versions) for cap in client.capabilities().backends}
+    wanted = layout_id(backend)
+    if wanted not in offered.get(backend, []):
+        raise ValueError(f"server {client.target} produces {offered.get(backend) or 'nothing'} for {backend}, "
+                         f"expected layout {wanted} (a server of another nvfp4-prep version?)")
 
 
 def os_error_line(command: str, exc: OSError, fallback: object) -> str:
@@ -169,13 +192,19 @@ def run_prepare(args: argparse.Namespace) -> int:
     try:
         with open_checkpoint(location) as checkpoint:
             security = security_options(args)
-            with layer_preparers(_servers(args.server), args.timeout, security) as preparers:
-                summary = prepare_checkpoint(checkpoint, args.out, preparers, args.backend, args.activation,
-                                             args.input_scale_policy, progress=not args.quiet)
+            progress = LayerProgress(enabled=not args.quiet)
+            try:
+                with layer_preparers(_servers(args.server), args.timeout, security, args.backend) as preparers:
+                    summary = prepare_checkpoint(checkpoint, args.out, preparers, args.backend, args.activation,
+                                                 args.input_scale_policy, progress=progress, overwrite=args.overwrite)
+            finally:
+                progress.close()
             print(f"{summary.out_dir}: {summary.layers_prepared} layers prepared, {summary.layers_skipped} kept "
-                  f"from an earlier run, {summary.bytes_prepared / 1e6:.1f} MB in {summary.seconds:.2f}s")
+                  f"from an earlier run, {megabytes(summary.bytes_prepared)} in {summary.seconds:.2f}s, "
+                  f"layout {summary.layout_id}")
             if args.verify:
                 return _report(verify_prepared(args.out, checkpoint), summary.out_dir)
+            print(f"next: nvfp4-prep verify {summary.out_dir} --against {location}")
     except (CheckpointError, PrepError, PrepClientError, ValueError) as exc:
         print(f"nvfp4-prep prepare: {exc}", file=sys.stderr)
         return EXIT_ERROR

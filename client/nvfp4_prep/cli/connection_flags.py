@@ -1,4 +1,5 @@
-"""The TLS and token flags of the client commands (``info``, ``layer``, ``prepare --server``).
+"""The connection flags of the client commands (``info``, ``layer``, ``prepare --server``): TLS, the token,
+and how long to retry.
 
 Each flag ``--foo`` may also come from ``NVFP4_PREP_FOO``. The token is read
 from a file (a Kubernetes Secret mounted as a file, typically), never taken on
@@ -8,12 +9,24 @@ the command line, where ``ps`` would show it.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from nvfp4_prep.contract.environment import env_value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
 def add_security_flags(parser: argparse.ArgumentParser) -> None:
+    """The TLS and token flags, and ``--retry-timeout``."""
     parser.add_argument("--tls-ca", default=env_value("tls-ca"), metavar="PEM",
                         help="speak TLS, trusting the server certificates this CA signed (with --tls-cert alone: "
                              "the system's CAs) [env NVFP4_PREP_TLS_CA]")
@@ -24,10 +37,15 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
                         help="the private key of --tls-cert [env NVFP4_PREP_TLS_KEY]")
     parser.add_argument("--token-file", default=env_value("token-file"), metavar="FILE",
                         help="file whose first line is the bearer token the server wants [env NVFP4_PREP_TOKEN_FILE]")
+    parser.add_argument("--retry-timeout", type=_seconds, default=env_value("retry-timeout", "60"), metavar="SECONDS",
+                        help="keep retrying a call that failed for a passing reason (server restarting or "
+                             "unreachable, too busy) for this long, with backoff; 0: no retries (default 60) "
+                             "[env NVFP4_PREP_RETRY_TIMEOUT]")
 
 
 def security_options(args: argparse.Namespace) -> dict:
-    """``PrepClient`` keyword arguments from the flags; ValueError naming the flag when one is unusable."""
+    """``PrepClient`` keyword arguments from the flags (``retry_timeout`` too); ValueError naming the flag when
+    one is unusable."""
     from nvfp4_prep.client.credentials import read_token_file
 
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -35,7 +53,8 @@ def security_options(args: argparse.Namespace) -> dict:
     for flag, path in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
         if path is not None and not os.access(path, os.R_OK):
             raise ValueError(f"{flag}: {path!r} is not a readable file")
-    options = {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
+    options = {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
+               "retry_timeout": args.retry_timeout}
     if args.token_file is not None:
         options["token"] = read_token_file(args.token_file)
     return options

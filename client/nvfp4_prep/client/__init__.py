@@ -1,10 +1,13 @@
 """The nvfp4-prep SDK: ``PrepClient`` prepares layers on remote servers; ``cli`` is the command line."""
 
+import logging
+
 from .errors import (
     PrepCancelled,
     PrepChecksumError,
     PrepClientError,
     PrepDeadlineExceeded,
+    PrepHandshakeFailed,
     PrepInvalidArgument,
     PrepLayoutMismatch,
     PrepNotFound,
@@ -20,7 +23,10 @@ from .sdk import PrepClient, Progress
 
 __all__ = [
     "PrepCancelled", "PrepChecksumError", "PrepClient", "PrepClientError", "PrepDeadlineExceeded",
-    "PrepInvalidArgument", "PrepLayoutMismatch", "PrepNotFound", "PrepPermissionDenied", "PrepProtocolError",
-    "PrepResourceExhausted", "PrepServerError", "PrepUnauthenticated", "PrepUnavailable", "Progress", "RemoteLayer",
-    "mma_view",
+    "PrepHandshakeFailed", "PrepInvalidArgument", "PrepLayoutMismatch", "PrepNotFound", "PrepPermissionDenied",
+    "PrepProtocolError", "PrepResourceExhausted", "PrepServerError", "PrepUnauthenticated", "PrepUnavailable",
+    "Progress", "RemoteLayer", "mma_view",
 ]
+
+# A library logs; the application decides where to (logging.basicConfig, ...), not the SDK.
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -49,6 +49,13 @@ class PrepUnavailable(PrepClientError):
     """No server answered, or it is draining (retried with backoff before this is raised)."""
 
 
+class PrepHandshakeFailed(PrepUnavailable):
+    """No connection could be set up because TLS failed: a CA that did not sign the server's certificate,
+    TLS against a plaintext server or the reverse, or a client certificate that a mutual-TLS server wants
+    and did not get (or refused). Retried once at most (twice in a row ends the call): waiting does not
+    mend it."""
+
+
 class PrepNotFound(PrepClientError):
     """A checkpoint reference names something that does not exist."""
 
@@ -83,14 +90,42 @@ _BY_CODE: dict[grpc.StatusCode, type[PrepClientError]] = {
 }
 
 
-def from_rpc_error(error: grpc.RpcError) -> PrepClientError:
+def from_rpc_error(error: grpc.RpcError, tls: bool = False) -> PrepClientError:
     """The typed exception for a failed call (``error`` is a grpc.Call as well); ``field`` comes from the
-    status details (``google.rpc`` field violations), else from the ``nvfp4-prep-field`` trailer."""
+    status details (``google.rpc`` field violations), else from the ``nvfp4-prep-field`` trailer. ``tls``
+    says whether the channel is TLS, for the hint that a failed connection setup gets."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = (error.details() if hasattr(error, "details") else "") or str(error)
     trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
     field = _detailed_field(error) or dict(trailers or ()).get(FIELD_METADATA_KEY, "")
+    hint = _setup_hint(details, tls) if code == grpc.StatusCode.UNAVAILABLE else None
+    if hint is not None:
+        return PrepHandshakeFailed(f"{details}; {hint}", code, field)
     return _BY_CODE.get(code, PrepServerError)(details, code, field)
+
+
+# What gRPC's status text says when no connection could be set up (as opposed to a stream that broke after),
+# and when TLS failed inside that: this client refused the server's certificate, or got no TLS answer at all.
+_NO_CONNECTION = "connections to all backends failing"
+_TLS_FAILED = "tls handshake failed"
+# A connection closed during setup: a mutual-TLS server refusing (or missing) this client's certificate,
+# or a TLS server that a plaintext client spoke to. A server that is down refuses the connection instead.
+_CLOSED = "socket closed"
+_TLS_HINT = ("the TLS handshake failed or the server requires a client certificate: check tls_ca, tls_cert and "
+             "tls_key (--tls-ca, --tls-cert, --tls-key)")
+_PLAINTEXT_HINT = "the server closed the connection during setup (a TLS server? then give tls_ca, --tls-ca)"
+
+
+def _setup_hint(details: str, tls: bool) -> str | None:
+    """What probably happened when an UNAVAILABLE status says the connection could not be set up, or None."""
+    text = details.lower()
+    if _NO_CONNECTION not in text:
+        return None
+    if _TLS_FAILED in text:
+        return _TLS_HINT
+    if _CLOSED in text:
+        return _TLS_HINT if tls else _PLAINTEXT_HINT
+    return None
 
 
 def _detailed_field(error: grpc.RpcError) -> str:

@@ -135,7 +135,10 @@ class Answer:
 
 def _check_layout(layout: dict, asked: pb.PrepareHeader) -> None:
     wanted = {"backend": asked.backend, "activation": asked.activation,
-              "input_scale_policy": asked.input_scale_policy}
+              "input_scale_policy": asked.input_scale_policy, "profile": asked.profile,
+              "gated_group_size": asked.gated_group_size, "tp_rank": asked.shard.tp_rank,
+              "tp_size": asked.shard.tp_size, "ep_rank": asked.shard.ep_rank, "ep_size": asked.shard.ep_size,
+              "expert_placement": asked.shard.expert_placement}
     if asked.layout_version:
         wanted["layout_id"] = asked.layout_version
     for key, value in wanted.items():

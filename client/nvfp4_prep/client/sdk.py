@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-import random
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import grpc
 import torch
@@ -32,12 +31,14 @@ from nvfp4_prep.wire import (
 )
 
 from .credentials import BearerToken, PemSource, channel_credentials, is_loopback
-from .errors import PrepDeadlineExceeded, from_rpc_error, retryable
-from .receiver import Answer, AnswerChanged, Progress, ProgressCallback
+from .receiver import Answer, Progress, ProgressCallback
 from .result import RemoteLayer
+from .retry import RetryPolicy
 from .targets import open_channel, target_uri
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Prep"].full_name
 
@@ -59,6 +60,14 @@ class _Stub:
             "/nvfp4_prep.v1.Prep/Prepare", request_serializer=encode_message, response_deserializer=decode_response)
 
 
+def header_options(*, profile: str = "seed", gated_group_size: int = 64, tp_rank: int = 0, tp_size: int = 1,
+                   ep_rank: int = 0, ep_size: int = 1, expert_placement: str = "linear") -> dict:
+    """The ``PrepareHeader`` fields of ``pipeline.prepare``'s profile and shard keywords; the server checks them."""
+    return {"profile": profile, "gated_group_size": gated_group_size,
+            "shard": pb.RankShard(tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size,
+                                  expert_placement=expert_placement)}
+
+
 class PrepClient:
     """A client of one or more nvfp4-prep servers.
 
@@ -76,22 +85,28 @@ class PrepClient:
     ``token`` is sent as ``authorization: Bearer <token>`` with every call.
     ``interceptors`` are further gRPC client interceptors (tracing).
 
-    Retries: a failed call is sent again, up to ``retries`` times with
-    exponential backoff, only when it failed for a passing reason: UNAVAILABLE
-    (no connection, a broken stream, a draining server) or a refusal because
-    too many calls were running (RESOURCE_EXHAUSTED naming max_concurrent or
-    max_concurrent_per_client). Sending again is safe because every call is
-    idempotent: GetCapabilities only reads, and Prepare is a pure function of
-    its source tensors and parameters; the server keeps nothing from it but a
-    cache of the same answer. A stream that broke part-way resumes after the
-    last verified chunk. Everything else (INVALID_ARGUMENT, DATA_LOSS, a size
-    limit, UNAUTHENTICATED, DEADLINE_EXCEEDED, ...) would fail the same way
-    again, and is raised at once. Use it as a context manager, or call
-    ``close()``.
+    Retries: a failed call is sent again, with exponential backoff and jitter,
+    for up to ``retry_timeout`` seconds after it first failed (long enough for
+    a server to restart; counted again once a resumed attempt got further),
+    only when it failed for a passing reason: UNAVAILABLE (no connection, a
+    broken stream, a draining server) or a refusal because too many calls were
+    running (RESOURCE_EXHAUSTED naming max_concurrent or
+    max_concurrent_per_client). ``retries`` caps the number of retries as well
+    (None: no cap); ``timeout`` still bounds the whole call. A connection that
+    TLS refused (PrepHandshakeFailed, with a hint at the likely cause) is tried
+    twice at most. Sending again is safe because every call is idempotent:
+    GetCapabilities only reads, and Prepare is a pure function of its source
+    tensors and parameters; the server keeps nothing from it but a cache of the
+    same answer. A stream that broke part-way resumes after the last verified
+    chunk. Everything else (INVALID_ARGUMENT, DATA_LOSS, a size limit,
+    UNAUTHENTICATED, DEADLINE_EXCEEDED, ...) would fail the same way again, and
+    is raised at once. Each retry is logged at INFO (logger ``nvfp4_prep.client``).
+    Use it as a context manager, or call ``close()``.
     """
 
     def __init__(self, targets: str | Sequence[str], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 timeout: float | None = None, retries: int = 4, backoff: float = 0.2, max_backoff: float = 5.0,
+                 timeout: float | None = None, retry_timeout: float = 60.0, retries: int | None = None,
+                 backoff: float = 0.2, max_backoff: float = 5.0,
                  channels: int = 1, credentials: grpc.ChannelCredentials | None = None,
                  tls_ca: PemSource | None = None, tls_cert: PemSource | None = None,
                  tls_key: PemSource | None = None, token: str | None = None,
@@ -100,21 +115,20 @@ class PrepClient:
             self.chunk_size = check_chunk_size(chunk_size)
         except FramingError as err:
             raise ValueError(str(err)) from None
-        if channels < 1 or retries < 0:
-            raise ValueError("channels must be >= 1 and retries >= 0")
+        if channels < 1:
+            raise ValueError(f"channels: expected an integer >= 1, got {channels!r}")
+        self.retry = RetryPolicy(retry_timeout, retries, backoff, max_backoff)
         self.target = target_uri(targets)
         tls = channel_credentials(tls_ca, tls_cert, tls_key)
         if tls is not None and credentials is not None:
             raise ValueError("credentials and tls_ca/tls_cert/tls_key: give one or the other")
         credentials = credentials or tls
+        self._tls = credentials is not None
         if token is not None:
             if credentials is None and not is_loopback(self.target):
                 log.warning("sending a bearer token over plaintext to %s; give tls_ca to encrypt it", self.target)
             interceptors = (BearerToken(token), *interceptors)
         self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
         self._channels = [open_channel(self.target, credentials, channels > 1, options) for _ in range(channels)]
         intercepted = [grpc.intercept_channel(channel, *interceptors) for channel in self._channels]
         self._health_channel = intercepted[0]
@@ -141,30 +155,34 @@ class PrepClient:
     def capabilities(self, timeout: float | None = None) -> pb.Capabilities:
         """What the server (one of them, under round_robin) runs and offers."""
         return self._with_retries(lambda remaining: self._stub().GetCapabilities(
-            pb.GetCapabilitiesRequest(), timeout=remaining), timeout)
+            pb.GetCapabilitiesRequest(), timeout=remaining), timeout, "GetCapabilities")
 
     def health(self, service: str = SERVICE_NAME, timeout: float | None = None) -> str:
         """The grpc.health.v1 status of ``service`` on the server, e.g. "SERVING" or "NOT_SERVING"."""
         stub = health_pb2_grpc.HealthStub(self._health_channel)
         answer = self._with_retries(lambda remaining: stub.Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=remaining), timeout)
+            health_pb2.HealthCheckRequest(service=service), timeout=remaining), timeout, "health check")
         return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
     def prepare_layer(self, tensors: Mapping[str, torch.Tensor], backend: str, activation: str = "swiglu",
                       input_scale_policy: str = "max", *, layout_version: str | None = None,
-                      timeout: float | None = None, progress: ProgressCallback | None = None) -> RemoteLayer:
+                      timeout: float | None = None, progress: ProgressCallback | None = None,
+                      **layout_options: object) -> RemoteLayer:
         """Prepares one layer remotely; same tensors in and out as ``nvfp4_prep.pipeline.prepare``.
 
         ``tensors`` is the stacked form (``w13_weight``, ...) or the per-expert
         form (``"0.gate_proj.weight"``, ...). ``layout_version`` pins the layout
-        id the answer must carry. ``progress`` is called with Progress tuples,
-        from gRPC's threads as well as the caller's; if it raises, the call is
-        cancelled and its exception raised here.
+        id the answer must carry. ``layout_options`` are those of
+        ``pipeline.prepare``: ``profile``, ``gated_group_size``, and the rank's
+        ``tp_rank``, ``tp_size``, ``ep_rank``, ``ep_size``, ``expert_placement``
+        (send the whole layer; the answer is the rank's shard). ``progress`` is
+        called with Progress tuples, from gRPC's threads as well as the
+        caller's; if it raises, the call is cancelled and its exception raised here.
         """
         cpu = {name: tensor.detach().to("cpu") for name, tensor in tensors.items()}
         header = pb.PrepareHeader(
             backend=backend, activation=activation, input_scale_policy=input_scale_policy,
-            layout_version=layout_version or "",
+            layout_version=layout_version or "", **header_options(**layout_options),
             tensors=pb.TensorSet(form=tensor_form(cpu), tensors=[header_for(name, t) for name, t in cpu.items()]),
         )
         total = sum(t.numel() * t.element_size() for t in cpu.values())
@@ -188,11 +206,13 @@ class PrepClient:
 
     def prepare_reference(self, location: str, layer_prefix: str, backend: str, activation: str = "swiglu",
                           input_scale_policy: str = "max", *, layout_version: str | None = None,
-                          timeout: float | None = None, progress: ProgressCallback | None = None) -> RemoteLayer:
-        """Prepares a layer that the server reads from a checkpoint under its allowed roots."""
+                          timeout: float | None = None, progress: ProgressCallback | None = None,
+                          **layout_options: object) -> RemoteLayer:
+        """Prepares a layer that the server reads from a checkpoint under its allowed roots; ``layout_options``
+        as for ``prepare_layer``."""
         header = pb.PrepareHeader(
             backend=backend, activation=activation, input_scale_policy=input_scale_policy,
-            layout_version=layout_version or "",
+            layout_version=layout_version or "", **header_options(**layout_options),
             ref=pb.CheckpointRef(location=location, layer_prefix=layer_prefix),
         )
         def requests(asked: pb.PrepareHeader, _: list[BaseException]) -> Iterator[pb.PrepareRequest]:
@@ -244,30 +264,14 @@ class PrepClient:
                     upload.close()  # stops the encoding thread even while gRPC waits on it
 
         try:
-            layer = self._with_retries(attempt, timeout)
+            layer = self._with_retries(attempt, timeout, f"request {request_id}", lambda: answer.resume_point)
         except Exception as err:
             log.warning("request %s failed: %s", request_id, err)
             raise
         log.info("request %s: prepared for %s", request_id, layer.layout.get("layout_id"))
         return layer
 
-    def _with_retries(self, attempt, timeout: float | None):
-        timeout = self.timeout if timeout is None else timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for tries in itertools.count():
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise PrepDeadlineExceeded("deadline passed before the call could start",
-                                           grpc.StatusCode.DEADLINE_EXCEEDED)
-            try:
-                return attempt(remaining)
-            except grpc.RpcError as err:
-                error = from_rpc_error(err)
-            except AnswerChanged as err:
-                error = err
-            if not retryable(error) or tries >= self.retries:
-                raise error
-            pause = min(self.max_backoff, self.backoff * 2 ** tries) * random.uniform(0.5, 1.0)
-            if deadline is not None:
-                pause = min(pause, max(deadline - time.monotonic(), 0))
-            time.sleep(pause)
+    def _with_retries(self, attempt: Callable[[float | None], T], timeout: float | None, what: str,
+                      position: Callable[[], object] = lambda: None) -> T:
+        return self.retry.run(attempt, self.timeout if timeout is None else timeout, what, tls=self._tls,
+                              position=position)

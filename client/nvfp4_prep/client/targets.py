@@ -18,6 +18,10 @@ _ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 # ("grpc.keepalive_time_ms", ...) in PrepClient's options to match.
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 20_000
+# gRPC waits longer and longer between reconnection attempts to a server that is down (up to 120 s by
+# default) and fails calls at once meanwhile, so a server back after a restart went unnoticed for most of
+# the SDK's retry window. Capped at the SDK's own largest pause between retries.
+MAX_RECONNECT_BACKOFF_MS = 5_000
 
 
 def target_uri(targets: str | Sequence[str]) -> str:
@@ -60,6 +64,7 @@ def open_channel(target: str, credentials: grpc.ChannelCredentials | None, separ
         ("grpc.max_send_message_length", -1),
         # The SDK retries itself: gRPC's retries would buffer whole uploads, and resume nothing.
         ("grpc.enable_retries", 0),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),

@@ -24,7 +24,9 @@ LAYOUT_METADATA_KEY = "nvfp4_prep_layout"
 
 # Fields of a layer's layout record that are the same for every layer of one run.
 SHARED_LAYOUT_KEYS = ("layout_id", "backend", "activation", "input_scale_policy", "pipeline_version",
-                      "flashinfer_layout_version", "epilogue_tile_m", "sf_vec_size")
+                      "flashinfer_layout_version", "epilogue_tile_m", "sf_vec_size", "profile", "flashinfer_release",
+                      "gated_group_size", "padding_fill_byte", "hidden_alignment", "intermediate_alignment",
+                      "tp_rank", "tp_size", "ep_rank", "ep_size", "expert_placement")
 
 
 def split_layout(layout: dict) -> tuple[dict, dict]:

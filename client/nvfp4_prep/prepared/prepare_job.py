@@ -6,6 +6,8 @@ input_scale_policy) -> object with .tensors and .layout`` — the SDK's
 process. Each preparer works on two layers at a time, so reading and writing
 overlap with preparing; with several preparers (one per server) each takes the
 next pending layer as soon as it is free, so faster servers take more layers.
+Progress goes to a callback, once per finished layer, so that the caller picks
+how to show it (a bar on a terminal, a line per layer in a log).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from tqdm import tqdm
 
 from nvfp4_prep.checkpoint.checkpoint import Checkpoint
 from nvfp4_prep.checkpoint.errors import CheckpointInvalid
@@ -43,6 +44,18 @@ LayerPreparer = Callable[[Mapping[str, torch.Tensor], str, str, str], PreparedLi
 
 
 @dataclass(frozen=True)
+class LayerDone:
+    """One layer written: which, and how far the run is (source bytes, layers kept from an earlier run included)."""
+
+    prefix: str
+    nbytes: int
+    done_bytes: int
+    total_bytes: int
+    done_layers: int
+    total_layers: int
+
+
+@dataclass(frozen=True)
 class PrepareSummary:
     """What a run did: layers prepared now, layers kept from an earlier run, source bytes prepared, time."""
 
@@ -51,6 +64,7 @@ class PrepareSummary:
     layers_skipped: int
     bytes_prepared: int
     seconds: float
+    layout_id: str
 
 
 def _layer_bytes(checkpoint: Checkpoint, prefix: str) -> int:
@@ -59,7 +73,8 @@ def _layer_bytes(checkpoint: Checkpoint, prefix: str) -> int:
 
 def prepare_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike, preparers: Sequence[LayerPreparer],
                        backend: str, activation: str = "swiglu", input_scale_policy: str = "max",
-                       progress: bool = True, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> PrepareSummary:
+                       progress: Callable[[LayerDone], None] | None = None,
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> PrepareSummary:
     """Prepares every pending MoE layer and writes ``out_dir``; see the module docstring."""
     if not preparers:
         raise ValueError("prepare_checkpoint needs at least one layer preparer")
@@ -68,13 +83,12 @@ def prepare_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike, prepa
         raise CheckpointInvalid(f"{checkpoint.directory}: no NVFP4 MoE layers to prepare")
     started = time.perf_counter()
     with PreparedCheckpointWriter(checkpoint, out_dir, backend, activation, input_scale_policy,
-                                  max_shard_bytes) as writer:
+                                  max_shard_bytes, overwrite) as writer:
         pending = writer.pending_layers()
         sizes = {prefix: _layer_bytes(checkpoint, prefix) for prefix in layers}
         total = sum(sizes.values())
-        done_bytes = total - sum(sizes[prefix] for prefix in pending)
-        bar = tqdm(total=total, initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc="prepare", disable=not progress, dynamic_ncols=True)
+        done = [total - sum(sizes[prefix] for prefix in pending), len(layers) - len(pending)]
+        done_lock = threading.Lock()
         todo: queue.Queue[str] = queue.Queue()
         for prefix in pending:
             todo.put(prefix)
@@ -92,12 +106,16 @@ def prepare_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike, prepa
                     prepared = preparer(stacked, backend, activation, input_scale_policy)
                     writer.write_layer(prefix, prepared)
                 except BaseException as exc:  # handed to the caller's thread below
-                    log.error("layer %s failed: %s", prefix, exc)
+                    log.debug("layer %s failed: %s", prefix, exc)  # the caller reports it, once
                     failures.append(exc)
                     stop.set()
                     return
-                bar.set_postfix_str(prefix, refresh=False)
-                bar.update(sizes[prefix])
+                with done_lock:
+                    done[0] += sizes[prefix]
+                    done[1] += 1
+                    event = LayerDone(prefix, sizes[prefix], done[0], total, done[1], len(layers))
+                if progress is not None:
+                    progress(event)
 
         threads = [threading.Thread(target=work, args=(p,), name=f"prepare-{i}-{j}", daemon=True)
                    for i, p in enumerate(preparers) for j in range(LAYERS_IN_FLIGHT_PER_PREPARER)]
@@ -108,13 +126,13 @@ def prepare_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike, prepa
                 thread.join()
         finally:
             stop.set()  # on KeyboardInterrupt: no worker starts another layer
-            bar.close()
         if failures:
             raise failures[0]
         writer.finish()
     seconds = time.perf_counter() - started
     summary = PrepareSummary(str(writer.out_dir), len(pending), len(layers) - len(pending),
-                             sum(sizes[prefix] for prefix in pending), seconds)
+                             sum(sizes[prefix] for prefix in pending), seconds,
+                             str(writer.manifest.layout.get("layout_id", "")))
     log.info("prepared %d layers (%d kept from an earlier run) in %.2fs", summary.layers_prepared,
              summary.layers_skipped, seconds)
     return summary

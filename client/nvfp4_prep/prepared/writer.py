@@ -54,8 +54,9 @@ class PreparedCheckpointWriter:
 
     def __init__(self, checkpoint: Checkpoint, out_dir: str | os.PathLike, backend: str,
                  activation: str = "swiglu", input_scale_policy: str = "max",
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> None:
         self.checkpoint = checkpoint
+        self._overwrite = overwrite
         self.out_dir = Path(out_dir).absolute()
         if os.path.realpath(self.out_dir) == os.path.realpath(checkpoint.directory):
             raise CheckpointInvalid(
@@ -107,8 +108,7 @@ class PreparedCheckpointWriter:
         previous = self._previous_manifest()
         for path in remove_partials(self.out_dir):
             log.info("removed %s left by an interrupted run", path.name)
-        source = {"path": str(self.checkpoint.directory), "format": self.checkpoint.format,
-                  "identity": self.checkpoint.source_identity()}
+        source = self._request_source()
         fresh = Manifest(source, dict(self._request))
         if previous is not None and (previous.source, previous.request) == (source, self._request):
             fresh.layout = previous.layout
@@ -119,7 +119,7 @@ class PreparedCheckpointWriter:
                     if shard.layer is not None:
                         fresh.layers[shard.layer] = previous.layers[shard.layer]
         elif previous is not None:
-            log.info("%s was written from another source or with other options; writing it again", self.out_dir)
+            self._replace(previous)
         if not fresh.layers:  # shards kept without any layer would carry a stale layout record
             fresh.layout, fresh.shards = {}, {}
         for path in self.out_dir.iterdir():
@@ -130,6 +130,28 @@ class PreparedCheckpointWriter:
             log.info("resuming: %d of %d shards already written and verified", len(fresh.shards), len(self.plan))
         fresh.save(self.out_dir)
         return fresh
+
+    def _replace(self, previous: Manifest) -> None:
+        """Empties a folder prepared from another source or with other options, once the caller said so.
+
+        Without ``overwrite`` it is refused: replacing it silently would lose a good prepared checkpoint,
+        and keeping its small files (tokenizer, recipe) would mix two models in one folder. The folder is
+        ours (it holds our manifest), so every file at its top level goes; folders inside are left alone.
+        """
+        if not self._overwrite:
+            what = "another source" if previous.source != self._request_source() else "other options"
+            raise CheckpointInvalid(
+                f"output directory {self.out_dir} holds a prepared checkpoint made from {what} "
+                f"(source {previous.source.get('path')!r}, options {previous.request}); pass --overwrite to "
+                "replace it, or choose another --out")
+        log.info("%s was prepared from another source or with other options; replacing it", self.out_dir)
+        for path in self.out_dir.iterdir():
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+
+    def _request_source(self) -> dict:
+        return {"path": str(self.checkpoint.directory), "format": self.checkpoint.format,
+                "identity": self.checkpoint.source_identity()}
 
     def _intact(self, shard: PlannedShard, entry: dict, previous: Manifest) -> bool:
         """True when a shard from an earlier run holds what the plan wants, byte for byte."""

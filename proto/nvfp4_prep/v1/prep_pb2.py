@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18nvfp4_prep/v1/prep.proto\x12\rnvfp4_prep.v1\"O\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0b\x62yte_length\x18\x04 \x01(\x04\"Q\n\x0bTensorChunk\x12\x14\n\x0ctensor_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x04 \x01(\x07\"b\n\tTensorSet\x12\'\n\x04\x66orm\x18\x01 \x01(\x0e\x32\x19.nvfp4_prep.v1.TensorForm\x12,\n\x07tensors\x18\x02 \x03(\x0b\x32\x1b.nvfp4_prep.v1.TensorHeader\"7\n\rCheckpointRef\x12\x10\n\x08location\x18\x01 \x01(\t\x12\x14\n\x0clayer_prefix\x18\x02 \x01(\t\"\xfd\x01\n\rPrepareHeader\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x12\n\nactivation\x18\x02 \x01(\t\x12\x1a\n\x12input_scale_policy\x18\x03 \x01(\t\x12\x16\n\x0elayout_version\x18\x04 \x01(\t\x12+\n\x07tensors\x18\x05 \x01(\x0b\x32\x18.nvfp4_prep.v1.TensorSetH\x00\x12+\n\x03ref\x18\x06 \x01(\x0b\x32\x1c.nvfp4_prep.v1.CheckpointRefH\x00\x12/\n\x0bresume_from\x18\x07 \x01(\x0b\x32\x1a.nvfp4_prep.v1.ResumePointB\x08\n\x06source\"3\n\x0bResumePoint\x12\x14\n\x0ctensor_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"x\n\x0ePrepareRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.nvfp4_prep.v1.PrepareHeaderH\x00\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1a.nvfp4_prep.v1.TensorChunkH\x00\x42\t\n\x07message\"\xca\x02\n\x06Layout\x12\x11\n\tlayout_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x12\n\nactivation\x18\x03 \x01(\t\x12\x1a\n\x12input_scale_policy\x18\x04 \x01(\t\x12\x18\n\x10pipeline_version\x18\x05 \x01(\t\x12!\n\x19\x66lashinfer_layout_version\x18\x06 \x01(\t\x12\x17\n\x0f\x65pilogue_tile_m\x18\x07 \x01(\r\x12\x13\n\x0bsf_vec_size\x18\x08 \x01(\r\x12\x13\n\x0bnum_experts\x18\t \x01(\x04\x12\x12\n\nhidden_dim\x18\n \x01(\x04\x12\x1b\n\x13hidden_dim_unpadded\x18\x0b \x01(\x04\x12\x18\n\x10intermediate_dim\x18\x0c \x01(\x04\x12!\n\x19intermediate_dim_unpadded\x18\r \x01(\x04\"\xa1\x01\n\x0e\x44\x65rivedScalars\x12\x17\n\x0fw13_input_scale\x18\x01 \x03(\x02\x12\x16\n\x0ew2_input_scale\x18\x02 \x03(\x02\x12\x11\n\tg1_alphas\x18\x03 \x03(\x02\x12\x11\n\tg2_alphas\x18\x04 \x03(\x02\x12\x11\n\ta1_gscale\x18\x05 \x03(\x02\x12\x11\n\ta2_gscale\x18\x06 \x03(\x02\x12\x12\n\ng1_scale_c\x18\x07 \x03(\x02\"\xa8\x01\n\x0ePreparedHeader\x12%\n\x06layout\x18\x01 \x01(\x0b\x32\x15.nvfp4_prep.v1.Layout\x12.\n\x07scalars\x18\x02 \x01(\x0b\x32\x1d.nvfp4_prep.v1.DerivedScalars\x12,\n\x07tensors\x18\x03 \x03(\x0b\x32\x1b.nvfp4_prep.v1.TensorHeader\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\"z\n\x0fPrepareResponse\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.nvfp4_prep.v1.PreparedHeaderH\x00\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1a.nvfp4_prep.v1.TensorChunkH\x00\x42\t\n\x07message\"\x18\n\x16GetCapabilitiesRequest\"=\n\x11\x42\x61\x63kendCapability\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x17\n\x0flayout_versions\x18\x02 \x03(\t\"c\n\nDeviceInfo\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1a\n\x12\x63ompute_capability\x18\x03 \x01(\t\x12\x1b\n\x13memory_budget_bytes\x18\x04 \x01(\x04\"\xb0\x02\n\x06Limits\x12\x12\n\nchunk_size\x18\x01 \x01(\x04\x12!\n\x19max_receive_message_bytes\x18\x02 \x01(\x04\x12\x1e\n\x16max_send_message_bytes\x18\x03 \x01(\x04\x12\x19\n\x11max_request_bytes\x18\x04 \x01(\x04\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x05 \x01(\x04\x12\x13\n\x0bmax_tensors\x18\x06 \x01(\x04\x12\x17\n\x0fmax_tensor_rank\x18\x07 \x01(\r\x12\x18\n\x10max_tensor_bytes\x18\x08 \x01(\x04\x12\x16\n\x0emax_concurrent\x18\t \x01(\r\x12!\n\x19max_concurrent_per_client\x18\n \x01(\r\x12\x1c\n\x14max_deadline_seconds\x18\x0b \x01(\x01\"\xa8\x03\n\x0c\x43\x61pabilities\x12\x0b\n\x03\x61pi\x18\x01 \x01(\t\x12\x17\n\x0fpackage_version\x18\x02 \x01(\t\x12\x15\n\rtorch_version\x18\x03 \x01(\t\x12\x1a\n\x12\x66lashinfer_version\x18\x04 \x01(\t\x12\x18\n\x10pipeline_version\x18\x05 \x01(\t\x12!\n\x19\x66lashinfer_layout_version\x18\x06 \x01(\t\x12*\n\x07\x64\x65vices\x18\x07 \x03(\x0b\x32\x19.nvfp4_prep.v1.DeviceInfo\x12\x32\n\x08\x62\x61\x63kends\x18\x08 \x03(\x0b\x32 .nvfp4_prep.v1.BackendCapability\x12\x13\n\x0b\x61\x63tivations\x18\t \x03(\t\x12\x1c\n\x14input_scale_policies\x18\n \x03(\t\x12/\n\x0ctensor_forms\x18\x0b \x03(\x0e\x32\x19.nvfp4_prep.v1.TensorForm\x12\x17\n\x0f\x63heckpoint_refs\x18\x0c \x01(\x08\x12%\n\x06limits\x18\r \x01(\x0b\x32\x15.nvfp4_prep.v1.Limits*^\n\nTensorForm\x12\x1b\n\x17TENSOR_FORM_UNSPECIFIED\x10\x00\x12\x17\n\x13TENSOR_FORM_STACKED\x10\x01\x12\x1a\n\x16TENSOR_FORM_PER_EXPERT\x10\x02\x32\xab\x01\n\x04Prep\x12L\n\x07Prepare\x12\x1d.nvfp4_prep.v1.PrepareRequest\x1a\x1e.nvfp4_prep.v1.PrepareResponse(\x01\x30\x01\x12U\n\x0fGetCapabilities\x12%.nvfp4_prep.v1.GetCapabilitiesRequest\x1a\x1b.nvfp4_prep.v1.Capabilitiesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18nvfp4_prep/v1/prep.proto\x12\rnvfp4_prep.v1\"O\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0b\x62yte_length\x18\x04 \x01(\x04\"Q\n\x0bTensorChunk\x12\x14\n\x0ctensor_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x04 \x01(\x07\"b\n\tTensorSet\x12\'\n\x04\x66orm\x18\x01 \x01(\x0e\x32\x19.nvfp4_prep.v1.TensorForm\x12,\n\x07tensors\x18\x02 \x03(\x0b\x32\x1b.nvfp4_prep.v1.TensorHeader\"7\n\rCheckpointRef\x12\x10\n\x08location\x18\x01 \x01(\t\x12\x14\n\x0clayer_prefix\x18\x02 \x01(\t\"\xd1\x02\n\rPrepareHeader\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x12\n\nactivation\x18\x02 \x01(\t\x12\x1a\n\x12input_scale_policy\x18\x03 \x01(\t\x12\x16\n\x0elayout_version\x18\x04 \x01(\t\x12+\n\x07tensors\x18\x05 \x01(\x0b\x32\x18.nvfp4_prep.v1.TensorSetH\x00\x12+\n\x03ref\x18\x06 \x01(\x0b\x32\x1c.nvfp4_prep.v1.CheckpointRefH\x00\x12/\n\x0bresume_from\x18\x07 \x01(\x0b\x32\x1a.nvfp4_prep.v1.ResumePoint\x12\x0f\n\x07profile\x18\x08 \x01(\t\x12\x18\n\x10gated_group_size\x18\t \x01(\r\x12\'\n\x05shard\x18\n \x01(\x0b\x32\x18.nvfp4_prep.v1.RankShardB\x08\n\x06source\"i\n\tRankShard\x12\x0f\n\x07tp_rank\x18\x01 \x01(\r\x12\x0f\n\x07tp_size\x18\x02 \x01(\r\x12\x0f\n\x07\x65p_rank\x18\x03 \x01(\r\x12\x0f\n\x07\x65p_size\x18\x04 \x01(\r\x12\x18\n\x10\x65xpert_placement\x18\x05 \x01(\t\"3\n\x0bResumePoint\x12\x14\n\x0ctensor_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"x\n\x0ePrepareRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.nvfp4_prep.v1.PrepareHeaderH\x00\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1a.nvfp4_prep.v1.TensorChunkH\x00\x42\t\n\x07message\"\xa8\x05\n\x06Layout\x12\x11\n\tlayout_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x12\n\nactivation\x18\x03 \x01(\t\x12\x1a\n\x12input_scale_policy\x18\x04 \x01(\t\x12\x18\n\x10pipeline_version\x18\x05 \x01(\t\x12!\n\x19\x66lashinfer_layout_version\x18\x06 \x01(\t\x12\x17\n\x0f\x65pilogue_tile_m\x18\x07 \x01(\r\x12\x13\n\x0bsf_vec_size\x18\x08 \x01(\r\x12\x13\n\x0bnum_experts\x18\t \x01(\x04\x12\x12\n\nhidden_dim\x18\n \x01(\x04\x12\x1b\n\x13hidden_dim_unpadded\x18\x0b \x01(\x04\x12\x18\n\x10intermediate_dim\x18\x0c \x01(\x04\x12!\n\x19intermediate_dim_unpadded\x18\r \x01(\x04\x12\x0f\n\x07profile\x18\x0e \x01(\t\x12\x1a\n\x12\x66lashinfer_release\x18\x0f \x01(\t\x12\x18\n\x10gated_group_size\x18\x10 \x01(\r\x12\x19\n\x11padding_fill_byte\x18\x11 \x01(\r\x12\x18\n\x10hidden_alignment\x18\x12 \x01(\r\x12\x1e\n\x16intermediate_alignment\x18\x13 \x01(\r\x12\x0f\n\x07tp_rank\x18\x14 \x01(\r\x12\x0f\n\x07tp_size\x18\x15 \x01(\r\x12\x0f\n\x07\x65p_rank\x18\x16 \x01(\r\x12\x0f\n\x07\x65p_size\x18\x17 \x01(\r\x12\x18\n\x10\x65xpert_placement\x18\x18 \x01(\t\x12\x1a\n\x12global_num_experts\x18\x19 \x01(\x04\x12\x12\n\nexpert_ids\x18\x1a \x03(\x04\x12\x32\n\rengine_config\x18\x1b \x01(\x0b\x32\x1b.nvfp4_prep.v1.EngineConfig\"h\n\x0c\x45ngineConfig\x12\x12\n\nhidden_dim\x18\x01 \x01(\x04\x12\x1b\n\x13hidden_dim_unpadded\x18\x02 \x01(\x04\x12\'\n\x1fintermediate_size_per_partition\x18\x03 \x01(\x04\"\xa1\x01\n\x0e\x44\x65rivedScalars\x12\x17\n\x0fw13_input_scale\x18\x01 \x03(\x02\x12\x16\n\x0ew2_input_scale\x18\x02 \x03(\x02\x12\x11\n\tg1_alphas\x18\x03 \x03(\x02\x12\x11\n\tg2_alphas\x18\x04 \x03(\x02\x12\x11\n\ta1_gscale\x18\x05 \x03(\x02\x12\x11\n\ta2_gscale\x18\x06 \x03(\x02\x12\x12\n\ng1_scale_c\x18\x07 \x03(\x02\"\xa8\x01\n\x0ePreparedHeader\x12%\n\x06layout\x18\x01 \x01(\x0b\x32\x15.nvfp4_prep.v1.Layout\x12.\n\x07scalars\x18\x02 \x01(\x0b\x32\x1d.nvfp4_prep.v1.DerivedScalars\x12,\n\x07tensors\x18\x03 \x03(\x0b\x32\x1b.nvfp4_prep.v1.TensorHeader\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\"z\n\x0fPrepareResponse\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.nvfp4_prep.v1.PreparedHeaderH\x00\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1a.nvfp4_prep.v1.TensorChunkH\x00\x42\t\n\x07message\"\x18\n\x16GetCapabilitiesRequest\"q\n\x11\x42\x61\x63kendCapability\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x17\n\x0flayout_versions\x18\x02 \x03(\t\x12\x32\n\x08profiles\x18\x03 \x03(\x0b\x32 .nvfp4_prep.v1.ProfileCapability\"p\n\x11ProfileCapability\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x63tivations\x18\x02 \x03(\t\x12\x19\n\x11gated_group_sizes\x18\x03 \x03(\r\x12\x1a\n\x12\x66lashinfer_release\x18\x04 \x01(\t\"c\n\nDeviceInfo\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1a\n\x12\x63ompute_capability\x18\x03 \x01(\t\x12\x1b\n\x13memory_budget_bytes\x18\x04 \x01(\x04\"\xb0\x02\n\x06Limits\x12\x12\n\nchunk_size\x18\x01 \x01(\x04\x12!\n\x19max_receive_message_bytes\x18\x02 \x01(\x04\x12\x1e\n\x16max_send_message_bytes\x18\x03 \x01(\x04\x12\x19\n\x11max_request_bytes\x18\x04 \x01(\x04\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x05 \x01(\x04\x12\x13\n\x0bmax_tensors\x18\x06 \x01(\x04\x12\x17\n\x0fmax_tensor_rank\x18\x07 \x01(\r\x12\x18\n\x10max_tensor_bytes\x18\x08 \x01(\x04\x12\x16\n\x0emax_concurrent\x18\t \x01(\r\x12!\n\x19max_concurrent_per_client\x18\n \x01(\r\x12\x1c\n\x14max_deadline_seconds\x18\x0b \x01(\x01\"\xa8\x03\n\x0c\x43\x61pabilities\x12\x0b\n\x03\x61pi\x18\x01 \x01(\t\x12\x17\n\x0fpackage_version\x18\x02 \x01(\t\x12\x15\n\rtorch_version\x18\x03 \x01(\t\x12\x1a\n\x12\x66lashinfer_version\x18\x04 \x01(\t\x12\x18\n\x10pipeline_version\x18\x05 \x01(\t\x12!\n\x19\x66lashinfer_layout_version\x18\x06 \x01(\t\x12*\n\x07\x64\x65vices\x18\x07 \x03(\x0b\x32\x19.nvfp4_prep.v1.DeviceInfo\x12\x32\n\x08\x62\x61\x63kends\x18\x08 \x03(\x0b\x32 .nvfp4_prep.v1.BackendCapability\x12\x13\n\x0b\x61\x63tivations\x18\t \x03(\t\x12\x1c\n\x14input_scale_policies\x18\n \x03(\t\x12/\n\x0ctensor_forms\x18\x0b \x03(\x0e\x32\x19.nvfp4_prep.v1.TensorForm\x12\x17\n\x0f\x63heckpoint_refs\x18\x0c \x01(\x08\x12%\n\x06limits\x18\r \x01(\x0b\x32\x15.nvfp4_prep.v1.Limits*^\n\nTensorForm\x12\x1b\n\x17TENSOR_FORM_UNSPECIFIED\x10\x00\x12\x17\n\x13TENSOR_FORM_STACKED\x10\x01\x12\x1a\n\x16TENSOR_FORM_PER_EXPERT\x10\x02\x32\xab\x01\n\x04Prep\x12L\n\x07Prepare\x12\x1d.nvfp4_prep.v1.PrepareRequest\x1a\x1e.nvfp4_prep.v1.PrepareResponse(\x01\x30\x01\x12U\n\x0fGetCapabilities\x12%.nvfp4_prep.v1.GetCapabilitiesRequest\x1a\x1b.nvfp4_prep.v1.Capabilitiesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nvfp4_prep.v1.prep_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TENSORFORM']._serialized_start=2511
-  _globals['_TENSORFORM']._serialized_end=2605
+  _globals['_TENSORFORM']._serialized_start=3324
+  _globals['_TENSORFORM']._serialized_end=3418
   _globals['_TENSORHEADER']._serialized_start=43
   _globals['_TENSORHEADER']._serialized_end=122
   _globals['_TENSORCHUNK']._serialized_start=124
@@ -42,29 +42,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHECKPOINTREF']._serialized_start=307
   _globals['_CHECKPOINTREF']._serialized_end=362
   _globals['_PREPAREHEADER']._serialized_start=365
-  _globals['_PREPAREHEADER']._serialized_end=618
-  _globals['_RESUMEPOINT']._serialized_start=620
-  _globals['_RESUMEPOINT']._serialized_end=671
-  _globals['_PREPAREREQUEST']._serialized_start=673
-  _globals['_PREPAREREQUEST']._serialized_end=793
-  _globals['_LAYOUT']._serialized_start=796
-  _globals['_LAYOUT']._serialized_end=1126
-  _globals['_DERIVEDSCALARS']._serialized_start=1129
-  _globals['_DERIVEDSCALARS']._serialized_end=1290
-  _globals['_PREPAREDHEADER']._serialized_start=1293
-  _globals['_PREPAREDHEADER']._serialized_end=1461
-  _globals['_PREPARERESPONSE']._serialized_start=1463
-  _globals['_PREPARERESPONSE']._serialized_end=1585
-  _globals['_GETCAPABILITIESREQUEST']._serialized_start=1587
-  _globals['_GETCAPABILITIESREQUEST']._serialized_end=1611
-  _globals['_BACKENDCAPABILITY']._serialized_start=1613
-  _globals['_BACKENDCAPABILITY']._serialized_end=1674
-  _globals['_DEVICEINFO']._serialized_start=1676
-  _globals['_DEVICEINFO']._serialized_end=1775
-  _globals['_LIMITS']._serialized_start=1778
-  _globals['_LIMITS']._serialized_end=2082
-  _globals['_CAPABILITIES']._serialized_start=2085
-  _globals['_CAPABILITIES']._serialized_end=2509
-  _globals['_PREP']._serialized_start=2608
-  _globals['_PREP']._serialized_end=2779
+  _globals['_PREPAREHEADER']._serialized_end=702
+  _globals['_RANKSHARD']._serialized_start=704
+  _globals['_RANKSHARD']._serialized_end=809
+  _globals['_RESUMEPOINT']._serialized_start=811
+  _globals['_RESUMEPOINT']._serialized_end=862
+  _globals['_PREPAREREQUEST']._serialized_start=864
+  _globals['_PREPAREREQUEST']._serialized_end=984
+  _globals['_LAYOUT']._serialized_start=987
+  _globals['_LAYOUT']._serialized_end=1667
+  _globals['_ENGINECONFIG']._serialized_start=1669
+  _globals['_ENGINECONFIG']._serialized_end=1773
+  _globals['_DERIVEDSCALARS']._serialized_start=1776
+  _globals['_DERIVEDSCALARS']._serialized_end=1937
+  _globals['_PREPAREDHEADER']._serialized_start=1940
+  _globals['_PREPAREDHEADER']._serialized_end=2108
+  _globals['_PREPARERESPONSE']._serialized_start=2110
+  _globals['_PREPARERESPONSE']._serialized_end=2232
+  _globals['_GETCAPABILITIESREQUEST']._serialized_start=2234
+  _globals['_GETCAPABILITIESREQUEST']._serialized_end=2258
+  _globals['_BACKENDCAPABILITY']._serialized_start=2260
+  _globals['_BACKENDCAPABILITY']._serialized_end=2373
+  _globals['_PROFILECAPABILITY']._serialized_start=2375
+  _globals['_PROFILECAPABILITY']._serialized_end=2487
+  _globals['_DEVICEINFO']._serialized_start=2489
+  _globals['_DEVICEINFO']._serialized_end=2588
+  _globals['_LIMITS']._serialized_start=2591
+  _globals['_LIMITS']._serialized_end=2895
+  _globals['_CAPABILITIES']._serialized_start=2898
+  _globals['_CAPABILITIES']._serialized_end=3322
+  _globals['_PREP']._serialized_start=3421
+  _globals['_PREP']._serialized_end=3592
 # @@protoc_insertion_point(module_scope)

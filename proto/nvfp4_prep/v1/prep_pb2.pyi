@@ -57,7 +57,7 @@ class CheckpointRef(_message.Message):
     def __init__(self, location: _Optional[str] = ..., layer_prefix: _Optional[str] = ...) -> None: ...
 
 class PrepareHeader(_message.Message):
-    __slots__ = ("backend", "activation", "input_scale_policy", "layout_version", "tensors", "ref", "resume_from")
+    __slots__ = ("backend", "activation", "input_scale_policy", "layout_version", "tensors", "ref", "resume_from", "profile", "gated_group_size", "shard")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SCALE_POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,9 @@ class PrepareHeader(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     REF_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    GATED_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
     backend: str
     activation: str
     input_scale_policy: str
@@ -72,7 +75,24 @@ class PrepareHeader(_message.Message):
     tensors: TensorSet
     ref: CheckpointRef
     resume_from: ResumePoint
-    def __init__(self, backend: _Optional[str] = ..., activation: _Optional[str] = ..., input_scale_policy: _Optional[str] = ..., layout_version: _Optional[str] = ..., tensors: _Optional[_Union[TensorSet, _Mapping]] = ..., ref: _Optional[_Union[CheckpointRef, _Mapping]] = ..., resume_from: _Optional[_Union[ResumePoint, _Mapping]] = ...) -> None: ...
+    profile: str
+    gated_group_size: int
+    shard: RankShard
+    def __init__(self, backend: _Optional[str] = ..., activation: _Optional[str] = ..., input_scale_policy: _Optional[str] = ..., layout_version: _Optional[str] = ..., tensors: _Optional[_Union[TensorSet, _Mapping]] = ..., ref: _Optional[_Union[CheckpointRef, _Mapping]] = ..., resume_from: _Optional[_Union[ResumePoint, _Mapping]] = ..., profile: _Optional[str] = ..., gated_group_size: _Optional[int] = ..., shard: _Optional[_Union[RankShard, _Mapping]] = ...) -> None: ...
+
+class RankShard(_message.Message):
+    __slots__ = ("tp_rank", "tp_size", "ep_rank", "ep_size", "expert_placement")
+    TP_RANK_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EP_RANK_FIELD_NUMBER: _ClassVar[int]
+    EP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    tp_rank: int
+    tp_size: int
+    ep_rank: int
+    ep_size: int
+    expert_placement: str
+    def __init__(self, tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., ep_rank: _Optional[int] = ..., ep_size: _Optional[int] = ..., expert_placement: _Optional[str] = ...) -> None: ...
 
 class ResumePoint(_message.Message):
     __slots__ = ("tensor_index", "offset")
@@ -91,7 +111,7 @@ class PrepareRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[PrepareHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class Layout(_message.Message):
-    __slots__ = ("layout_id", "backend", "activation", "input_scale_policy", "pipeline_version", "flashinfer_layout_version", "epilogue_tile_m", "sf_vec_size", "num_experts", "hidden_dim", "hidden_dim_unpadded", "intermediate_dim", "intermediate_dim_unpadded")
+    __slots__ = ("layout_id", "backend", "activation", "input_scale_policy", "pipeline_version", "flashinfer_layout_version", "epilogue_tile_m", "sf_vec_size", "num_experts", "hidden_dim", "hidden_dim_unpadded", "intermediate_dim", "intermediate_dim_unpadded", "profile", "flashinfer_release", "gated_group_size", "padding_fill_byte", "hidden_alignment", "intermediate_alignment", "tp_rank", "tp_size", "ep_rank", "ep_size", "expert_placement", "global_num_experts", "expert_ids", "engine_config")
     LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +125,20 @@ class Layout(_message.Message):
     HIDDEN_DIM_UNPADDED_FIELD_NUMBER: _ClassVar[int]
     INTERMEDIATE_DIM_FIELD_NUMBER: _ClassVar[int]
     INTERMEDIATE_DIM_UNPADDED_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    FLASHINFER_RELEASE_FIELD_NUMBER: _ClassVar[int]
+    GATED_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FILL_BYTE_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    INTERMEDIATE_ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    TP_RANK_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EP_RANK_FIELD_NUMBER: _ClassVar[int]
+    EP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_CONFIG_FIELD_NUMBER: _ClassVar[int]
     layout_id: str
     backend: str
     activation: str
@@ -118,7 +152,31 @@ class Layout(_message.Message):
     hidden_dim_unpadded: int
     intermediate_dim: int
     intermediate_dim_unpadded: int
-    def __init__(self, layout_id: _Optional[str] = ..., backend: _Optional[str] = ..., activation: _Optional[str] = ..., input_scale_policy: _Optional[str] = ..., pipeline_version: _Optional[str] = ..., flashinfer_layout_version: _Optional[str] = ..., epilogue_tile_m: _Optional[int] = ..., sf_vec_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_dim: _Optional[int] = ..., hidden_dim_unpadded: _Optional[int] = ..., intermediate_dim: _Optional[int] = ..., intermediate_dim_unpadded: _Optional[int] = ...) -> None: ...
+    profile: str
+    flashinfer_release: str
+    gated_group_size: int
+    padding_fill_byte: int
+    hidden_alignment: int
+    intermediate_alignment: int
+    tp_rank: int
+    tp_size: int
+    ep_rank: int
+    ep_size: int
+    expert_placement: str
+    global_num_experts: int
+    expert_ids: _containers.RepeatedScalarFieldContainer[int]
+    engine_config: EngineConfig
+    def __init__(self, layout_id: _Optional[str] = ..., backend: _Optional[str] = ..., activation: _Optional[str] = ..., input_scale_policy: _Optional[str] = ..., pipeline_version: _Optional[str] = ..., flashinfer_layout_version: _Optional[str] = ..., epilogue_tile_m: _Optional[int] = ..., sf_vec_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_dim: _Optional[int] = ..., hidden_dim_unpadded: _Optional[int] = ..., intermediate_dim: _Optional[int] = ..., intermediate_dim_unpadded: _Optional[int] = ..., profile: _Optional[str] = ..., flashinfer_release: _Optional[str] = ..., gated_group_size: _Optional[int] = ..., padding_fill_byte: _Optional[int] = ..., hidden_alignment: _Optional[int] = ..., intermediate_alignment: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., ep_rank: _Optional[int] = ..., ep_size: _Optional[int] = ..., expert_placement: _Optional[str] = ..., global_num_experts: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., engine_config: _Optional[_Union[EngineConfig, _Mapping]] = ...) -> None: ...
+
+class EngineConfig(_message.Message):
+    __slots__ = ("hidden_dim", "hidden_dim_unpadded", "intermediate_size_per_partition")
+    HIDDEN_DIM_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_DIM_UNPADDED_FIELD_NUMBER: _ClassVar[int]
+    INTERMEDIATE_SIZE_PER_PARTITION_FIELD_NUMBER: _ClassVar[int]
+    hidden_dim: int
+    hidden_dim_unpadded: int
+    intermediate_size_per_partition: int
+    def __init__(self, hidden_dim: _Optional[int] = ..., hidden_dim_unpadded: _Optional[int] = ..., intermediate_size_per_partition: _Optional[int] = ...) -> None: ...
 
 class DerivedScalars(_message.Message):
     __slots__ = ("w13_input_scale", "w2_input_scale", "g1_alphas", "g2_alphas", "a1_gscale", "a2_gscale", "g1_scale_c")
@@ -163,12 +221,26 @@ class GetCapabilitiesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class BackendCapability(_message.Message):
-    __slots__ = ("backend", "layout_versions")
+    __slots__ = ("backend", "layout_versions", "profiles")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    PROFILES_FIELD_NUMBER: _ClassVar[int]
     backend: str
     layout_versions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, backend: _Optional[str] = ..., layout_versions: _Optional[_Iterable[str]] = ...) -> None: ...
+    profiles: _containers.RepeatedCompositeFieldContainer[ProfileCapability]
+    def __init__(self, backend: _Optional[str] = ..., layout_versions: _Optional[_Iterable[str]] = ..., profiles: _Optional[_Iterable[_Union[ProfileCapability, _Mapping]]] = ...) -> None: ...
+
+class ProfileCapability(_message.Message):
+    __slots__ = ("profile", "activations", "gated_group_sizes", "flashinfer_release")
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    GATED_GROUP_SIZES_FIELD_NUMBER: _ClassVar[int]
+    FLASHINFER_RELEASE_FIELD_NUMBER: _ClassVar[int]
+    profile: str
+    activations: _containers.RepeatedScalarFieldContainer[str]
+    gated_group_sizes: _containers.RepeatedScalarFieldContainer[int]
+    flashinfer_release: str
+    def __init__(self, profile: _Optional[str] = ..., activations: _Optional[_Iterable[str]] = ..., gated_group_sizes: _Optional[_Iterable[int]] = ..., flashinfer_release: _Optional[str] = ...) -> None: ...
 
 class DeviceInfo(_message.Message):
     __slots__ = ("device", "name", "compute_capability", "memory_budget_bytes")

@@ -18,15 +18,26 @@ LAYOUT_FIELDS: tuple[str, ...] = tuple(field.name for field in pb.Layout.DESCRIP
 SCALAR_NAMES: tuple[str, ...] = tuple(field.name for field in pb.DerivedScalars.DESCRIPTOR.fields)
 
 
+ENGINE_FIELDS: tuple[str, ...] = tuple(field.name for field in pb.EngineConfig.DESCRIPTOR.fields)
+
+
 def layout_to_proto(layout: Mapping) -> pb.Layout:
     missing = [name for name in LAYOUT_FIELDS if name not in layout]
     if missing:
         raise KeyError(f"layout record lacks {missing}")
-    return pb.Layout(**{name: layout[name] for name in LAYOUT_FIELDS})
+    fields = {name: layout[name] for name in LAYOUT_FIELDS if name != "engine_config"}
+    engine = layout["engine_config"]
+    if engine is not None:  # None: the profile records nothing on the engine's layer
+        fields["engine_config"] = pb.EngineConfig(**engine)
+    return pb.Layout(**fields)
 
 
 def layout_from_proto(message: pb.Layout) -> dict:
-    return {name: getattr(message, name) for name in LAYOUT_FIELDS}
+    record = {name: getattr(message, name) for name in LAYOUT_FIELDS if name != "engine_config"}
+    record["expert_ids"] = list(message.expert_ids)
+    record["engine_config"] = ({name: getattr(message.engine_config, name) for name in ENGINE_FIELDS}
+                               if message.HasField("engine_config") else None)
+    return record
 
 
 def scalars_to_proto(tensors: Mapping[str, torch.Tensor]) -> pb.DerivedScalars:

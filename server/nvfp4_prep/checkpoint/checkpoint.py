@@ -2,14 +2,16 @@
 
 ``open_checkpoint`` accepts a directory (or the path of its ``model.safetensors`` or
 ``model.safetensors.index.json``), as a path or ``file://`` URI. With
-``allowed_roots`` every file it reads (configs, index, shards) must resolve
-inside a root. All shard headers are parsed and checked when the checkpoint is
-opened; tensor bytes are read later, through memory maps, only when asked for.
+``allowed_roots`` every file it reads (configs, index, shards) must lie inside a
+root, reached without a window for a rename to redirect it (``location``). All
+shard headers are parsed and checked when the checkpoint is opened, and each
+shard stays open by descriptor until ``close``; tensor bytes are read later, from
+those descriptors, only when asked for.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,41 +19,34 @@ from pathlib import Path
 import torch
 
 from .discovery import MoeLayer, discover_moe_layers
-from .errors import CheckpointInvalid, CheckpointNotFound
-from .formats import QuantFormat, detect_format
-from .location import PathLike, check_under_roots, resolve_in_roots, resolve_roots, shard_path
-from .safetensors_file import SafetensorsFile, TensorEntry
+from .errors import CheckpointInvalid, CheckpointNotFound, shown
+from .files import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, Identity, identity, parse_json, read_bounded
+from .formats import CONFIG, HF_QUANT_CONFIG, QuantFormat, detect_format
+from .location import Found, Opened, PathLike, Tree
+from .safetensors_file import MAX_HEADER_BYTES, Interrupt, SafetensorsFile, TensorEntry
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-CONFIG_FILES = ("config.json", "hf_quant_config.json")
+CONFIG_FILES = (CONFIG, HF_QUANT_CONFIG)
 # Files next to the weights that a prepared checkpoint does not carry over.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
-
-
-def _weight_map_from_index(index_path: Path) -> dict[str, str]:
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointInvalid(f"{index_path}: not valid JSON ({exc}); expected a safetensors index") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise CheckpointInvalid(f"{index_path}: weight_map is missing or not an object of tensor name -> shard file")
-    return weight_map
+# Most layers listed in a "no such layer" message.
+SHOWN_LAYERS = 8
 
 
 class Checkpoint:
-    """Read access to one checkpoint; tensors come back as views of mapped shard files."""
+    """Read access to one checkpoint; every tensor read comes back in memory of its own."""
 
     def __init__(self, directory: Path, quant: QuantFormat, shards: dict[str, SafetensorsFile],
-                 weight_map: dict[str, str]) -> None:
+                 weight_map: dict[str, str], *, sources: Sequence[tuple[str, Identity]] = ()) -> None:
+        """``sources``: (name, identity) of the config and index files that decided how the shards read."""
         self.directory = directory
         self.quant = quant
         self._shards = shards
         self._weight_map = weight_map
+        self._sources = tuple(sources)
         self._layers = {layer.prefix: layer for layer in discover_moe_layers(weight_map, quant)}
         expert_names = {name for layer in self._layers.values() for name in layer.tensor_names}
         self._other_names = sorted(name for name in weight_map if name not in expert_names)
@@ -69,9 +64,11 @@ class Checkpoint:
         try:
             return self._layers[prefix]
         except KeyError:
-            known = ", ".join(self._layers) or "none"
-            raise CheckpointNotFound(
-                f"{self.directory}: no NVFP4 MoE layer with experts prefix {prefix!r} (layers: {known})") from None
+            names = list(self._layers)
+            known = ", ".join(names[:SHOWN_LAYERS]) + (f", ... ({len(names)} in all)" if len(names) > SHOWN_LAYERS
+                                                       else "")
+            raise CheckpointNotFound(f"{shown(self.directory)}: no NVFP4 MoE layer with experts prefix "
+                                     f"{shown(prefix)!r} (layers: {shown(known or 'none')})") from None
 
     def tensor_names(self) -> list[str]:
         return list(self._weight_map)
@@ -84,21 +81,24 @@ class Checkpoint:
         try:
             return self._shards[self._weight_map[name]]
         except KeyError:
-            raise CheckpointNotFound(f"{self.directory}: no tensor named {name!r}") from None
+            raise CheckpointNotFound(f"{shown(self.directory)}: no tensor named {shown(name)!r}") from None
 
     def entry(self, name: str) -> TensorEntry:
         """dtype, shape and byte range of a tensor."""
         return self.shard_of(name).entry(name)
 
-    def read_tensor(self, name: str) -> torch.Tensor:
-        return self.shard_of(name).tensor(name)
+    def read_tensor(self, name: str, *, interrupt: Interrupt | None = None) -> torch.Tensor:
+        return self.shard_of(name).tensor(name, interrupt=interrupt)
 
-    def read_raw(self, name: str) -> torch.Tensor:
+    def read_raw(self, name: str, *, interrupt: Interrupt | None = None) -> torch.Tensor:
         """The tensor's bytes, flat uint8, as stored (for carrying a tensor over unchanged)."""
-        return self.shard_of(name).raw(name)
+        return self.shard_of(name).raw(name, interrupt=interrupt)
 
-    def read_expert_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Per-expert tensors of a layer, keyed relative to the prefix (``"3.w1.weight_packed"``)."""
+    def read_expert_tensors(self, prefix: str, *, interrupt: Interrupt | None = None) -> dict[str, torch.Tensor]:
+        """Per-expert tensors of a layer, keyed relative to the prefix (``"3.w1.weight_packed"``).
+
+        ``interrupt`` is called before every chunk read and may raise to abandon the read (a deadline).
+        """
         layer = self.layer(prefix)
         by_shard: dict[str, list[TensorEntry]] = {}
         for name in layer.tensor_names:
@@ -106,22 +106,23 @@ class Checkpoint:
         for shard, entries in by_shard.items():
             self._shards[shard].will_need(min(e.start for e in entries), max(e.end for e in entries))
         start = len(prefix) + 1
-        return {name[start:]: self.read_tensor(name) for name in layer.tensor_names}
+        return {name[start:]: self.read_tensor(name, interrupt=interrupt) for name in layer.tensor_names}
 
-    def read_layer(self, prefix: str, activation: str = "swiglu", pin_memory: bool = False) -> dict[str, torch.Tensor]:
+    def read_layer(self, prefix: str, activation: str = "swiglu", pin_memory: bool = False, *,
+                   interrupt: Interrupt | None = None) -> dict[str, torch.Tensor]:
         """The stacked form of a layer (SPEC section 2), ready for ``prepare``.
 
-        The per-expert tensors are views of the mapped shards; ``assemble_layer``
+        The per-expert tensors are read from the shards, then ``assemble_layer``
         copies them once into the stacked tensors. With ``pin_memory`` and CUDA
         available the stacked tensors are then page-locked for fast upload (one
-        more copy, of this layer only).
+        more copy, of this layer only). ``interrupt``: see ``read_expert_tensors``.
         """
         from nvfp4_prep.pipeline import PrepError, assemble_layer
 
         try:
-            stacked = assemble_layer(self.read_expert_tensors(prefix), activation=activation)
+            stacked = assemble_layer(self.read_expert_tensors(prefix, interrupt=interrupt), activation=activation)
         except PrepError as exc:
-            raise CheckpointInvalid(f"{prefix}: {exc}") from None
+            raise CheckpointInvalid(f"{shown(prefix)}: {exc}") from None
         if pin_memory and torch.cuda.is_available():
             stacked = {name: tensor.pin_memory() for name, tensor in stacked.items()}
         return stacked
@@ -134,17 +135,22 @@ class Checkpoint:
         return [self._shards[name] for name in sorted(names)]
 
     def source_identity(self, prefix: str | None = None) -> str:
-        """Path, size and mtime of each shard holding the layer (or the whole checkpoint), for cache keys."""
-        return ";".join(f"{shard.path}:{shard.size}:{shard.mtime_ns}" for shard in self.shard_files(prefix))
+        """File name, device, inode, size, mtime and ctime of each file the layer (or the whole checkpoint)
+        reads from: its shards and the config and index files, for cache keys. Taken from the open
+        descriptors, so a shard replaced with its old size and mtime (``cp -p``, ``rsync -t``) gives another
+        identity; device and inode, not the caller's path, say which file it is."""
+        files = [*self._sources, *((shard.path.name, shard.identity) for shard in self.shard_files(prefix))]
+        return ";".join(f"{name}:{':'.join(map(str, ident))}" for name, ident in files)
 
     def auxiliary_files(self) -> list[Path]:
-        """Config, tokenizer and other non-weight files at the top of the checkpoint directory."""
+        """Config, tokenizer and other non-weight files at the top of the checkpoint directory (by path:
+        for the local prepare job, not for the server)."""
         return sorted(
             path for path in self.directory.iterdir()
             if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and not path.name.endswith(".index.json"))
 
     def close(self) -> None:
-        """Lets go of the shard mappings (each is unmapped once no tensor view uses it)."""
+        """Closes the shard files; tensors already read stay valid."""
         for shard in self._shards.values():
             shard.close()
 
@@ -155,49 +161,98 @@ class Checkpoint:
         self.close()
 
 
-def _weights_file(real: Path) -> tuple[Path, Path]:
-    """(checkpoint directory, index or single safetensors file) for a resolved location."""
-    if real.is_file():
-        if real.name.endswith(".safetensors.index.json") or real.name.endswith(".safetensors"):
-            return real.parent, real
-        raise CheckpointInvalid(
-            f"{real}: expected a checkpoint directory, a .safetensors file or a .safetensors.index.json")
+def _weights_file(tree: Tree, found: Found) -> Opened:
+    """The index or single safetensors file the location names, or that its directory holds."""
+    if found.file is not None:
+        name = Path(found.file.display).name
+        if name.endswith(".safetensors.index.json") or name.endswith(".safetensors"):
+            return found.file
+        found.file.close()
+        raise CheckpointInvalid(f"{shown(found.file.display)}: expected a checkpoint directory, a .safetensors file "
+                                "or a .safetensors.index.json")
+    names = tree.listdir(found.directory)
     for name in (INDEX_NAME, SINGLE_NAME):
-        if (real / name).exists():
-            return real, real / name
-    indexes = sorted(real.glob("*.safetensors.index.json"))
-    singles = sorted(real.glob("*.safetensors"))
+        if name in names:
+            return tree.open_in(found, name, "checkpoint file")
+    indexes = [name for name in names if name.endswith(".safetensors.index.json")]
+    singles = [name for name in names if name.endswith(".safetensors")]
     if len(indexes) == 1:
-        return real, indexes[0]
+        return tree.open_in(found, indexes[0], "checkpoint file")
     if not indexes and len(singles) == 1:
-        return real, singles[0]
-    raise CheckpointNotFound(f"{real}: no {SINGLE_NAME} or {INDEX_NAME} in the checkpoint directory")
+        return tree.open_in(found, singles[0], "checkpoint file")
+    raise CheckpointNotFound(f"{shown(found.display)}: no {SINGLE_NAME} or {INDEX_NAME} in the checkpoint directory")
 
 
-def open_checkpoint(location: PathLike, allowed_roots: Sequence[PathLike] | None = None) -> Checkpoint:
-    """Opens, resolves and validates a checkpoint; see the module docstring."""
-    roots = resolve_roots(allowed_roots)
-    real = resolve_in_roots(location, roots)
-    directory, weights = _weights_file(real)
-    weights = check_under_roots(weights, roots, "checkpoint file")
+def _read_configs(tree: Tree, found: Found) -> tuple[dict[str, dict | None], list[tuple[str, Identity]]]:
+    """Each config file parsed (None where absent), and the identity of each one present."""
+    configs: dict[str, dict | None] = {}
+    sources = []
     for name in CONFIG_FILES:
-        if (directory / name).exists():
-            check_under_roots(directory / name, roots, "config file")
-    quant = detect_format(directory)
+        opened = tree.open_in(found, name, "config file", missing_ok=True)
+        if opened is None:
+            configs[name] = None
+            continue
+        with contextlib.closing(opened):
+            value = parse_json(read_bounded(opened.fd, opened.display, MAX_CONFIG_BYTES, "config file"),
+                               opened.display, "a JSON object")
+        if not isinstance(value, dict):
+            raise CheckpointInvalid(f"{shown(opened.display)}: expected a JSON object, found {type(value).__name__}")
+        configs[name] = value
+        sources.append((name, identity(opened.stat)))
+    return configs, sources
 
-    if weights.name.endswith(".index.json"):
-        weight_map = _weight_map_from_index(weights)
-        shards = {name: SafetensorsFile(shard_path(directory, name, roots))
-                  for name in sorted(set(weight_map.values()))}
-        for tensor, shard in weight_map.items():
-            if tensor not in shards[shard].entries:
-                raise CheckpointInvalid(
-                    f"{weights}: weight_map puts tensor {tensor!r} in {shard}, whose header does not list it")
-    else:
-        shard = SafetensorsFile(weights)
-        shards = {weights.name: shard}
-        weight_map = {tensor: weights.name for tensor in shard.entries}
-    checkpoint = Checkpoint(directory, quant, shards, weight_map)
+
+def _weight_map(index: Opened) -> dict[str, str]:
+    with contextlib.closing(index):
+        raw = read_bounded(index.fd, index.display, MAX_INDEX_BYTES, "safetensors index")
+    value = parse_json(raw, index.display, "a safetensors index")
+    weight_map = value.get("weight_map") if isinstance(value, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointInvalid(
+            f"{shown(index.display)}: weight_map is missing or not an object of tensor name -> shard file")
+    return weight_map
+
+
+def open_checkpoint(location: PathLike, allowed_roots: Sequence[PathLike] | None = None, *,
+                    max_header_bytes: int = MAX_HEADER_BYTES) -> Checkpoint:
+    """Opens, resolves and validates a checkpoint; see the module docstring.
+
+    ``max_header_bytes`` bounds each shard's safetensors header (parsing costs memory and CPU).
+    """
+    with Tree(allowed_roots) as tree:
+        found = tree.open_location(location)
+        weights = _weights_file(tree, found)
+        try:
+            configs, sources = _read_configs(tree, found)
+            quant = detect_format(configs, shown(found.display))
+        except BaseException:
+            weights.close()
+            raise
+        shards: dict[str, SafetensorsFile] = {}
+        try:
+            if weights.display.endswith(".index.json"):
+                sources.append((Path(weights.display).name, identity(weights.stat)))
+                weight_map = _weight_map(weights)
+                for name in sorted(set(weight_map.values())):
+                    opened = tree.open_in(found, name, "shard")
+                    shards[name] = SafetensorsFile(Path(opened.display), fd=opened.fd,
+                                                   max_header_bytes=max_header_bytes)
+                for tensor, shard in weight_map.items():
+                    if tensor not in shards[shard].entries:
+                        raise CheckpointInvalid(
+                            f"{shown(weights.display)}: weight_map puts tensor {shown(tensor)!r} in {shown(shard)}, "
+                            "whose header does not list it")
+            else:
+                name = Path(weights.display).name
+                shards[name] = SafetensorsFile(Path(weights.display), fd=weights.fd,
+                                               max_header_bytes=max_header_bytes)
+                weight_map = {tensor: name for tensor in shards[name].entries}
+            checkpoint = Checkpoint(Path(found.display), quant, shards, weight_map, sources=sources)
+        except BaseException:
+            for shard in shards.values():
+                shard.close()
+            raise
     log.debug("opened %s checkpoint %s: %d shards, %d MoE layers",
-             checkpoint.format, directory, len(shards), len(checkpoint.moe_layers()))
+              checkpoint.format, shown(found.display), len(shards), len(checkpoint.moe_layers()))
     return checkpoint

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .errors import CheckpointInvalid
+from .errors import CheckpointInvalid, shown
 from .formats import QuantFormat
 
 _EXPERT_TENSOR = re.compile(
@@ -25,9 +25,19 @@ SCHEMES = {"qwen": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w1", "w3"
 _SCHEME_OF = {proj: scheme for scheme, projs in SCHEMES.items() for proj in projs}
 
 
+# Longest expert index accepted (int64 range); int() of a file's 5000-digit number would raise.
+MAX_EXPERT_DIGITS = 18
+
+
+def _number_key(digits: str) -> tuple[int, str]:
+    """Orders decimal numbers of any length as their values, without converting them."""
+    digits = digits.lstrip("0")
+    return len(digits), digits
+
+
 def _layer_number(prefix: str) -> tuple:
-    """Sort key: the integers in the prefix (the decoder layer index), then the prefix."""
-    return tuple(int(n) for n in re.findall(r"\.(\d+)\.", f".{prefix}.")), prefix
+    """Sort key: the numbers in the prefix (the decoder layer index), then the prefix."""
+    return tuple(_number_key(n) for n in re.findall(r"\.(\d+)\.", f".{prefix}.")), prefix
 
 
 @dataclass
@@ -45,7 +55,8 @@ def _check_layer(prefix: str, found: dict[int, dict[str, set[str]]], quant: Quan
     """Checks a layer's experts and projections are complete; SPEC section 8 names each gap."""
     schemes = {_SCHEME_OF[proj] for projs in found.values() for proj in projs}
     if len(schemes) != 1:
-        raise CheckpointInvalid(f"{prefix}: mixes projection names of {sorted(schemes)}; expected one naming scheme")
+        raise CheckpointInvalid(
+            f"{shown(prefix)}: mixes projection names of {sorted(schemes)}; expected one naming scheme")
     gate, up, down = SCHEMES[schemes.pop()]
     seen = {proj for projs in found.values() for proj in projs}
     projections = (gate, up, down) if gate in seen else (up, down)
@@ -55,7 +66,8 @@ def _check_layer(prefix: str, found: dict[int, dict[str, set[str]]], quant: Quan
     gap = next((position for position, expert in enumerate(experts) if expert != position), None)
     if gap is not None:
         raise CheckpointInvalid(
-            f"{prefix}: expert {gap} is missing (found {len(experts)} experts, indices {experts[0]}..{experts[-1]}); "
+            f"{shown(prefix)}: expert {gap} is missing (found {len(experts)} experts, "
+            f"indices {experts[0]}..{experts[-1]}); "
             "expected every expert from 0 to the highest index")
     names = []
     for expert in experts:
@@ -63,11 +75,12 @@ def _check_layer(prefix: str, found: dict[int, dict[str, set[str]]], quant: Quan
             present = found[expert].get(proj, set())
             if not present:
                 raise CheckpointInvalid(
-                    f"{prefix}.{expert}.{proj}: projection missing; expected tensors {', '.join(quant.suffixes)}")
+                    f"{shown(prefix)}.{expert}.{proj}: projection missing; "
+                    f"expected tensors {', '.join(quant.suffixes)}")
             for suffix in quant.suffixes:
                 if suffix not in present:
                     raise CheckpointInvalid(
-                        f"{prefix}.{expert}.{proj}.{suffix}: tensor missing; an NVFP4 projection needs "
+                        f"{shown(prefix)}.{expert}.{proj}.{suffix}: tensor missing; an NVFP4 projection needs "
                         f"{', '.join(quant.suffixes)}")
                 names.append(f"{prefix}.{expert}.{proj}.{suffix}")
     return MoeLayer(prefix, projections, len(experts), quant.suffixes, names)
@@ -79,6 +92,9 @@ def discover_moe_layers(tensor_names: Iterable[str], quant: QuantFormat) -> list
     for name in tensor_names:
         match = _EXPERT_TENSOR.match(name)
         if match:
+            if len(match["expert"]) > MAX_EXPERT_DIGITS:
+                raise CheckpointInvalid(f"{shown(name)}: expert index of {len(match['expert'])} digits; expected "
+                                        f"at most {MAX_EXPERT_DIGITS}")
             experts = grouped.setdefault(match["prefix"], {})
             experts.setdefault(int(match["expert"]), {}).setdefault(match["proj"], set()).add(match["suffix"])
     layers = []

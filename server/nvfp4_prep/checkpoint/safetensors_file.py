@@ -1,20 +1,23 @@
-"""One safetensors file: its header parsed and checked, its tensors read through mmap.
+"""One safetensors file: its header parsed and checked, its tensors read from its descriptor.
 
 The header (8-byte little-endian length, then JSON) is parsed here rather than by
 the safetensors library so that a truncated file, a corrupt header or offsets past
 the end of the file become a CheckpointInvalid naming the file and the field,
-before any tensor byte is touched. Tensor data is never copied here: ``raw`` and
-``tensor`` return views of a copy-on-write memory map of the whole file (the
-mapping lives as long as any view of it does).
+before any tensor byte is touched. Tensor bytes are read with ``pread`` into fresh
+tensors, in bounded chunks, from the descriptor whose header was checked; nothing
+is memory-mapped, because a mapped file that shrinks under a reader (``cp`` over a
+shard) kills the whole process with SIGBUS. A file that shrinks, or whose identity
+(size, mtime, ctime) changes between the header and the end of a tensor's read, is
+a CheckpointInvalid saying it changed while being read.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import mmap
 import os
 import struct
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +25,22 @@ import torch
 
 from nvfp4_prep.contract.dtypes import DTYPES
 
-from .errors import CheckpointInvalid, CheckpointNotFound
+from .errors import CheckpointInvalid, CheckpointNotFound, shown
+from .files import identity, os_error, parse_json, require_regular
 
-# The safetensors library refuses headers above this size; so do we.
-MAX_HEADER_BYTES = 100_000_000
+# Real headers weigh about 110 bytes a tensor (the shared testdata: 26 KB for 238 tensors), so a few MB
+# for the largest sharded MoE checkpoints (a 5 GB shard of NVFP4 experts holds some 10-20k tensors).
+# 16 MiB is room for about 150k tensors in one file, yet parsing it costs a fraction of a second and
+# some 200 MB, not the 100 MB header the safetensors library allows (over 1 GB of RSS and 16 s of CPU).
+MAX_HEADER_BYTES = 16 << 20
+# Tensor bytes are read this much at a time, with a check for an interrupt (deadline, cancel) in between.
+READ_CHUNK_BYTES = 16 << 20
+
+# Bounds on a header's shapes, so that checking one costs little whatever a file says.
+MAX_DIMS = 32
+MAX_DIM = 2**63 - 1
+
+Interrupt = Callable[[], None]
 
 # Bits per element of every dtype name the safetensors format defines, and the torch dtype of each one torch holds.
 DTYPE_BITS = {row.safetensors: row.bits for row in DTYPES}
@@ -53,22 +68,26 @@ def expected_nbytes(dtype: str, shape: tuple[int, ...]) -> int | None:
     return bits // 8 if bits % 8 == 0 else None
 
 
-def _entry(path: Path, name: object, info: object, data_start: int, data_size: int) -> TensorEntry:
-    where = f"{path}: tensor {name!r}"
+def _entry(path: str, name: object, info: object, data_start: int, data_size: int) -> TensorEntry:
+    where = f"{path}: tensor {shown(name)!r}"
     if not isinstance(name, str) or not isinstance(info, dict):
         raise CheckpointInvalid(f"{where}: expected a JSON object with dtype, shape and data_offsets")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise CheckpointInvalid(
-            f"{where}: dtype {dtype!r} is not a safetensors dtype (expected one of {sorted(DTYPE_BITS)})")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise CheckpointInvalid(f"{where}: shape {shape!r} is not a list of non-negative integers")
+            f"{where}: dtype {shown(repr(dtype))} is not a safetensors dtype (expected one of {sorted(DTYPE_BITS)})")
+    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+            or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)):
+        raise CheckpointInvalid(
+            f"{where}: shape {shown(shape)} is not a list of at most {MAX_DIMS} non-negative integers "
+            f"(each at most {MAX_DIM})")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]):
-        raise CheckpointInvalid(f"{where}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
+        raise CheckpointInvalid(
+            f"{where}: data_offsets {shown(offsets)} are not [begin, end] with 0 <= begin <= end")
     if offsets[1] > data_size:
         raise CheckpointInvalid(
-            f"{where}: data_offsets {offsets} run past the end of the data "
+            f"{where}: data_offsets {shown(offsets)} run past the end of the data "
             f"({data_size} bytes after the header; the file is truncated or the header corrupt)")
     want = expected_nbytes(dtype, tuple(shape))
     if want != offsets[1] - offsets[0]:
@@ -79,43 +98,54 @@ def _entry(path: Path, name: object, info: object, data_start: int, data_size: i
 
 
 class SafetensorsFile:
-    """A validated safetensors file; tensor data is mapped on first use."""
+    """A validated safetensors file, held open (by descriptor) until ``close``."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, fd: int | None = None, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
+        """``path`` names the file in messages; ``fd``, when given, is the file already opened and checked
+        (this object takes it over), else ``path`` is opened here."""
         self.path = path
-        self._map: mmap.mmap | None = None
-        fd = self._open()
+        self._display = shown(path)
+        if fd is None:
+            fd = self._open()
+        self._fd = fd
+        self._closer = weakref.finalize(self, os.close, fd)
         try:
-            stat = os.fstat(fd)
+            stat = require_regular(fd, str(path))
             self.size, self.mtime_ns = stat.st_size, stat.st_mtime_ns
-            self._identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
-            self.metadata, self.entries = self._read_header(fd)
-        finally:
-            os.close(fd)
+            self.identity = identity(stat)
+            self.metadata, self.entries = self._read_header(max_header_bytes)
+        except BaseException:
+            self.close()
+            raise
 
     def _open(self) -> int:
         try:
-            return os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            raise CheckpointNotFound(f"safetensors file {str(self.path)!r} does not exist") from None
+            return os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
-            raise CheckpointInvalid(f"safetensors file {str(self.path)!r} cannot be opened: {exc.strerror}") from None
+            raise os_error(exc, "safetensors file", str(self.path)) from None
 
-    def _read_header(self, fd: int) -> tuple[dict[str, str], dict[str, TensorEntry]]:
-        path = self.path
+    def _pread(self, length: int, offset: int) -> bytes:
+        try:
+            return os.pread(self._fd, length, offset)
+        except OSError as exc:
+            raise os_error(exc, "safetensors file", str(self.path)) from None
+
+    def _read_header(self, max_header_bytes: int) -> tuple[dict[str, str], dict[str, TensorEntry]]:
+        path = self._display
         if self.size < 8:
             raise CheckpointInvalid(f"{path}: {self.size} bytes, too short for the 8-byte safetensors header length")
-        (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-        if length > min(MAX_HEADER_BYTES, self.size - 8):
+        prefix = self._pread(8, 0)
+        if len(prefix) < 8:
+            raise self._changed(f"it ended at byte {len(prefix)}")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(max_header_bytes, self.size - 8):
             raise CheckpointInvalid(
                 f"{path}: header length {length} exceeds the {self.size - 8} bytes that follow it "
-                f"(or the {MAX_HEADER_BYTES}-byte limit); the file is truncated or not safetensors")
-        raw = os.pread(fd, length, 8)
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointInvalid(
-                f"{path}: header is not valid UTF-8 JSON ({exc}); expected a safetensors header") from None
+                f"(or the {max_header_bytes}-byte limit); the file is truncated or not safetensors")
+        raw = self._pread(length, 8)
+        if len(raw) < length:
+            raise self._changed(f"it ended at byte {8 + len(raw)}, inside its {length}-byte header")
+        header = parse_json(raw, f"{path}: header", "a safetensors header")
         if not isinstance(header, dict):
             raise CheckpointInvalid(f"{path}: header is JSON {type(header).__name__}, expected an object")
         metadata = header.pop("__metadata__", None) or {}
@@ -128,55 +158,74 @@ class SafetensorsFile:
             entries[name] = _entry(path, name, info, data_start, data_size)
         return metadata, entries
 
-    def _mapped(self) -> mmap.mmap:
-        if self._map is None:
-            fd = self._open()
-            try:
-                stat = os.fstat(fd)
-                if (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns) != self._identity:
-                    raise CheckpointInvalid(f"{self.path}: file changed since its header was read")
-                # Copy-on-write: views are writable for torch, writes never reach the file.
-                self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-            finally:
-                os.close(fd)
-        return self._map
+    def _changed(self, detail: str) -> CheckpointInvalid:
+        return CheckpointInvalid(
+            f"{self._display}: changed while being read ({detail}); was it replaced or truncated? Try again "
+            "once it is complete")
+
+    def check_unchanged(self) -> None:
+        """CheckpointInvalid when the file's size, mtime or ctime differ from those its header was read with."""
+        try:
+            now = identity(os.fstat(self._descriptor()))
+        except OSError as exc:
+            raise os_error(exc, "safetensors file", str(self.path)) from None
+        if now != self.identity:
+            raise self._changed(f"size {self.identity[2]} -> {now[2]} bytes, mtime or ctime moved")
+
+    def _descriptor(self) -> int:
+        if not self._closer.alive:
+            raise ValueError(f"{self._display}: read after close()")
+        return self._fd
 
     def will_need(self, start: int, end: int) -> None:
         """Starts the kernel reading bytes ``[start, end)`` ahead, so a cold read streams from disk."""
-        if end <= start:
-            return
-        page = mmap.ALLOCATIONGRANULARITY
-        aligned = start - start % page
-        self._mapped().madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
+        if end > start and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._descriptor(), start, end - start, os.POSIX_FADV_WILLNEED)
 
     def entry(self, name: str) -> TensorEntry:
         try:
             return self.entries[name]
         except KeyError:
-            raise CheckpointNotFound(f"{self.path}: no tensor named {name!r}") from None
+            raise CheckpointNotFound(f"{self._display}: no tensor named {shown(name)!r}") from None
 
-    def raw(self, name: str) -> torch.Tensor:
-        """The tensor's bytes as a flat uint8 view of the mapped file."""
+    def _read_into(self, out: torch.Tensor, start: int, interrupt: Interrupt | None) -> None:
+        """Fills the flat uint8 tensor ``out`` with the file's bytes from ``start``, chunk by chunk."""
+        fd = self._descriptor()
+        view = memoryview(out.numpy()) if out.numel() else memoryview(b"")
+        self.check_unchanged()
+        done = 0
+        while done < len(view):
+            if interrupt is not None:
+                interrupt()
+            want = min(READ_CHUNK_BYTES, len(view) - done)
+            try:
+                got = os.preadv(fd, [view[done:done + want]], start + done)
+            except OSError as exc:
+                raise os_error(exc, "safetensors file", str(self.path)) from None
+            if got == 0:
+                raise self._changed(f"it ended at byte {start + done}, before the tensor's end at {start + len(view)}")
+            done += got
+        self.check_unchanged()
+
+    def raw(self, name: str, *, pin_memory: bool = False, interrupt: Interrupt | None = None) -> torch.Tensor:
+        """The tensor's bytes as a flat uint8 tensor of its own (page-locked with ``pin_memory`` and CUDA)."""
         entry = self.entry(name)
-        if entry.nbytes == 0:
-            return torch.empty(0, dtype=torch.uint8)
-        return torch.frombuffer(self._mapped(), dtype=torch.uint8, count=entry.nbytes, offset=entry.start)
+        out = torch.empty(entry.nbytes, dtype=torch.uint8,
+                          pin_memory=pin_memory and entry.nbytes > 0 and torch.cuda.is_available())
+        self._read_into(out, entry.start, interrupt)
+        return out
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The tensor with its dtype and shape, a view of the mapped file where alignment allows."""
+    def tensor(self, name: str, *, pin_memory: bool = False, interrupt: Interrupt | None = None) -> torch.Tensor:
+        """The tensor with its dtype and shape, read into memory of its own."""
         entry = self.entry(name)
         dtype = TORCH_DTYPES.get(entry.dtype)
         if dtype is None:
-            raise CheckpointInvalid(f"{self.path}: tensor {name!r} has dtype {entry.dtype}, which torch cannot hold")
+            raise CheckpointInvalid(
+                f"{self._display}: tensor {shown(name)!r} has dtype {entry.dtype}, which torch cannot hold")
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=dtype)
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        if entry.start % itemsize == 0:
-            flat = torch.frombuffer(self._mapped(), dtype=dtype, count=entry.nbytes // itemsize, offset=entry.start)
-        else:
-            flat = self.raw(name).clone().view(dtype)
-        return flat.reshape(entry.shape)
+        return self.raw(name, pin_memory=pin_memory, interrupt=interrupt).view(dtype).reshape(entry.shape)
 
     def close(self) -> None:
-        """Drops this object's reference to the mapping; it is unmapped once no view uses it."""
-        self._map = None
+        """Closes the descriptor (also done when the object is collected)."""
+        self._closer()

@@ -8,9 +8,10 @@ from nvfp4_prep.contract.errors import PrepError
 from nvfp4_prep.contract.mma_view import mma_view
 
 from .assemble import assemble_layer
+from .merge import merge_shards
 from .prepare import PreparedLayer, prepare
 from .unprepare import unprepare
 
 # PrepError and mma_view belong to the contract (the SDK needs them without the pipeline); they are
 # re-exported because every caller of prepare() uses them.
-__all__ = ["PrepError", "PreparedLayer", "assemble_layer", "mma_view", "prepare", "unprepare"]
+__all__ = ["PrepError", "PreparedLayer", "assemble_layer", "merge_shards", "mma_view", "prepare", "unprepare"]

@@ -15,7 +15,7 @@ import torch
 
 from nvfp4_prep.contract.errors import PrepError
 from nvfp4_prep.contract.expert_keys import PROJECTION_ROLES, parse_expert_key
-from nvfp4_prep.contract.layout import ACTIVATIONS, GATED_ACTIVATIONS
+from nvfp4_prep.contract.layout import ALL_ACTIVATIONS, GATED_ACTIVATIONS, INTERLEAVED_ACTIVATIONS
 
 from .validate import check_choice
 
@@ -98,7 +98,7 @@ def _stack_rows(name: str, parts: list[list[torch.Tensor]], interleave: bool) ->
 
 def assemble_layer(expert_tensors: Mapping[str, torch.Tensor], activation: str = "swiglu") -> dict[str, torch.Tensor]:
     """Stack per-expert tensors; W13 rows are ``[gate; up]`` (interleaved for ``swigluoai``)."""
-    check_choice("activation", activation, ACTIVATIONS)
+    check_choice("activation", activation, ALL_ACTIVATIONS)
     experts = _parse(expert_tensors)
     names = _format_of(experts)
     # Compared by position, so that a client-chosen index such as 4000000000 costs nothing.
@@ -111,7 +111,7 @@ def assemble_layer(expert_tensors: Mapping[str, torch.Tensor], activation: str =
     first = [("gate",), ("up",)] if gated else [("up", "gate")]
     w13 = [[_projection(experts, e, roles, names) for roles in first] for e in range(count)]
     w2 = [_projection(experts, e, ("down",), names) for e in range(count)]
-    interleave = activation == "swigluoai"
+    interleave = activation in INTERLEAVED_ACTIVATIONS
 
     def column(parts: list[dict], leaf: str) -> list[torch.Tensor]:
         return [p[leaf] for p in parts]

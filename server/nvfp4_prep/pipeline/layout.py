@@ -8,10 +8,14 @@ from dataclasses import dataclass
 from nvfp4_prep.contract.layout import (
     EPILOGUE_TILE_M,
     FLASHINFER_LAYOUT_VERSION,
+    PADDING_FILL_BYTE,
     PIPELINE_VERSION,
     SF_VEC_SIZE,
+    flashinfer_release,
     layout_id,
 )
+
+from .shard import Shard
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -20,7 +24,7 @@ def round_up(value: int, multiple: int) -> int:
 
 @dataclass(frozen=True)
 class LayerDims:
-    """Logical sizes of one MoE layer and the padded sizes a backend needs."""
+    """Logical sizes of one MoE layer (or rank shard) and the padded sizes a backend needs."""
 
     num_experts: int
     hidden: int
@@ -38,21 +42,59 @@ class LayerDims:
         return 2 * self.intermediate_padded if self.gated else self.intermediate_padded
 
 
-def padded_dims(backend: str, num_experts: int, hidden: int, intermediate: int, gated: bool) -> LayerDims:
-    """SPEC P9 and the CUTLASS non-gated padding: the sizes each backend writes."""
-    hidden_padded, intermediate_padded = hidden, intermediate
-    if backend == "flashinfer_trtllm":
-        hidden_padded = round_up(hidden, 256)
-        intermediate_padded = round_up(intermediate, 64 if gated else 128)
-    elif backend in ("flashinfer_cutlass", "vllm_cutlass") and not gated:
-        intermediate_padded = round_up(intermediate, 128)
+def paddings(backend: str, gated: bool, profile: str = "seed") -> tuple[int | None, int | None]:
+    """The multiples (H, I) a backend pads to, None where it pads nothing (SPEC P9 and section 10).
+
+    TRT-LLM pads both in every profile; vLLM 0.33.0 pads CuteDSL the same way; the CUTLASS backends pad a
+    non-gated I to 128.
+    """
+    if backend == "flashinfer_trtllm" or (backend == "flashinfer_cutedsl" and profile == "vllm-0.33"):
+        return 256, 64 if gated else 128
+    if backend in ("flashinfer_cutlass", "vllm_cutlass") and not gated:
+        return None, 128
+    return None, None
+
+
+def padded_dims(backend: str, num_experts: int, hidden: int, intermediate: int, gated: bool, *,
+                profile: str = "seed") -> LayerDims:
+    """The sizes ``backend`` writes under ``profile``."""
+    hidden_multiple, inter_multiple = paddings(backend, gated, profile)
+    hidden_padded = round_up(hidden, hidden_multiple) if hidden_multiple else hidden
+    intermediate_padded = round_up(intermediate, inter_multiple) if inter_multiple else intermediate
     return LayerDims(num_experts, hidden, intermediate, gated, hidden_padded, intermediate_padded)
 
 
-def layout_record(backend: str, activation: str, policy: str, dims: LayerDims) -> dict:
-    """The JSON-serialisable record sent with, and stored beside, every prepared layer."""
-    return {
-        "layout_id": layout_id(backend),
+def engine_config(backend: str, profile: str, dims: LayerDims) -> dict | None:
+    """What vLLM 0.33.0 leaves in its ``moe_config`` after preparing (None for the seed).
+
+    CuteDSL and TRT-LLM record the padded sizes and the unpadded hidden size; the CUTLASS backends update
+    neither (vLLM pads a non-gated CUTLASS layer without changing ``intermediate_size_per_partition``), and
+    ``hidden_dim_unpadded`` keeps FusedMoEConfig's default, the hidden size (SPEC section 10 says "unset":
+    vLLM 0.33.0's code, the contract, sets it).
+    """
+    if profile != "vllm-0.33":
+        return None
+    if backend in ("flashinfer_cutedsl", "flashinfer_trtllm"):
+        return {"hidden_dim": dims.hidden_padded, "hidden_dim_unpadded": dims.hidden,
+                "intermediate_size_per_partition": dims.intermediate_padded}
+    return {"hidden_dim": dims.hidden, "hidden_dim_unpadded": dims.hidden,
+            "intermediate_size_per_partition": dims.intermediate}
+
+
+def layout_record(backend: str, activation: str, policy: str, dims: LayerDims, *, profile: str = "seed",
+                  gated_group_size: int = 64, shard: Shard | None = None, expert_ids: tuple[int, ...] = (),
+                  global_experts: int | None = None) -> dict:
+    """The JSON-serialisable record sent with, and stored beside, every prepared layer (SPEC sections 7, 10, 11).
+
+    Every key is always present (the wire's ``Layout`` message has one field for each); ``unprepare`` reads
+    a key absent from an older record as its default.
+    """
+    shard = shard or Shard()
+    record = {
+        "layout_id": layout_id(backend, profile=profile, activation=activation, policy=policy,
+                               gated_group_size=gated_group_size, tp_rank=shard.tp_rank, tp_size=shard.tp_size,
+                               ep_rank=shard.ep_rank, ep_size=shard.ep_size,
+                               expert_placement=shard.expert_placement),
         "backend": backend,
         "activation": activation,
         "input_scale_policy": policy,
@@ -66,3 +108,21 @@ def layout_record(backend: str, activation: str, policy: str, dims: LayerDims) -
         "intermediate_dim": dims.intermediate_padded,
         "intermediate_dim_unpadded": dims.intermediate,
     }
+    hidden_multiple, inter_multiple = paddings(backend, dims.gated, profile)
+    record.update({
+        "profile": profile,
+        "flashinfer_release": flashinfer_release(profile, gated_group_size),
+        "gated_group_size": gated_group_size,
+        "padding_fill_byte": PADDING_FILL_BYTE,
+        "hidden_alignment": hidden_multiple or 1,  # 1: not padded
+        "intermediate_alignment": inter_multiple or 1,
+        "tp_rank": shard.tp_rank,
+        "tp_size": shard.tp_size,
+        "ep_rank": shard.ep_rank,
+        "ep_size": shard.ep_size,
+        "expert_placement": shard.expert_placement,
+        "global_num_experts": global_experts if global_experts is not None else dims.num_experts,
+        "expert_ids": list(expert_ids) if expert_ids else list(range(dims.num_experts)),
+    })
+    record["engine_config"] = engine_config(backend, profile, dims)
+    return record

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import rowmaps
+from . import profiles, rowmaps
 from .layout import LayerDims
 from .swizzle import tile_offsets, tiled_shape
 
@@ -68,23 +68,19 @@ class LayerPlan:
     s2_shape: tuple[int, int]
 
 
-def gemm1_rows(backend: str, activation: str, dims: LayerDims) -> torch.Tensor:
-    """Source row of every prepared W13/S13 row (SPEC section 5, GEMM1 column)."""
+def gemm1_rows(backend: str, activation: str, dims: LayerDims, profile: str = "seed",
+               gated_group_size: int = 64) -> torch.Tensor:
+    """Source row of every prepared W13/S13 row (SPEC section 5, GEMM1 column; section 10 for the profile)."""
     inter, inter_padded = dims.intermediate, dims.intermediate_padded
     padded = torch.full((dims.n1_padded,), -1, dtype=torch.long)
     if dims.gated:
-        if activation == "swigluoai":
-            order = rowmaps.deinterleave(2 * inter, up_first=backend != "vllm_cutlass")
-        elif backend == "vllm_cutlass":
-            order = torch.arange(2 * inter, dtype=torch.long)
-        else:
-            order = rowmaps.swap_halves(2 * inter)
+        order = profiles.gated_order(backend, activation, 2 * inter, profile)
         padded[:inter] = order[:inter]
         padded[inter_padded:inter_padded + inter] = order[inter:]
     else:
         padded[:inter] = torch.arange(inter, dtype=torch.long)
     if backend == "flashinfer_cutedsl" and dims.gated:
-        return padded[rowmaps.interleave_64(dims.n1_padded)]
+        return padded[rowmaps.interleave_groups(dims.n1_padded, gated_group_size)]
     if backend == "flashinfer_trtllm":
         return padded[rowmaps.trtllm_gemm1(dims.n1_padded, dims.gated)]
     return padded
@@ -119,9 +115,10 @@ def _scale_plan(rows: torch.Tensor, in_rows: int, in_cols: int, out_cols: int) -
 
 
 @functools.lru_cache(maxsize=64)
-def layer_plan(backend: str, activation: str, dims: LayerDims) -> LayerPlan:
-    """The cached plan for one (backend, activation, shape)."""
-    rows1 = gemm1_rows(backend, activation, dims)
+def layer_plan(backend: str, activation: str, dims: LayerDims, profile: str = "seed",
+               gated_group_size: int = 64) -> LayerPlan:
+    """The cached plan for one (backend, activation, shape, profile, group size)."""
+    rows1 = gemm1_rows(backend, activation, dims, profile, gated_group_size)
     rows2 = gemm2_rows(backend, dims)
     hidden, hidden_p = dims.hidden, dims.hidden_padded
     inter, inter_p = dims.intermediate, dims.intermediate_padded

@@ -31,11 +31,17 @@ def deinterleave(n: int, up_first: bool = True) -> torch.Tensor:
     return torch.cat([up, gate]) if up_first else torch.cat([gate, up])
 
 
-def interleave_64(n: int) -> torch.Tensor:
-    """P3: CuteDSL groups of 64 rows taken alternately from each half."""
+def interleave_groups(n: int, group: int) -> torch.Tensor:
+    """P3: CuteDSL groups of ``group`` rows (64, or 16 for FlashInfer 0.7.4's swap-AB kernels) taken
+    alternately from each half."""
     r = _rows(n)
-    block, half, j = r // 128, (r // 64) % 2, r % 64
-    return half * (n // 2) + 64 * block + j
+    block, half, j = r // (2 * group), (r // group) % 2, r % group
+    return half * (n // 2) + group * block + j
+
+
+def interleave_64(n: int) -> torch.Tensor:
+    """P3 as SPEC section 3 states it."""
+    return interleave_groups(n, 64)
 
 
 def gated_pairing(n: int) -> torch.Tensor:

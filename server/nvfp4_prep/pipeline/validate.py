@@ -7,9 +7,18 @@ from collections.abc import Mapping
 import torch
 
 from nvfp4_prep.contract.errors import PrepError
-from nvfp4_prep.contract.layout import ACTIVATIONS, BACKENDS, GATED_ACTIVATIONS, INPUT_SCALE_POLICIES, STACKED_NAMES
+from nvfp4_prep.contract.layout import (
+    ALL_ACTIVATIONS,
+    BACKENDS,
+    GATED_ACTIVATIONS,
+    GATED_GROUP_SIZES,
+    INPUT_SCALE_POLICIES,
+    PROFILES,
+    STACKED_NAMES,
+    backend_activations,
+)
 
-from .layout import LayerDims, padded_dims
+from .layout import LayerDims
 
 BLOCK_SCALE_DTYPES = (torch.float8_e4m3fn, torch.uint8)
 
@@ -55,20 +64,53 @@ def _global_scale(name: str, tensor: torch.Tensor, experts: int, pair_allowed: b
     _scale_values(name, tensor)
 
 
-def _alignment(backend: str, dims: LayerDims) -> None:
+def check_options(backend: str, activation: str, policy: str, profile: str, gated_group_size: int,
+                  prefix: str = "") -> None:
+    """The choices of a request, and their combinations that the profile's engine does not run."""
+    check_choice(prefix + "backend", backend, BACKENDS)
+    check_choice(prefix + "profile", profile, PROFILES)
+    check_choice(prefix + "activation", activation, ALL_ACTIVATIONS)
+    accepted = backend_activations(profile, backend)
+    if activation not in accepted:
+        raise PrepError(prefix + "activation", f"{activation!r} is not run by profile {profile!r} on {backend}",
+                        "one of " + ", ".join(accepted))
+    check_choice(prefix + "input_scale_policy", policy, INPUT_SCALE_POLICIES)
+    if type(gated_group_size) is not int or gated_group_size not in GATED_GROUP_SIZES:
+        raise PrepError(prefix + "gated_group_size", f"is {gated_group_size!r}",
+                        " or ".join(map(str, GATED_GROUP_SIZES)))
+    if gated_group_size != 64 and backend != "flashinfer_cutedsl":
+        raise PrepError(prefix + "gated_group_size", f"is {gated_group_size} for backend {backend}",
+                        "64 (other group sizes are a flashinfer_cutedsl option)")
+    if gated_group_size != 64 and profile != "seed":
+        raise PrepError(prefix + "gated_group_size", f"is {gated_group_size} with profile {profile!r}",
+                        "64 (vLLM 0.33.0 groups CuteDSL rows by 64; FlashInfer 0.7.4's 16-row grouping needs "
+                        "profile 'seed')")
+
+
+def check_alignment(backend: str, dims: LayerDims, *, profile: str = "seed", gated_group_size: int = 64,
+                    tp_size: int = 1) -> None:
+    """The backend's alignment needs on the (rank's) sizes; ``tp_size`` is named when it made them fail."""
     inter = dims.intermediate
-    if backend == "flashinfer_cutedsl" and dims.gated and inter % 64:
-        raise PrepError("w2_weight", f"intermediate size I = {inter}",
-                        "I % 64 == 0 for flashinfer_cutedsl gated layers")
+    cause = "tp_size" if tp_size > 1 else None
+    if backend == "flashinfer_cutedsl" and dims.gated and profile == "seed":
+        group = gated_group_size
+        if dims.n1 % (2 * group):
+            per_rank = f" per rank (tp_size = {tp_size})" if cause else ""
+            raise PrepError(cause or "w2_weight", f"intermediate size I = {inter}{per_rank}",
+                            f"I % {group} == 0 for flashinfer_cutedsl gated layers with gated_group_size {group}")
     if backend in ("flashinfer_cutlass", "vllm_cutlass") and dims.gated and dims.n1 % 128:
-        raise PrepError("w13_weight", f"N1 = {dims.n1} rows", f"N1 % 128 == 0 for {backend} gated layers")
+        per_rank = f" per rank (tp_size = {tp_size})" if cause else ""
+        raise PrepError(cause or "w13_weight", f"N1 = {dims.n1} rows{per_rank}",
+                        f"N1 % 128 == 0 for {backend} gated layers")
 
 
-def validate(tensors: Mapping[str, torch.Tensor], backend: str, activation: str, policy: str) -> LayerDims:
-    """Check a stacked layer and return its dimensions (padded for ``backend``)."""
-    check_choice("backend", backend, BACKENDS)
-    check_choice("activation", activation, ACTIVATIONS)
-    check_choice("input_scale_policy", policy, INPUT_SCALE_POLICIES)
+def validate(tensors: Mapping[str, torch.Tensor], backend: str, activation: str, policy: str, *,
+             profile: str = "seed", gated_group_size: int = 64) -> LayerDims:
+    """Check the options and a stacked layer; return the layer's dimensions, unpadded.
+
+    The backend's paddings and alignment needs apply to what a rank holds: see ``check_alignment``.
+    """
+    check_options(backend, activation, policy, profile, gated_group_size)
     unknown = sorted(str(name) for name in tensors if name not in STACKED_NAMES)
     if unknown:
         raise PrepError(unknown[0], "is not a tensor of the stacked form",
@@ -110,6 +152,4 @@ def validate(tensors: Mapping[str, torch.Tensor], backend: str, activation: str,
     _global_scale("w2_weight_scale_2", _tensor(tensors, "w2_weight_scale_2"), experts, False)
     _global_scale("w2_input_scale", _tensor(tensors, "w2_input_scale"), experts, False)
 
-    dims = padded_dims(backend, experts, hidden, inter, gated)
-    _alignment(backend, dims)
-    return dims
+    return LayerDims(experts, hidden, inter, gated, hidden, inter)

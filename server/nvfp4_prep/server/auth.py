@@ -3,16 +3,18 @@
 Clients send ``authorization: Bearer <token>`` metadata. Tokens come from the
 file named by ``--auth-token-file``, one per line, so that a rotation can list
 the old and the new token for a while. Only SHA-256 digests of the tokens are
-kept, compared in constant time, and neither a token nor what a caller
-presented is ever logged. Health checking can stay open to unauthenticated
-callers (Kubernetes probes carry no credentials).
+kept, compared in constant time, and neither a token nor anything else a
+caller sent (its method path included) is ever logged: refusals go to a
+``RefusalLog``, which logs the reason and the peer address at most. Health
+checking can stay open to unauthenticated callers (Kubernetes probes carry no
+credentials). The ``/metrics`` listener checks its ``Authorization`` header
+with the same ``TokenSet``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -21,9 +23,8 @@ import grpc
 from nvfp4_prep.wire import AUTHORIZATION_KEY
 
 from .config import ConfigError
+from .refusals import DESCRIPTIONS, GRPC, NO_TOKEN, UNKNOWN_TOKEN, RefusalLog
 from .status import abort, status
-
-log = logging.getLogger(__name__)
 
 BEARER = "bearer "
 HEALTH_SERVICE = "grpc.health.v1.Health"
@@ -31,13 +32,14 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 MIN_TOKEN_LENGTH = 16
 
 
-def read_token_file(path: Path) -> tuple[str, ...]:
-    """The tokens in ``path``: one per line, blank lines and lines starting with ``#`` ignored."""
+def read_token_file(path: Path, flag: str = "--auth-token-file") -> tuple[str, ...]:
+    """The tokens in ``path``: one per line, blank lines and lines starting with ``#`` ignored; errors name
+    ``flag``."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
-        raise ConfigError(f"--auth-token-file: cannot read {str(path)!r} ({reason})") from None
+        raise ConfigError(f"{flag}: cannot read {str(path)!r} ({reason})") from None
     tokens = []
     for number, line in enumerate(text.splitlines(), 1):
         token = line.strip()
@@ -45,33 +47,69 @@ def read_token_file(path: Path) -> tuple[str, ...]:
             continue
         # The token itself is never echoed, only where it is and what is wrong with it.
         if len(token) < MIN_TOKEN_LENGTH:
-            raise ConfigError(f"--auth-token-file: the token on line {number} of {str(path)!r} has {len(token)} "
+            raise ConfigError(f"{flag}: the token on line {number} of {str(path)!r} has {len(token)} "
                               f"characters (expected at least {MIN_TOKEN_LENGTH})")
         if not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
-            raise ConfigError(f"--auth-token-file: the token on line {number} of {str(path)!r} has characters "
+            raise ConfigError(f"{flag}: the token on line {number} of {str(path)!r} has characters "
                               "a header cannot carry (expected printable ASCII without spaces)")
         tokens.append(token)
     if not tokens:
-        raise ConfigError(f"--auth-token-file: {str(path)!r} holds no token (expected one token per line)")
+        raise ConfigError(f"{flag}: {str(path)!r} holds no token (expected one token per line)")
     return tuple(tokens)
+
+
+class TokenSet:
+    """The accepted tokens, kept only as SHA-256 digests and compared in constant time."""
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        if not tokens:
+            raise ValueError("TokenSet needs at least one token")
+        self._digests = tuple(_digest(token) for token in tokens)
+
+    def accepts(self, token: str) -> bool:
+        digest = _digest(token)
+        found = False
+        for known in self._digests:  # every digest is compared, so timing does not tell which matched
+            found |= hmac.compare_digest(digest, known)
+        return found
 
 
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
-def _presented(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
-    """The bearer token in ``metadata``, or None when there is none."""
-    for key, value in metadata or ():
-        if key == AUTHORIZATION_KEY and isinstance(value, str) and value[:len(BEARER)].lower() == BEARER:
-            return value[len(BEARER):].strip()
+def bearer_token(value: str | None) -> str | None:
+    """The token of an ``authorization`` value ``Bearer <token>``, or None when it is not one."""
+    if isinstance(value, str) and value[:len(BEARER)].lower() == BEARER:
+        return value[len(BEARER):].strip()
     return None
 
 
-def _refusal(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that fails the call with UNAUTHENTICATED."""
+def refusal_reason(tokens: TokenSet, token: str | None) -> str | None:
+    """Why a call presenting ``token`` is refused (a ``refusals`` reason), or None when it may pass."""
+    if token is None:
+        return NO_TOKEN
+    return None if tokens.accepts(token) else UNKNOWN_TOKEN
+
+
+def _presented(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The bearer token in ``metadata``, or None when there is none."""
+    for key, value in metadata or ():
+        if key == AUTHORIZATION_KEY and isinstance(value, str):
+            token = bearer_token(value)
+            if token is not None:
+                return token
+    return None
+
+
+def _refusal(handler: grpc.RpcMethodHandler | None, reason: str, refusals: RefusalLog) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that records the refusal and fails the call with
+    UNAUTHENTICATED."""
+    message = (f"{AUTHORIZATION_KEY}: the call carried {DESCRIPTIONS[reason]} "
+               "(expected metadata 'authorization: Bearer <token>' with a token from --auth-token-file)")
 
     def refuse(_request: object, context: grpc.ServicerContext) -> None:
+        refusals.refused(GRPC, reason, context.peer())
         abort(context, status(grpc.StatusCode.UNAUTHENTICATED, message))
 
     if handler is None:
@@ -86,30 +124,21 @@ def _refusal(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMet
 
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):
-    """Lets a call through when it carries one of ``tokens``; ``open_services`` need no token."""
+    """Lets a call through when it carries one of ``tokens``; ``open_services`` need no token. Refusals are
+    counted and logged by ``refusals``, never with the caller's method path or metadata."""
 
     def __init__(self, tokens: Sequence[str], open_services: Sequence[str] = ()) -> None:
         if not tokens:
             raise ValueError("TokenAuthInterceptor needs at least one token")
-        self._digests = tuple(_digest(token) for token in tokens)
+        self._tokens = TokenSet(tokens)
         self._open = frozenset(open_services)
-
-    def _known(self, token: str) -> bool:
-        digest = _digest(token)
-        found = False
-        for known in self._digests:  # every digest is compared, so timing does not tell which matched
-            found |= hmac.compare_digest(digest, known)
-        return found
+        self.refusals = RefusalLog()
 
     def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         method = handler_call_details.method or ""
         if method.lstrip("/").split("/", 1)[0] in self._open:
             return continuation(handler_call_details)
-        token = _presented(handler_call_details.invocation_metadata)
-        if token is not None and self._known(token):
+        reason = refusal_reason(self._tokens, _presented(handler_call_details.invocation_metadata))
+        if reason is None:
             return continuation(handler_call_details)
-        problem = "no bearer token" if token is None else "a bearer token this server does not accept"
-        log.warning("refused %s: the call carried %s", method, problem)
-        return _refusal(continuation(handler_call_details),
-                        f"{AUTHORIZATION_KEY}: the call carried {problem} "
-                        "(expected metadata 'authorization: Bearer <token>' with a token from --auth-token-file)")
+        return _refusal(continuation(handler_call_details), reason, self.refusals)

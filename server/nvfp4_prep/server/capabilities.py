@@ -22,6 +22,20 @@ def _version(distribution: str) -> str:
         return ""
 
 
+def _backend(backend: str) -> pb.BackendCapability:
+    """What the server offers for ``backend``: per profile its activations and CuteDSL group sizes; the layout
+    ids of whole layers with the default policy, one per profile, activation and group size."""
+    profiles, ids = [], []
+    for profile in layout.PROFILES:
+        activations = layout.backend_activations(profile, backend)
+        groups = [64, 16] if backend == "flashinfer_cutedsl" and profile == "seed" else [64]
+        profiles.append(pb.ProfileCapability(profile=profile, activations=activations, gated_group_sizes=groups,
+                                             flashinfer_release=layout.flashinfer_release(profile)))
+        ids += [layout.layout_id(backend, profile=profile, activation=a, gated_group_size=g)
+                for g in groups for a in activations]
+    return pb.BackendCapability(backend=backend, layout_versions=ids, profiles=profiles)
+
+
 def build_capabilities(workers: Sequence[DeviceWorker], limits: pb.Limits, checkpoint_refs: bool) -> pb.Capabilities:
     return pb.Capabilities(
         api=API,
@@ -31,8 +45,8 @@ def build_capabilities(workers: Sequence[DeviceWorker], limits: pb.Limits, check
         pipeline_version=layout.PIPELINE_VERSION,
         flashinfer_layout_version=layout.FLASHINFER_LAYOUT_VERSION,
         devices=[worker.describe() for worker in workers],
-        backends=[pb.BackendCapability(backend=b, layout_versions=[layout.layout_id(b)]) for b in layout.BACKENDS],
-        activations=list(layout.ACTIVATIONS),
+        backends=[_backend(b) for b in layout.BACKENDS],
+        activations=list(layout.ALL_ACTIVATIONS),
         input_scale_policies=list(layout.INPUT_SCALE_POLICIES),
         tensor_forms=[pb.TENSOR_FORM_STACKED, pb.TENSOR_FORM_PER_EXPERT],
         checkpoint_refs=checkpoint_refs,

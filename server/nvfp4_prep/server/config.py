@@ -62,6 +62,10 @@ def _port(text: str) -> int:
     return number
 
 
+def _optional_host(text: str | None) -> str | None:
+    return None if text is None else _host(text)
+
+
 def _devices(text: str | None) -> tuple[str, ...]:
     if text is None:
         return ()
@@ -206,6 +210,16 @@ FLAGS = (
     _Flag("log-level", "INFO", _choice(LOG_LEVELS, True), _LOG_CHOICES, _LOG_CHOICES),
     _Flag("log-format", "text", _choice(LOG_FORMATS, False), _FORMAT_CHOICES, _FORMAT_CHOICES),
     _Flag("metrics-port", "9400", _port, "0 to 65535, 0 disables", "Prometheus metrics port (0 disables)"),
+    _Flag("metrics-address", None, _optional_host, "a host name or address",
+          "address /metrics listens on, e.g. 127.0.0.1 for a scrape from inside the pod only (default: --host); "
+          "without a token (--metrics-token-file or --auth-token-file) anyone who reaches it reads the metrics, "
+          "so keep it on the pod network"),
+    _Flag("metrics-tls", "true", _boolean, "true or false",
+          "with --tls-cert, serve /metrics over HTTPS with the same certificate, and under --tls-client-ca want a "
+          "client certificate too (--no-metrics-tls: plain HTTP, for a scraper that only speaks it)", boolean=True),
+    _Flag("metrics-token-file", None, _file, "a readable file of tokens",
+          "bearer tokens a scrape must send as 'Authorization: Bearer <token>', one per line, else 401 (default: "
+          "the tokens of --auth-token-file, when set)"),
     _Flag("allowed-root", None, _roots, "existing directories",
           "directory under which checkpoint references may be read; repeat the flag, or separate with ':' in the "
           "variable (default: none, references refused)", field="allowed_roots", repeatable=True),
@@ -240,12 +254,21 @@ FLAGS = (
     _Flag("max-concurrent", "32", _count(1), "a count >= 1",
           "Prepare calls running at once; more are refused with RESOURCE_EXHAUSTED, which the SDK retries with "
           "backoff"),
-    _Flag("max-concurrent-per-client", "0", _count(0), "a count >= 0",
-          "Prepare calls one client (its certificate under mutual TLS, else its address) may run at once (0: no "
-          "limit of its own)"),
+    _Flag("max-concurrent-per-client", "8", _count(0), "a count >= 0",
+          "Prepare calls one client (its certificate under mutual TLS, else its address) may run at once, so that "
+          "one client cannot take every --max-concurrent slot; 8 is twice the SDK's default concurrency and a "
+          "quarter of the default --max-concurrent (0: no limit of its own, e.g. for one trusted loader)"),
     _Flag("max-deadline", "600", _positive_seconds, "seconds > 0",
-          "seconds any call may run, whatever deadline its client set; a call past it gets DEADLINE_EXCEEDED, one "
-          "whose client stalls is cancelled"),
+          "seconds any call may run, whatever deadline its client set; a call past it gets DEADLINE_EXCEEDED, also "
+          "one whose client stalls"),
+    _Flag("header-timeout", "10", _positive_seconds, "seconds > 0",
+          "seconds a Prepare stream may take to send its header; one that sends none by then gets "
+          "DEADLINE_EXCEEDED naming request.header (a stream takes a --max-concurrent slot only once its header "
+          "arrives)"),
+    _Flag("idle-timeout", "30", _positive_seconds, "seconds > 0",
+          "seconds a Prepare stream may go without sending its next message, or without reading the next one "
+          "of its answer; a stalled stream gets DEADLINE_EXCEEDED and gives back its slot and memory, so a "
+          "client that announces a large layer and stops cannot hold the budget until --max-deadline"),
     _Flag("keepalive-time", "60", _positive_seconds, "seconds > 0",
           "seconds between the server's keepalive pings on an idle connection"),
     _Flag("keepalive-timeout", "20", _positive_seconds, "seconds > 0",
@@ -283,6 +306,9 @@ class ServeConfig:
     log_level: str = _DEFAULTS["log_level"]
     log_format: str = _DEFAULTS["log_format"]
     metrics_port: int = _DEFAULTS["metrics_port"]
+    metrics_address: str | None = _DEFAULTS["metrics_address"]  # None: the --host address
+    metrics_tls: bool = _DEFAULTS["metrics_tls"]
+    metrics_token_file: Path | None = _DEFAULTS["metrics_token_file"]
     allowed_roots: tuple[Path, ...] = _DEFAULTS["allowed_roots"]
     cache_bytes: int = _DEFAULTS["cache_bytes"]
     drain_timeout: float = _DEFAULTS["drain_timeout"]
@@ -299,6 +325,8 @@ class ServeConfig:
     max_concurrent: int = _DEFAULTS["max_concurrent"]
     max_concurrent_per_client: int = _DEFAULTS["max_concurrent_per_client"]
     max_deadline: float = _DEFAULTS["max_deadline"]
+    header_timeout: float = _DEFAULTS["header_timeout"]
+    idle_timeout: float = _DEFAULTS["idle_timeout"]
     keepalive_time: float = _DEFAULTS["keepalive_time"]
     keepalive_timeout: float = _DEFAULTS["keepalive_timeout"]
     keepalive_permit_time: float = _DEFAULTS["keepalive_permit_time"]

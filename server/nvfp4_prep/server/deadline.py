@@ -1,26 +1,35 @@
-"""The server's ceiling on how long one call may run (--max-deadline), whatever deadline the client set.
+"""How long one call may take: the server's ceiling (--max-deadline), the header's own (--header-timeout), and
+blocking work that must not outlive the call.
 
 A call's effective deadline is the sooner of the client's and the ceiling. The
 Prepare call checks it between stages and on every message in and out, and
-fails with DEADLINE_EXCEEDED naming --max-deadline. A client that stops
-sending or reading altogether leaves the call blocked inside gRPC, where no
-check runs: a watchdog thread cancels such calls once the ceiling has passed,
-so that they give their memory and their concurrency slot back.
+fails with DEADLINE_EXCEEDED naming --max-deadline. Where no check can run,
+because the handler thread waits inside gRPC (a client that sends no header, or
+stops sending or reading) or inside a server stage that cannot be interrupted,
+a watchdog thread ends the call once its time has passed, so that it gives its
+memory and its concurrency slot back; the status it sends says which side
+stopped, from what the call was doing (``CallClock.doing``).
+
+Reads that may never return (a hung network mount) run on the daemon threads
+of a ``BoundedRunner``: the call waits for them only while its checks pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import grpc
 
-from .errors import DeadlinePassed
+from .errors import CallCancelled, CallError, DeadlinePassed, ServerDraining
+from .status import end_from_another_thread, status_of
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +40,15 @@ _NO_DEADLINE_SECONDS = 10**8
 # Seconds the watchdog waits past the ceiling, so that the per-message check (with its clearer
 # status) gets the first chance.
 _WATCHDOG_SLACK = 1.0
+# How often a call waiting for a BoundedRunner job runs its checks.
+_POLL_SECONDS = 0.05
+_END = object()
+# What a call is doing when no stage says more.
+_WORKING = ("working on the call", False)
 
 
 class _Watchdog:
-    """Calls ``cancel`` of every watched call still registered when its instant passes."""
+    """Calls ``fire`` of every watched call still registered when its instant passes."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int]] = []
@@ -44,10 +58,10 @@ class _Watchdog:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def watch(self, instant: float, cancel: Callable[[], None]) -> int:
+    def watch(self, instant: float, fire: Callable[[], None]) -> int:
         with self._cond:
             key = next(self._ids)
-            self._pending[key] = (instant, cancel)
+            self._pending[key] = (instant, fire)
             heapq.heappush(self._heap, (instant, key))
             if len(self._heap) > 2 * len(self._pending) + 64:  # drop the entries of calls that ended
                 self._heap = [(when, k) for k, (when, _) in self._pending.items()]
@@ -72,7 +86,10 @@ class _Watchdog:
                 _, key = heapq.heappop(self._heap)
                 entry = self._pending.pop(key, None)
             if entry is not None:
-                entry[1]()
+                try:
+                    entry[1]()
+                except Exception:  # one call's failure to end must not stop the watchdog for every other call
+                    log.exception("the watchdog could not end a call")
 
     def stop(self) -> None:
         """Ends the thread (the server stopped); calls still watched are left to gRPC's own shutdown."""
@@ -85,13 +102,22 @@ class _Watchdog:
 
 
 class CallClock:
-    """The effective deadline of one call (``time.monotonic()`` instant) and its checks."""
+    """The effective deadline of one call (``time.monotonic()`` instant), its checks, and what it is doing.
 
-    def __init__(self, ceiling: Ceiling, deadline: float, limited: bool, watch: int | None) -> None:
+    ``expired`` is the error the watchdog ended the call with, if it did: the handler reports that rather than
+    whatever the end of its stream then caused.
+    """
+
+    def __init__(self, ceiling: Ceiling, context: grpc.ServicerContext, deadline: float, limited: bool) -> None:
         self._ceiling = ceiling
+        self._context = context
         self.deadline = deadline
         self._limited = limited  # whether the ceiling (not the client's deadline) sets it
-        self._watch = watch
+        self._watches: list[int] = []
+        self._header_watch: int | None = None
+        self._doing: list[tuple[str, bool]] = []  # (activity, whether it waits on the client); innermost last
+        self._on_end: list[Callable[[], None]] = []
+        self.expired: DeadlinePassed | None = None
 
     def check(self, stage: str) -> None:
         """Raises DeadlinePassed once the deadline has passed; ``stage`` says where, e.g. "before compute"."""
@@ -103,30 +129,128 @@ class CallClock:
                 f"(--max-deadline={self._ceiling.seconds:g}s)", "max_deadline")
         raise DeadlinePassed(f"deadline passed {stage}")
 
-    def messages(self, items: Iterator[T], stage: str) -> Iterator[T]:
-        """``items``, checking the deadline before each one is handed on; closes ``items`` when closed."""
+    @contextlib.contextmanager
+    def doing(self, activity: str, client: bool = False) -> Iterator[None]:
+        """Marks what the call does meanwhile (``client``: waits on its client), for the watchdog's status."""
+        self._doing.append((activity, client))
         try:
-            for item in items:
-                self.check(stage)
+            yield
+        finally:
+            self._doing.pop()
+
+    def received(self, items: Iterator[T]) -> Iterator[T]:
+        """The request stream ``items``, checking the deadline on each message and --idle-timeout between
+        them; closes ``items`` when closed."""
+        try:
+            while True:
+                with self.doing("waiting for its client to send", client=True), self._idle("send"):
+                    item = next(items, _END)
+                if item is _END:
+                    return
+                self.check("while receiving")
                 yield item
         finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
+            _close(items)
+
+    def sent(self, items: Iterator[T]) -> Iterator[T]:
+        """The response stream ``items``, checking the deadline before each message goes out and
+        --idle-timeout while the client has not taken it."""
+        try:
+            while True:
+                item = next(items, _END)
+                if item is _END:
+                    return
+                self.check("while sending")
+                with self.doing("waiting for its client to read", client=True), self._idle("read"):
+                    yield item
+        finally:
+            _close(items)
+
+    @contextlib.contextmanager
+    def _idle(self, what: str) -> Iterator[None]:
+        """Ends the call if the client does not ``what`` (send, read) within --idle-timeout."""
+        seconds = self._ceiling.idle_seconds
+        instant = time.monotonic() + seconds
+        if instant >= self.deadline:  # the deadline comes first anyway
+            yield
+            return
+        key = self._ceiling.watchdog.watch(instant, lambda: self._end(DeadlinePassed(
+            f"the client did not {what} its next message within {seconds:g}s (--idle-timeout={seconds:g}s)",
+            "idle_timeout")))
+        try:
+            yield
+        finally:
+            self._ceiling.watchdog.forget(key)
+
+    def on_end(self, callback: Callable[[], None]) -> None:
+        """Has ``callback`` run (on the watchdog's thread) if the watchdog ends the call, e.g. to give its
+        concurrency slot back while its handler thread is still blocked."""
+        self._on_end.append(callback)
+
+    def header_arrived(self) -> None:
+        """The request header came: --header-timeout no longer applies."""
+        if self._header_watch is not None:
+            self._ceiling.watchdog.forget(self._header_watch)
+            self._header_watch = None
 
     def close(self) -> None:
-        """Ends the watch of a call that ended."""
-        if self._watch is not None:
-            self._ceiling.watchdog.forget(self._watch)
+        """Ends the watches of a call that ended."""
+        self.header_arrived()
+        for key in self._watches:
+            self._ceiling.watchdog.forget(key)
+        self._watches.clear()
+
+    def _watch(self, instant: float, fire: Callable[[], None]) -> int:
+        key = self._ceiling.watchdog.watch(instant, fire)
+        self._watches.append(key)
+        return key
+
+    def _no_header(self) -> None:
+        """Watchdog: no header within --header-timeout."""
+        seconds = self._ceiling.header_seconds
+        self._end(DeadlinePassed(f"request.header: did not arrive within {seconds:g}s of the call's start "
+                                 f"(--header-timeout={seconds:g}s)", "request.header"))
+
+    def _overran(self) -> None:
+        """Watchdog: the call still runs past --max-deadline, where no check of its own could stop it."""
+        innermost = self._doing[-1:]  # a copy: the handler's thread may change the list meanwhile
+        activity, client = innermost[0] if innermost else _WORKING
+        seconds = self._ceiling.seconds
+        if client:
+            log.warning("ended a call still running %.0fs after it started (--max-deadline=%gs): it was %s, and "
+                        "its client stopped", seconds + _WATCHDOG_SLACK, seconds, activity)
+            blame = f"the call was {activity}, and the client stopped"
+        else:
+            log.error("ended a call still running %.0fs after it started (--max-deadline=%gs): the server itself "
+                      "was still %s (a server-side stage overran; not the client's doing)",
+                      seconds + _WATCHDOG_SLACK, seconds, activity)
+            blame = f"the server itself was still {activity} (a server-side stage overran, not the client)"
+        self._end(DeadlinePassed(f"the call ran longer than this server allows (--max-deadline={seconds:g}s): "
+                                 f"{blame}", "max_deadline"))
+
+    def _end(self, error: DeadlinePassed) -> None:
+        if self._context.is_active():
+            self.expired = error
+            end_from_another_thread(self._context, status_of(error))
+            for callback in self._on_end:
+                callback()
+
+
+def _close(items: Iterator) -> None:
+    close = getattr(items, "close", None)
+    if close is not None:
+        close()
 
 
 class Ceiling:
-    """--max-deadline for every call of one server."""
+    """--max-deadline, --header-timeout and --idle-timeout for every call of one server."""
 
-    def __init__(self, seconds: float) -> None:
-        if not seconds > 0:
-            raise ValueError("the deadline ceiling must be > 0 seconds")
+    def __init__(self, seconds: float, header_seconds: float | None = None, idle_seconds: float | None = None) -> None:
+        if not seconds > 0 or any(s is not None and not s > 0 for s in (header_seconds, idle_seconds)):
+            raise ValueError("the deadline ceiling, the header timeout and the idle timeout must be > 0 seconds")
         self.seconds = seconds
+        self.header_seconds = seconds if header_seconds is None else header_seconds
+        self.idle_seconds = seconds if idle_seconds is None else idle_seconds
         self.watchdog = _Watchdog()
 
     def start(self, context: grpc.ServicerContext) -> CallClock:
@@ -136,17 +260,155 @@ class Ceiling:
         client = None if remaining is None or remaining > _NO_DEADLINE_SECONDS else now + remaining
         ceiling = now + self.seconds
         limited = client is None or ceiling < client
-        if not limited:
-            return CallClock(self, client, False, None)  # gRPC itself ends the call at the client's deadline
-
-        def cancel() -> None:
-            if context.is_active():
-                log.warning("cancelled a call still running %.0fs after it started (--max-deadline=%gs): its "
-                            "client stopped sending or reading", self.seconds + _WATCHDOG_SLACK, self.seconds)
-                context.cancel()
-
-        return CallClock(self, ceiling, True, self.watchdog.watch(ceiling + _WATCHDOG_SLACK, cancel))
+        clock = CallClock(self, context, ceiling if limited else client, limited)
+        if limited:  # else gRPC itself ends the call at the client's deadline
+            clock._watch(ceiling + _WATCHDOG_SLACK, clock._overran)
+        if now + self.header_seconds < clock.deadline:
+            clock._header_watch = clock._watch(now + self.header_seconds, clock._no_header)
+        return clock
 
     def stop(self) -> None:
         """Stops the watchdog's thread; for a server that stops."""
         self.watchdog.stop()
+
+
+class _Job(Generic[T]):
+    """One piece of work on a runner thread, and what becomes of it once its caller stopped waiting."""
+
+    def __init__(self, work: Callable[[Callable[[], None]], T], discard: Callable[[T], object] | None) -> None:
+        self.work = work
+        self.discard = discard
+        self.done = threading.Event()
+        self.result: T | None = None
+        self.error: BaseException | None = None
+        self.abandoned = False
+        self.leftovers: contextlib.ExitStack | None = None
+        self.lock = threading.Lock()
+
+    def interrupt(self) -> None:
+        """For the work to call between pieces: raises once nobody waits for it any more."""
+        if self.abandoned:
+            raise CallCancelled("the call stopped waiting for this read")
+
+    def execute(self) -> None:
+        if not self.abandoned:
+            try:
+                self.result = self.work(self.interrupt)
+            except BaseException as err:  # handed to the waiting call, which raises it
+                self.error = err
+        with self.lock:
+            self.done.set()
+            abandoned = self.abandoned
+        if abandoned:
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """Frees what a call that stopped waiting left to this job: its result, then its leftovers."""
+        try:
+            if self.result is not None and self.discard is not None:
+                self.discard(self.result)
+            if self.leftovers is not None:
+                self.leftovers.close()
+        except Exception:
+            log.exception("freeing what an abandoned read held failed")
+        self.result = self.error = None
+
+
+class BoundedRunner:
+    """Runs blocking work (checkpoint reads) on a few daemon threads; a call waits for it only while its checks
+    pass, so a read that never returns (a hung mount) costs a thread, not the call's slot, nor shutdown.
+
+    Threads start on demand up to ``max_threads`` and are reused; a thread whose job was abandoned comes back
+    once the job returns. ``stuck`` counts the abandoned jobs still running (for metrics and tests).
+    """
+
+    def __init__(self, name: str, max_threads: int) -> None:
+        if max_threads < 1:
+            raise ValueError("a BoundedRunner needs max_threads >= 1")
+        self.name = name
+        self.max_threads = max_threads
+        self.threads = 0
+        self.stuck = 0
+        self._idle = 0
+        self._closed = False
+        self._jobs: deque[_Job] = deque()
+        self._cond = threading.Condition()
+
+    def run(self, work: Callable[[Callable[[], None]], T], check: Callable[[], None],
+            leftovers: contextlib.ExitStack | None = None, discard: Callable[[T], object] | None = None) -> T:
+        """``work(interrupt)``'s result, or the error of ``check`` (called every few ms while it runs).
+
+        When ``check`` raises first, the job is abandoned: ``interrupt`` raises from then on, ``discard``
+        receives its result when it returns anyway, and what ``leftovers`` holds (e.g. the reservation and the
+        files the work uses) moves to the job, which lets go of it then; the caller's stack is left empty.
+        """
+        job: _Job[T] = _Job(work, discard)
+        self._submit(job)
+        while not job.done.wait(_POLL_SECONDS):
+            try:
+                check()
+            except Exception as err:
+                started = self._abandon(job, leftovers)
+                if started is None:
+                    continue  # it finished meanwhile: its result stands
+                if isinstance(err, CallError) and not started and self.stuck:
+                    raise type(err)(f"{err.message} (the read had not started: all {self.max_threads} reader "
+                                    f"threads of this server were busy, {self.stuck} of them with reads that "
+                                    "have not returned)", err.field) from None
+                raise
+        if job.error is not None:
+            error, job.error = job.error, None
+            raise error
+        result, job.result = job.result, None
+        return result  # type: ignore[return-value]
+
+    def _submit(self, job: _Job) -> None:
+        with self._cond:
+            if self._closed:
+                raise ServerDraining("server is stopping; retry on another replica")
+            self._jobs.append(job)
+            if self._idle < len(self._jobs) and self.threads < self.max_threads:
+                self.threads += 1
+                threading.Thread(target=self._serve, name=f"{self.name}-{self.threads}", daemon=True).start()
+            self._cond.notify()
+
+    def _abandon(self, job: _Job, leftovers: contextlib.ExitStack | None) -> bool | None:
+        """Gives up on ``job``: whether it had started, or None when it finished meanwhile (the caller then takes
+        its result as usual)."""
+        with job.lock:
+            if job.done.is_set():
+                return None
+            job.abandoned = True
+            job.leftovers = leftovers.pop_all() if leftovers is not None else None
+        with self._cond:
+            started = job not in self._jobs
+            if started:
+                self.stuck += 1
+            else:
+                self._jobs.remove(job)
+        if not started:  # no thread will ever run it: let go of its leftovers now
+            job.done.set()
+            job._let_go()
+        return started
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                self._idle += 1
+                while not self._jobs and not self._closed:
+                    self._cond.wait()
+                self._idle -= 1
+                if not self._jobs:
+                    self.threads -= 1
+                    return
+                job = self._jobs.popleft()
+            job.execute()
+            if job.abandoned:
+                with self._cond:
+                    self.stuck -= 1
+
+    def close(self) -> None:
+        """Ends idle threads and refuses new work; threads held by reads that never return stay (daemons)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()

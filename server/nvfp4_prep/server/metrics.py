@@ -4,8 +4,8 @@ All metrics of one server live in one ``Metrics`` object with its own
 ``CollectorRegistry``: two servers in one process (as in tests) count apart,
 and nothing that other libraries put in prometheus-client's global registry
 leaks onto the page. The server creates one ``Metrics``, passes it to the
-parts that count, and calls ``start_metrics_server`` unless ``--metrics-port``
-is 0.
+parts that count, and serves ``Metrics.page`` with ``metrics_http`` unless
+``--metrics-port`` is 0.
 """
 
 from __future__ import annotations
@@ -13,10 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from threading import Thread
-from wsgiref.simple_server import WSGIServer
 
 import torch
 from prometheus_client import (
@@ -27,10 +24,11 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from .refusals import RefusalLog
 
 NAMESPACE = "nvfp4_prep"
 
@@ -39,13 +37,18 @@ STAGES = ("read", "host_to_device", "prepare", "device_to_host", "send")
 # Where received tensor bytes come from: the request stream, or a checkpoint
 # read from the model store.
 SOURCES = ("stream", "checkpoint")
-# Backend label of requests that failed before their backend was known.
+# Backend label of Prepare requests that failed before their backend was known.
 UNKNOWN_BACKEND = "unknown"
+# The methods that have a backend; the others (GetCapabilities) get an empty backend label, which
+# Prometheus reads as no label at all.
+BACKEND_METHODS = frozenset({"Prepare"})
 
-# From a millisecond (a small layer's host-to-device copy) to five minutes (a
-# large layer read from network storage).
+# From a millisecond (a small layer's host-to-device copy) to ten minutes, the default --max-deadline that
+# no call outlives.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                   120.0, 300.0)
+                   120.0, 300.0, 600.0)
+# Metric types whose prometheus-client samples include a ``_created`` timestamp.
+_WITH_CREATED = frozenset({"counter", "histogram", "summary", "gaugehistogram"})
 
 
 class GpuMemoryCollector(Collector):
@@ -82,6 +85,40 @@ class GpuMemoryCollector(Collector):
         yield from families
 
 
+class RefusalCollector(Collector):
+    """Reads a ``RefusalLog``'s counts at scrape time as ``nvfp4_prep_auth_refusals_total{listener,reason}``."""
+
+    def __init__(self, refusals: RefusalLog) -> None:
+        self._refusals = refusals
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(f"{NAMESPACE}_auth_refusals", "Calls refused for want of a valid bearer "
+                                     "token, by listener (grpc, metrics) and reason (no_token, unknown_token).",
+                                     labels=["listener", "reason"])
+        for (listener, reason), count in self._refusals.counts().items():
+            family.add_metric([listener, reason], count)
+        yield family
+
+
+class _WithoutCreated(Collector):
+    """A registry's metrics without prometheus-client's ``_created`` samples.
+
+    In the text format each counter and histogram child would show up twice,
+    as ``..._total`` and as a ``..._created`` gauge of its creation time, which
+    doubles the series count for nothing a dashboard uses. prometheus-client
+    only switches them off process-wide; this view drops them for one page.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            if metric.type in _WITH_CREATED:
+                metric.samples = [sample for sample in metric.samples if not sample.name.endswith("_created")]
+            yield metric
+
+
 class Metrics:
     """The server's metrics; attributes are prometheus-client metrics to update directly.
 
@@ -93,12 +130,15 @@ class Metrics:
     (device) requests waiting for memory budget; ``memory_budget_bytes`` and
     ``memory_in_use_bytes`` (device) the budget and how much of it is held;
     ``cache_hits``, ``cache_misses`` and ``cache_bytes`` the prepared-layer
-    cache. GPU memory is read at scrape time (``GpuMemoryCollector``).
+    cache. GPU memory is read at scrape time (``GpuMemoryCollector``), and so
+    are refused calls (``watch_refusals``). ``page`` is what ``/metrics`` serves:
+    the registry without ``_created`` series.
     """
 
     def __init__(self, devices: Sequence[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
+        self.page: Collector = _WithoutCreated(registry)
 
         self.requests = Counter(
             "requests", "Finished RPCs by method, backend and gRPC status code.",
@@ -152,6 +192,10 @@ class Metrics:
             self.memory_in_use_bytes.labels(device).set_function(lambda budget=budget: budget.in_use)
         self.cache_bytes.set_function(lambda: cache.bytes)
 
+    def watch_refusals(self, refusals: RefusalLog) -> None:
+        """Reads ``refusals``' counts at scrape time."""
+        self.registry.register(RefusalCollector(refusals))
+
     @contextmanager
     def stage_timer(self, stage: str, backend: str) -> Iterator[None]:
         """Times the ``with`` block as one ``stage`` of a request; failed blocks count too."""
@@ -164,32 +208,11 @@ class Metrics:
             self.stage_seconds.labels(stage, backend).observe(time.perf_counter() - start)
 
     def observe_request(self, method: str, backend: str, code: str, seconds: float) -> None:
-        """Records one finished RPC; ``code`` is the gRPC status name, e.g. ``"OK"`` or ``"INVALID_ARGUMENT"``."""
+        """Records one finished RPC; ``code`` is the gRPC status name, e.g. ``"OK"`` or ``"INVALID_ARGUMENT"``.
+        ``backend`` is kept only for ``BACKEND_METHODS``."""
+        backend = backend if method in BACKEND_METHODS else ""
         self.requests.labels(method, backend, code).inc()
         self.request_seconds.labels(method, backend).observe(seconds)
-
-
-@dataclass
-class MetricsServer:
-    """The running ``/metrics`` HTTP server; ``port`` is the bound port (useful with port 0)."""
-
-    server: WSGIServer
-    thread: Thread
-
-    @property
-    def port(self) -> int:
-        return self.server.server_port
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
-
-
-def start_metrics_server(port: int, host: str, registry: CollectorRegistry) -> MetricsServer:
-    """Serves ``registry`` at ``http://host:port/metrics`` from a daemon thread."""
-    server, thread = start_http_server(port, addr=host, registry=registry)
-    return MetricsServer(server, thread)
 
 
 def _package_version() -> str:

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 import grpc
 
 from nvfp4_prep.v1 import prep_pb2 as pb
-from nvfp4_prep.wire import chunk_of
 
 from .cache import CachedLayer
 from .deadline import CallClock
@@ -25,32 +24,31 @@ from .sources import LayerOnDevice, ReferencedSource, StreamedSource
 
 
 class PrepareCall:
-    def __init__(self, resources: CallResources, requests: Iterator, context: grpc.ServicerContext,
-                 clock: CallClock) -> None:
+    """A call whose ``header`` arrived (and was admitted); ``requests`` are the messages after it."""
+
+    def __init__(self, resources: CallResources, header: pb.PrepareHeader, requests: Iterator,
+                 context: grpc.ServicerContext, clock: CallClock, summary: dict[str, object]) -> None:
         self._resources = resources
+        self._header = header
         self._requests = requests
         self._context = context
         self._clock = clock
-        self.summary: dict[str, object] = {}
+        self.summary = summary
 
     def _cancelled(self) -> bool:
         return not self._context.is_active()
 
     def run(self) -> Iterator[pb.PrepareResponse | bytes]:
-        first = next(self._requests, None)
-        if first is None or chunk_of(first) is not None:
-            raise invalid("request.header", "did not come first", "a PrepareHeader as the first message")
-        header = first.header
+        header = self._header
         params = read_params(header)
         self.summary.update(backend=params.backend, activation=params.activation, policy=params.policy)
         kind = header.WhichOneof("source")
         self.summary["source"] = kind
-        deadline = self._clock.deadline
         if kind == "tensors":
-            source = StreamedSource(header.tensors, self._requests, self._resources, params, deadline,
+            source = StreamedSource(header.tensors, self._requests, self._resources, params, self._clock,
                                     self._cancelled)
         elif kind == "ref":
-            source = ReferencedSource(header.ref, self._resources, params, deadline, self._cancelled)
+            source = ReferencedSource(header.ref, self._resources, params, self._clock, self._cancelled)
         else:
             raise invalid("header.source", "is not set", "header.tensors or header.ref")
         responder = Responder(header, self._resources, self.summary)
@@ -71,9 +69,9 @@ class PrepareCall:
         if self._cancelled():
             raise CallCancelled("client went away before compute")
         started = time.perf_counter()
-        with self._resources.metrics.stage_timer("prepare", params.backend):
+        with self._resources.metrics.stage_timer("prepare", params.backend), self._clock.doing("preparing the layer"):
             prepared = layer.worker.prepare(layer.tensors.pop(), layer.per_expert, params.backend, params.activation,
-                                            params.policy)
+                                            params.policy, self._clock.deadline, params.options())
         self.summary["compute_s"] = round(time.perf_counter() - started, 4)
         layer.reservation.shrink(layer.inputs * (2 if layer.per_expert else 1))
         yield from responder.send(layer.worker, prepared, layer.ring, layer.key, params.backend)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .admission import Admission
 from .cache import PreparedCache
+from .deadline import BoundedRunner
 from .metrics import Metrics
 
 
@@ -18,3 +19,4 @@ class CallResources:
     chunk_size: int
     allowed_roots: tuple[str, ...]
     hash_pool: ThreadPoolExecutor
+    reads: BoundedRunner  # checkpoint opens and reads, bounded by each call's deadline

@@ -2,14 +2,20 @@
 
 SIGTERM (or SIGINT) drains: health turns NOT_SERVING, new and queued Prepare
 calls get UNAVAILABLE, running ones get up to --drain-timeout to finish, then
-the server stops.
+the server stops and the process exits, within --drain-timeout plus
+``STOP_MARGIN`` and ``EXIT_MARGIN`` seconds whatever a thread is doing: reader
+threads are daemons, and a thread that still has not returned (a stage that
+cannot be interrupted) is left behind by ``os._exit`` after the logs are
+flushed.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -20,12 +26,15 @@ from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import MESSAGE_OVERHEAD
 
 from . import logs
+from .auth import TokenAuthInterceptor
 from .cache import PreparedCache
 from .capabilities import build_capabilities
 from .config import ConfigError, ServeConfig
 from .deadline import Ceiling
 from .limits import RequestLimits
-from .metrics import Metrics, MetricsServer, start_metrics_server
+from .metrics import Metrics
+from .metrics_http import MetricsHttpServer, serve_metrics
+from .refusals import RefusalLog
 from .service import PrepService, add_to_server
 from .transport import HealthPort, channel_options, interceptors, listen
 from .worker import DeviceWorker, auto_budget, resolve_devices
@@ -37,8 +46,13 @@ HEALTH_NAMES = ("", SERVICE_NAME)
 # Request chunks up to this size are always accepted, whatever --chunk-size says.
 MIN_ACCEPTED_CHUNK = 4 << 20
 # Threads beyond --max-concurrent in the pool that Prepare streams, health checks, capabilities and
-# reflection share, so that health is answered and extra calls are refused even at the limit.
+# reflection share, so that health is answered and extra calls are refused even at the limit; and as many
+# again as --max-concurrent for streams still waiting for their header (each holds a thread meanwhile).
 SPARE_THREADS = 16
+# Seconds a stopping server waits for its handler threads to return once every call was cancelled.
+STOP_MARGIN = 5.0
+# Seconds a stopped server's process waits for its last threads before it exits without them.
+EXIT_MARGIN = 2.0
 
 
 class PrepServer:
@@ -72,15 +86,20 @@ class PrepServer:
         capabilities = build_capabilities(self.workers, limits, bool(config.allowed_roots))
         self.metrics = Metrics([str(worker.device) for worker in self.workers])
         self.metrics.watch(self.workers, self.cache)
-        self.metrics_server: MetricsServer | None = None
-        self.ceiling = Ceiling(config.max_deadline)
+        self.metrics_server: MetricsHttpServer | None = None
+        self.ceiling = Ceiling(config.max_deadline, config.header_timeout, config.idle_timeout)
         self.service = PrepService(self.workers, self.cache, config.chunk_size, config.allowed_roots, capabilities,
                                    self.metrics, request_limits, self.ceiling)
         self.health = health.HealthServicer(experimental_non_blocking=True)
-        self._rpc_pool = ThreadPoolExecutor(config.max_concurrent + SPARE_THREADS, thread_name_prefix="nvfp4-prep-rpc")
+        auth = interceptors(config)
+        # One refusal log for the gRPC port and /metrics: refused calls are counted and logged together.
+        self.refusals = next((i.refusals for i in auth if isinstance(i, TokenAuthInterceptor)), RefusalLog())
+        self.metrics.watch_refusals(self.refusals)
+        self._rpc_pool = ThreadPoolExecutor(2 * config.max_concurrent + SPARE_THREADS,
+                                            thread_name_prefix="nvfp4-prep-rpc")
         self._server = grpc.server(
             self._rpc_pool,
-            interceptors=interceptors(config),
+            interceptors=auth,
             options=[
                 ("grpc.max_receive_message_length", receive_limit),
                 ("grpc.max_send_message_length", send_limit),
@@ -114,12 +133,10 @@ class PrepServer:
     def start(self) -> PrepServer:
         if self.config.metrics_port:
             try:
-                self.metrics_server = start_metrics_server(self.config.metrics_port, self.config.host,
-                                                           self.metrics.registry)
-            except OSError as err:
+                self.metrics_server = serve_metrics(self.config, self.metrics.page, self.refusals)
+            except ConfigError:
                 self.stop(grace=0)
-                raise ConfigError(f"--metrics-port: cannot listen on {self.config.host}:{self.config.metrics_port} "
-                                  f"({err.strerror or err})") from None
+                raise
         self._server.start()
         if self.health_port is not None:
             self.health_port.start()
@@ -135,21 +152,27 @@ class PrepServer:
         return self
 
     def drain(self, timeout: float | None = None) -> bool:
-        """Graceful shutdown; True if every running call finished within ``timeout`` (default --drain-timeout)."""
+        """Graceful shutdown; True if every running call finished within ``timeout`` (default --drain-timeout)
+        and every handler returned."""
         timeout = self.config.drain_timeout if timeout is None else timeout
-        log.info("draining: health NOT_SERVING, up to %.1fs for %d running calls", timeout, self.service.in_flight)
+        log.info("draining: health NOT_SERVING, up to %.1fs for %d running calls", timeout,
+                 self.service.gate.in_flight)
         self.health.enter_graceful_shutdown()
         self.service.begin_drain()
         drained = self.service.wait_idle(timeout)
         if not drained:
-            log.warning("drain timeout: cancelling %d running calls", self.service.in_flight)
-        self.stop(grace=0)
-        return drained
+            log.warning("drain timeout: cancelling %d running calls", self.service.gate.in_flight)
+        return self.stop(grace=0) and drained
 
-    def stop(self, grace: float | None = None) -> None:
-        """Stops serving and ends every thread the server started (its pools, the watchdog, /metrics)."""
+    def stop(self, grace: float | None = None) -> bool:
+        """Stops serving and ends every thread the server started (its pools, the watchdog, /metrics); False if a
+        Prepare handler had still not returned ``STOP_MARGIN`` seconds after its call was cancelled."""
         self._server.stop(grace).wait()
-        self._rpc_pool.shutdown(wait=True)
+        self._rpc_pool.shutdown(wait=False, cancel_futures=True)
+        returned = self.service.wait_handlers(STOP_MARGIN)
+        if not returned:
+            log.error("%d Prepare handlers still had not returned %.0fs after their calls were cancelled",
+                      self.service.in_flight, STOP_MARGIN)
         if self.health_port is not None:
             self.health_port.stop(grace)
         self.service.close()
@@ -158,6 +181,7 @@ class PrepServer:
             self.metrics_server.stop()
             self.metrics_server = None
         self._stopped.set()
+        return returned
 
     def wait(self) -> None:
         self._stopped.wait()
@@ -173,7 +197,12 @@ def admissible_request_bytes(max_request_bytes: int, workers: list[DeviceWorker]
 def run(config: ServeConfig) -> int:
     """``nvfp4-prep serve``: serves until SIGTERM or SIGINT, then drains."""
     logs.configure(config.log_level, config.log_format)
-    server = PrepServer(config).start()
+    return serve_until_signalled(PrepServer(config).start())
+
+
+def serve_until_signalled(server: PrepServer) -> int:
+    """Serves ``server`` (started) until SIGTERM or SIGINT, drains it and returns the exit status; a handler
+    thread that never returned is left behind by ending the process (``os._exit``)."""
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s", signal.Signals(signum).name)
@@ -182,4 +211,25 @@ def run(config: ServeConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server.wait()
+    busy = _threads_left(EXIT_MARGIN)
+    if busy:
+        # A thread that never returns would hold the interpreter's exit (which joins the pools' threads) past
+        # what the orchestrator waits for: leave it behind, as SIGKILL would.
+        log.error("exiting with %d threads still busy (%s): leaving them behind", len(busy),
+                  ", ".join(thread.name for thread in busy))
+        logging.shutdown()
+        os._exit(0)
     return 0
+
+
+def _threads_left(margin: float) -> list[threading.Thread]:
+    """The threads that the interpreter's exit would wait for, still running after up to ``margin`` seconds."""
+    end = time.monotonic() + margin
+    left = []
+    for thread in threading.enumerate():
+        if thread is threading.current_thread() or thread.daemon:
+            continue
+        thread.join(max(end - time.monotonic(), 0.0))
+        if thread.is_alive():
+            left.append(thread)
+    return left

@@ -1,4 +1,9 @@
-"""The Prep servicer: the gRPC edge of every call (admission of the call itself, draining, its final status)."""
+"""The Prep servicer: the gRPC edge of every call (its header, admission of the call itself, draining, its final
+status).
+
+A stream holds no concurrency slot until its header arrives (within --header-timeout), so streams that
+never send one cannot lock correct clients out.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +20,19 @@ import grpc
 
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.v1 import prep_pb2_grpc
-from nvfp4_prep.wire import REQUEST_ID_KEY, encode_message
+from nvfp4_prep.wire import (
+    MAX_CONCURRENT_FIELD,
+    MAX_CONCURRENT_PER_CLIENT_FIELD,
+    REQUEST_ID_KEY,
+    chunk_of,
+    encode_message,
+)
 
 from .admission import Admission
 from .cache import PreparedCache
-from .deadline import Ceiling
+from .deadline import BoundedRunner, CallClock, Ceiling
 from .decode import decode_request_or_malformed, reject_malformed
-from .errors import ServerDraining
+from .errors import ServerDraining, invalid
 from .limits import ConcurrencyGate, RequestLimits
 from .metrics import UNKNOWN_BACKEND, Metrics
 from .prepare_call import PrepareCall
@@ -32,13 +43,19 @@ from .worker import DeviceWorker
 log = logging.getLogger(__name__)
 
 HASH_THREADS = 8
+# Reader threads per concurrency slot: one for the read each running call may wait for, one more for reads
+# that calls gave up on and that have not returned (a hung mount).
+READ_THREADS_PER_SLOT = 2
+# Calls refused by the concurrency limits are counted, not logged one by one.
+REFUSAL_FIELDS = (MAX_CONCURRENT_FIELD, MAX_CONCURRENT_PER_CLIENT_FIELD)
 
 
 class PrepService(prep_pb2_grpc.PrepServicer):
     """Shared state of the Prepare calls: workers, cache, draining.
 
-    ``in_flight`` (calls running) and ``outcomes`` (finished calls by status name,
-    "OK" for success) are plain attributes for metrics.
+    ``in_flight`` (Prepare handlers running, those still waiting for their header included; ``gate`` counts
+    the admitted ones) and ``outcomes`` (finished calls by status name, "OK" for success) are plain
+    attributes for metrics.
     """
 
     def __init__(self, workers: Sequence[DeviceWorker], cache: PreparedCache, chunk_size: int,
@@ -50,8 +67,9 @@ class PrepService(prep_pb2_grpc.PrepServicer):
         self.ceiling = ceiling
         self.gate = ConcurrencyGate(limits.max_concurrent, limits.max_concurrent_per_client)
         self.hash_pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="nvfp4-prep-hash")
+        self.reads = BoundedRunner("nvfp4-prep-read", READ_THREADS_PER_SLOT * limits.max_concurrent)
         self.resources = CallResources(Admission(self.workers, limits), cache, metrics, chunk_size,
-                                       tuple(str(root) for root in allowed_roots), self.hash_pool)
+                                       tuple(str(root) for root in allowed_roots), self.hash_pool, self.reads)
         self.in_flight = 0
         self.outcomes: Counter[str] = Counter()
         self.draining = False
@@ -65,39 +83,57 @@ class PrepService(prep_pb2_grpc.PrepServicer):
                 context: grpc.ServicerContext) -> Iterator[pb.PrepareResponse]:
         request_id = _request_id(context)
         client = client_identity(context)
-        refusal = self._enter(client)
-        if refusal is not None:
-            with self._idle:
-                self.outcomes[refusal.code.name] += 1
-            self.metrics.observe_request("Prepare", UNKNOWN_BACKEND, refusal.code.name, 0.0)
-            abort(context, refusal)
+        with self._idle:
+            draining = self.draining
+            if not draining:
+                self.in_flight += 1
+        if draining:
+            self._refuse(context, status_of(ServerDraining("server is draining; retry on another replica")))
         started = time.perf_counter()
         clock = self.ceiling.start(context)
-        requests = clock.messages(reject_malformed(request_iterator), "while receiving")
-        call = PrepareCall(self.resources, requests, context, clock)
-        call.summary["request_id"] = request_id
-        self.metrics.inflight.labels("Prepare").inc()
+        requests = clock.received(reject_malformed(request_iterator))
+        summary: dict[str, object] = {"request_id": request_id}
         failure: Status | None = None
-        finished = False
+        admitted = finished = False
         try:
-            yield from clock.messages(call.run(), "while sending")
-            finished = True
+            header = _read_header(requests, clock)
+            failure = self._admit(client)
+            if failure is None:
+                admitted = True
+                slot = _Slot(self.gate, client, self._idle)
+                clock.on_end(slot.release)  # a call the watchdog ends gives its slot back at once
+                self.metrics.inflight.labels("Prepare").inc()
+                yield from clock.sent(PrepareCall(self.resources, header, requests, context, clock, summary).run())
+                finished = True
         except Exception as err:
             failure = status_of(err)
             # The traceback's frames hold the call's tensors, and grpc keeps an RpcError with the call's
             # state: without it, nothing keeps them alive past the call.
             err.__traceback__ = None
         finally:
+            if clock.expired is not None:  # the watchdog ended the call; what the stream did then is moot
+                failure = status_of(clock.expired)
             outcome = _outcome(context, failure, finished)
             clock.close()
-            self._exit(outcome, client)
-            self.metrics.inflight.labels("Prepare").dec()
-            self._count(call.summary, outcome, time.perf_counter() - started)
-            log.info("Prepare %s in %.3fs %s", outcome, time.perf_counter() - started,
-                     " ".join(f"{k}={v}" for k, v in call.summary.items()),
-                     extra={"outcome": outcome, **call.summary})
+            if admitted:
+                slot.release()
+            self._exit(outcome)
+            seconds = time.perf_counter() - started
+            self._count(summary, outcome, seconds)
+            if admitted:
+                self.metrics.inflight.labels("Prepare").dec()
+            if admitted or failure is None or failure.field not in REFUSAL_FIELDS:  # refusals are only counted
+                log.info("Prepare %s in %.3fs %s", outcome, seconds, " ".join(f"{k}={v}" for k, v in summary.items()),
+                         extra={"outcome": outcome, **summary})
         if failure is not None and context.is_active():
             abort(context, failure)
+
+    def _refuse(self, context: grpc.ServicerContext, refusal: Status) -> None:
+        """Ends a call refused before it started (raises)."""
+        with self._idle:
+            self.outcomes[refusal.code.name] += 1
+        self.metrics.observe_request("Prepare", UNKNOWN_BACKEND, refusal.code.name, 0.0)
+        abort(context, refusal)
 
     def _count(self, summary: dict, outcome: str, seconds: float) -> None:
         backend = str(summary.get("backend", UNKNOWN_BACKEND))
@@ -108,18 +144,15 @@ class PrepService(prep_pb2_grpc.PrepServicer):
         if summary.get("bytes_sent"):
             self.metrics.sent_bytes.labels(backend).inc(int(summary["bytes_sent"]))
 
-    def _enter(self, client: str) -> Status | None:
+    def _admit(self, client: str) -> Status | None:
+        """Counts a call whose header arrived into the concurrency limits; or the refusal to end it with."""
         with self._idle:
             if self.draining:
                 return status_of(ServerDraining("server is draining; retry on another replica"))
             refusal = self.gate.enter(client)
-            if refusal is not None:
-                return status_of(refusal)
-            self.in_flight += 1
-            return None
+            return None if refusal is None else status_of(refusal)
 
-    def _exit(self, outcome: str, client: str) -> None:
-        self.gate.leave(client)
+    def _exit(self, outcome: str) -> None:
         with self._idle:
             self.in_flight -= 1
             self.outcomes[outcome] += 1
@@ -133,12 +166,19 @@ class PrepService(prep_pb2_grpc.PrepServicer):
             worker.budget.close()
 
     def wait_idle(self, timeout: float) -> bool:
-        """Waits until no Prepare call runs; False if ``timeout`` passed first."""
+        """Waits until no admitted Prepare call runs; False if ``timeout`` passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self.gate.in_flight == 0, timeout)
+
+    def wait_handlers(self, timeout: float) -> bool:
+        """Waits until no Prepare handler runs (each gives its gRPC thread back); False if ``timeout`` passed."""
         with self._idle:
             return self._idle.wait_for(lambda: self.in_flight == 0, timeout)
 
     def close(self) -> None:
-        self.hash_pool.shutdown(wait=True, cancel_futures=True)
+        """Ends the pools' idle threads; busy ones end with their work (a stopping server waits for none)."""
+        self.reads.close()
+        self.hash_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def add_to_server(service: PrepService, server: grpc.Server) -> None:
@@ -175,6 +215,35 @@ def _request_id(context: grpc.ServicerContext) -> str:
         if key == REQUEST_ID_KEY and value:
             return str(value)[:64]
     return uuid.uuid4().hex
+
+
+class _Slot:
+    """An admitted call's place in the concurrency gate, given back once, by whoever ends the call first."""
+
+    def __init__(self, gate: ConcurrencyGate, client: str, changed: threading.Condition) -> None:
+        self._gate = gate
+        self._client: str | None = client
+        self._changed = changed  # notified, for a drain waiting for the gate to empty
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            self._gate.leave(client)
+            with self._changed:
+                self._changed.notify_all()
+
+
+def _read_header(requests: Iterator, clock: CallClock) -> pb.PrepareHeader:
+    """The first message, which must be the header; the watchdog ends a call that sends none in time."""
+    first = next(requests, None)
+    clock.header_arrived()
+    if first is None and clock.expired is not None:
+        raise clock.expired
+    if first is None or chunk_of(first) is not None:
+        raise invalid("request.header", "did not come first", "a PrepareHeader as the first message")
+    return first.header
 
 
 def _outcome(context: grpc.ServicerContext, failure: Status | None, finished: bool) -> str:

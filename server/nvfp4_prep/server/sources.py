@@ -4,6 +4,12 @@ Each source admits the layer (limits, budget), brings its tensors onto the chose
 yields a ``LayerOnDevice``, or, when the cache already holds the answer, the ``CachedLayer`` to replay.
 The tensors sit in a one-item list that the compute step empties, so that no frame but that step's
 holds them while the answer streams.
+
+A checkpoint is opened and read on the server's reader threads (``BoundedRunner``), which the call waits
+for only until its deadline or cancellation: a read that never returns (a hung mount) then fails the call
+with DEADLINE_EXCEEDED naming what was being read, and gives its concurrency slot back at once. Its
+memory reservation and open files go with the abandoned read and are let go of when it returns: until
+then the budget counts them, since the read may still be filling its buffers.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -21,13 +28,15 @@ from nvfp4_prep.wire import TensorReceiver, TensorSpec, chunk_of, read_headers
 
 from .budget import Reservation
 from .cache import CachedLayer, CacheKey
-from .errors import ReferencesRefused, invalid
+from .deadline import CallClock
+from .errors import CallCancelled, ReferencesRefused, invalid
 from .hashing import ContentHasher
 from .params import Params
 from .resources import CallResources
 from .staging import PinnedRing
 from .worker import DeviceWorker
 
+T = TypeVar("T")
 
 @dataclass
 class LayerOnDevice:
@@ -46,7 +55,7 @@ class StreamedSource:
     """The tensors announced in ``header.tensors`` and sent as chunks after the header."""
 
     def __init__(self, tensor_set: pb.TensorSet, requests: Iterator, resources: CallResources, params: Params,
-                 deadline: float, cancelled: Callable[[], bool]) -> None:
+                 clock: CallClock, cancelled: Callable[[], bool]) -> None:
         if tensor_set.form not in (pb.TENSOR_FORM_STACKED, pb.TENSOR_FORM_PER_EXPERT):
             raise invalid("header.tensors.form", f"is {tensor_set.form}",
                           "TENSOR_FORM_STACKED or TENSOR_FORM_PER_EXPERT")
@@ -55,15 +64,16 @@ class StreamedSource:
         self._requests = requests
         self._resources = resources
         self._params = params
-        self._deadline = deadline
+        self._clock = clock
         self._cancelled = cancelled
         self.inputs = sum(spec.byte_length for spec in self._specs)
 
     @contextlib.contextmanager
     def layer(self) -> Iterator[LayerOnDevice | CachedLayer]:
         per_expert = self._form == pb.TENSOR_FORM_PER_EXPERT
-        worker, reservation = self._resources.admission.admit_streamed(
-            self._specs, per_expert, self._params, self._deadline, self._cancelled)
+        with self._clock.doing("waiting for device memory"):
+            worker, reservation = self._resources.admission.admit_streamed(
+                self._specs, per_expert, self._params, self._clock.deadline, self._cancelled)
         with reservation:
             ring = worker.ring()
             with self._resources.metrics.stage_timer("read", self._params.backend):
@@ -93,7 +103,8 @@ class StreamedSource:
                 if hasher is not None:
                     hasher.add(data)
             receiver.finish()
-            return [sink.tensors()], hasher.hexdigest() if hasher is not None else None
+            with self._clock.doing("hashing the received tensors"):
+                return [sink.tensors()], hasher.hexdigest() if hasher is not None else None
         finally:
             close = getattr(sink, "close", None)
             if close is not None:
@@ -103,7 +114,7 @@ class StreamedSource:
 class ReferencedSource:
     """A layer of a checkpoint under the server's allowed roots, read by the server itself."""
 
-    def __init__(self, ref: pb.CheckpointRef, resources: CallResources, params: Params, deadline: float,
+    def __init__(self, ref: pb.CheckpointRef, resources: CallResources, params: Params, clock: CallClock,
                  cancelled: Callable[[], bool]) -> None:
         if not resources.allowed_roots:
             raise ReferencesRefused("header.ref.location: this server reads no checkpoints (it was started "
@@ -115,15 +126,19 @@ class ReferencedSource:
         self._ref = ref
         self._resources = resources
         self._params = params
-        self._deadline = deadline
+        self._clock = clock
         self._cancelled = cancelled
         self.inputs = 0
 
     @contextlib.contextmanager
     def layer(self) -> Iterator[LayerOnDevice | CachedLayer]:
-        prefix = self._ref.layer_prefix
+        prefix, location = self._ref.layer_prefix, self._ref.location
         metrics, backend = self._resources.metrics, self._params.backend
-        with ckpt.open_checkpoint(self._ref.location, self._resources.allowed_roots) as checkpoint:
+        roots = self._resources.allowed_roots
+        with contextlib.ExitStack() as owned:  # what this call must let go of (or hand to a read it abandons)
+            checkpoint = self._bounded(lambda _interrupt: ckpt.open_checkpoint(location, roots),
+                                       f"opening checkpoint {location}", owned, ckpt.Checkpoint.close)
+            owned.callback(checkpoint.close)
             key = None
             if self._resources.cache.enabled:
                 key = self._params.cache_key(f"ref:{checkpoint.source_identity(prefix)}|{prefix}")
@@ -133,15 +148,32 @@ class ReferencedSource:
                     return
             specs = entry_specs(checkpoint, prefix)
             self.inputs = sum(spec.byte_length for spec in specs)
-            worker, reservation = self._resources.admission.admit_referenced(
-                specs, self._params, self._deadline, self._cancelled)
-            with reservation:
-                with metrics.stage_timer("read", backend):
-                    stacked = checkpoint.read_layer(prefix, self._params.activation, pin_memory=worker.is_cuda)
-                with metrics.stage_timer("host_to_device", backend):
-                    received = [worker.to_device(stacked) if worker.is_cuda else stacked]
-                del stacked
-                yield LayerOnDevice(worker, reservation, received, self.inputs, False, worker.ring(), key)
+            with self._clock.doing("waiting for device memory"):
+                worker, reservation = self._resources.admission.admit_referenced(
+                    specs, self._params, self._clock.deadline, self._cancelled)
+            owned.enter_context(reservation)
+            activation, pin = self._params.activation, worker.is_cuda
+            with metrics.stage_timer("read", backend):
+                stacked = self._bounded(
+                    lambda interrupt: checkpoint.read_layer(prefix, activation, pin_memory=pin, interrupt=interrupt),
+                    f"reading layer {prefix} of checkpoint {location}", owned)
+            with metrics.stage_timer("host_to_device", backend):
+                received = [worker.to_device(stacked) if worker.is_cuda else stacked]
+            del stacked
+            yield LayerOnDevice(worker, reservation, received, self.inputs, False, worker.ring(), key)
+
+    def _bounded(self, work: Callable[[Callable[[], None]], T], what: str, owned: contextlib.ExitStack,
+                 discard: Callable[[T], object] | None = None) -> T:
+        """``work`` on a reader thread, waited for until the call's deadline or cancellation (see the module)."""
+        stage = f"while {what}"
+
+        def check() -> None:
+            self._clock.check(stage)
+            if self._cancelled():
+                raise CallCancelled(f"client went away {stage}")
+
+        with self._clock.doing(what):
+            return self._resources.reads.run(work, check, owned, discard)
 
 
 def lookup(resources: CallResources, key: CacheKey | None) -> CachedLayer | None:

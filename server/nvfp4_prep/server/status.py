@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 1024
 MAX_FIELD_CHARS = 256
 DETAILS_KEY = "grpc-status-details-bin"
-_TRUNCATED = "... (truncated)"
+_CUT = "...({} characters cut)..."
 
 _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ChecksumError, grpc.StatusCode.DATA_LOSS),  # before PrepError, whose subclass it is
@@ -70,9 +70,14 @@ class Status(collections.namedtuple("Status", ("code", "details", "trailing_meta
 
 
 def bounded(text: str, limit: int) -> str:
-    """``text`` with every character outside printable ASCII escaped, cut to ``limit`` characters."""
+    """``text`` with every character outside printable ASCII escaped, cut to ``limit`` characters in its middle
+    (a long echoed name goes, the start and the end, which says what is wrong, stay)."""
     safe = "".join(ch if " " <= ch <= "~" else ch.encode("unicode_escape").decode("ascii") for ch in text)
-    return safe if len(safe) <= limit else safe[:limit - len(_TRUNCATED)] + _TRUNCATED
+    if len(safe) <= limit:
+        return safe
+    keep = limit - len(_CUT.format(len(safe)))
+    head = (keep + 1) // 2
+    return safe[:head] + _CUT.format(len(safe) - keep) + safe[len(safe) - (keep - head):]
 
 
 def status(code: grpc.StatusCode, message: str, field: str = "") -> Status:
@@ -123,3 +128,19 @@ def status_of(error: BaseException) -> Status:
 def abort(context: grpc.ServicerContext, failure: Status) -> None:
     """Ends the call with ``failure`` (raises, as ``context.abort`` does)."""
     context.abort_with_status(failure)
+
+
+def end_from_another_thread(context: grpc.ServicerContext, failure: Status) -> None:
+    """Ends a call whose handler thread is blocked (inside gRPC, or in a stage that cannot be interrupted) with
+    ``failure``'s code and message; its trailers stay unsent (gRPC answers trailers-only).
+
+    The sync server offers only ``cancel()`` for this, which the client sees as a bare CANCELLED; the core call
+    under it also cancels with a status (``grpc_call_cancel_with_status``), which the server sends as the call's
+    status. Where grpc's internals differ, the call is cancelled plainly.
+    """
+    call = getattr(getattr(context, "_rpc_event", None), "call", None)
+    try:
+        call.cancel(failure.code.value[0], failure.details)
+    except (AttributeError, TypeError, ValueError):
+        log.warning("cannot end the call with %s (grpc internals differ); cancelling it", failure.code.name)
+        context.cancel()

@@ -1,5 +1,5 @@
 """TLS for the server: its certificate chain and key, and for mutual TLS the CA that client certificates
-must chain to.
+must chain to; the gRPC port and the ``/metrics`` listener use the same files.
 
 The files are read and checked once at start-up with the standard library's
 ``ssl`` module (a key that does not match its certificate, an encrypted key or
@@ -29,9 +29,9 @@ def _no_password() -> bytes:
     return b""
 
 
-def server_credentials(cert: Path, key: Path, client_ca: Path | None = None) -> grpc.ServerCredentials:
-    """Credentials for ``add_secure_port``; with ``client_ca`` every client must present a certificate
-    that chains to it (mutual TLS)."""
+def _checked(cert: Path, key: Path, client_ca: Path | None) -> tuple[ssl.SSLContext, bytes, bytes, bytes | None]:
+    """A server context for ``cert``, ``key`` and ``client_ca`` (wanting client certificates then), and the
+    PEM bytes it was made of, every file checked."""
     chain, private = _read(cert, "--tls-cert"), _read(key, "--tls-key")
     if b"-----BEGIN CERTIFICATE-----" not in chain:
         raise ConfigError(f"--tls-cert: {str(cert)!r} holds no PEM certificate")
@@ -51,5 +51,19 @@ def server_credentials(cert: Path, key: Path, client_ca: Path | None = None) -> 
         except (ssl.SSLError, ValueError) as err:
             raise ConfigError(f"--tls-client-ca: {str(client_ca)!r} holds no usable PEM CA certificate "
                               f"({getattr(err, 'reason', None) or err})") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context, chain, private, roots
+
+
+def server_credentials(cert: Path, key: Path, client_ca: Path | None = None) -> grpc.ServerCredentials:
+    """Credentials for ``add_secure_port``; with ``client_ca`` every client must present a certificate
+    that chains to it (mutual TLS)."""
+    _, chain, private, roots = _checked(cert, key, client_ca)
     return grpc.ssl_server_credentials([(private, chain)], root_certificates=roots,
                                        require_client_auth=roots is not None)
+
+
+def https_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
+    """The same certificate for an HTTPS listener (``/metrics``); with ``client_ca`` it too wants a client
+    certificate that chains to it."""
+    return _checked(cert, key, client_ca)[0]

@@ -6,6 +6,7 @@ import contextlib
 import os
 import platform
 import threading
+import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -17,6 +18,7 @@ from nvfp4_prep.wire import ChunkSink, HostTensors, TensorSpec, iter_pieces
 
 from .budget import MemoryBudget
 from .config import ConfigError
+from .errors import DeadlinePassed
 from .staging import DeviceTensors, PinnedRing, device_chunks
 
 # Share of a GPU's (or the host's, for cpu) memory that an "auto" budget takes.
@@ -106,11 +108,23 @@ class DeviceWorker:
         return moved
 
     def prepare(self, tensors: Mapping[str, torch.Tensor], per_expert: bool, backend: str, activation: str,
-                policy: str) -> pipeline.PreparedLayer:
-        """Runs the pipeline on this device; raises PrepError for bad input."""
-        with self._compute, self._device_context():
+                policy: str, deadline: float | None = None, options: Mapping | None = None) -> pipeline.PreparedLayer:
+        """Runs the pipeline on this device once the layer before it is done, waiting for that no later than
+        ``deadline`` (a ``time.monotonic()`` instant); ``options`` are ``pipeline.prepare``'s profile and shard
+        keywords; raises PrepError for bad input."""
+        wait = -1 if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if not self._compute.acquire(timeout=wait):
+            raise DeadlinePassed(f"deadline passed while waiting for {self.device} to finish the layer before")
+        try:
+            return self._prepare(tensors, per_expert, backend, activation, policy, options or {})
+        finally:
+            self._compute.release()
+
+    def _prepare(self, tensors: Mapping[str, torch.Tensor], per_expert: bool, backend: str, activation: str,
+                 policy: str, options: Mapping) -> pipeline.PreparedLayer:
+        with self._device_context():
             stacked = pipeline.assemble_layer(tensors, activation) if per_expert else tensors
-            prepared = pipeline.prepare(stacked, backend, activation, policy)
+            prepared = pipeline.prepare(stacked, backend, activation, policy, **options)
             if self.is_cuda:  # so the compute time logged is the kernels', not their launch's
                 torch.cuda.current_stream(self.device).synchronize()
             for tensor in prepared.tensors.values():
