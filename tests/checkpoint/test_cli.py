@@ -46,9 +46,15 @@ def servers(start_server) -> list[PrepServer]:
 
 
 def test_cli_choices_are_the_pipeline_names() -> None:
-    assert checkpoint_commands.BACKENDS == layout.BACKENDS
-    assert checkpoint_commands.ACTIVATIONS == layout.ACTIVATIONS
-    assert checkpoint_commands.INPUT_SCALE_POLICIES == layout.INPUT_SCALE_POLICIES
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    checkpoint_commands.register(parser.add_subparsers())
+    prepare = parser._subparsers._group_actions[0].choices["prepare"]
+    choices = {action.dest: tuple(action.choices) for action in prepare._actions if action.choices}
+    assert choices["backend"] == layout.BACKENDS and choices["activation"] == layout.ALL_ACTIVATIONS
+    assert choices["input_scale_policy"] == layout.INPUT_SCALE_POLICIES and choices["profile"] == layout.PROFILES
+    assert choices["gated_group_size"] == layout.GATED_GROUP_SIZES
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -244,9 +244,9 @@ from nvfp4_prep.checkpoint import open_checkpoint
 from nvfp4_prep.prepared.prepare_job import prepare_checkpoint
 from nvfp4_prep.pipeline import prepare
 
-def slow(stacked, backend, activation, policy):
+def slow(stacked, backend, activation, policy, **options):
     time.sleep(0.4)  # room for the parent to kill this run between layers or mid-write
-    return prepare(stacked, backend, activation, policy)
+    return prepare(stacked, backend, activation, policy, **options)
 
 prepare_checkpoint(open_checkpoint(sys.argv[1]), sys.argv[2], [slow], "flashinfer_cutlass")
 """

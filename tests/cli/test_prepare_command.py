@@ -85,3 +85,14 @@ def test_prepare_into_another_runs_folder_needs_overwrite(tmp_path: Path) -> Non
                                "--overwrite", "--verify"], capture_output=True, text=True, timeout=300)
     assert replaced.returncode == 0, replaced.stderr
     assert Manifest.load(out).request["backend"] == "vllm_cutlass"
+
+
+@pytest.mark.parametrize("backend", ["flashinfer_cutedsl", "flashinfer_trtllm"])
+def test_prepare_with_the_vllm_profile_verifies_and_records_it(tmp_path: Path, backend: str) -> None:
+    out = tmp_path / "prepared"
+    result = subprocess.run([_script(), "prepare", "--backend", backend, "--profile", "vllm-0.33", "--out", str(out),
+                             "--quiet", "--verify"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    manifest = Manifest.load(out)
+    assert manifest.layout["profile"] == "vllm-0.33" and "/vllm-0.33/" in manifest.layout["layout_id"]
+    assert "verified, identical to its source" in result.stdout

@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from nvfp4_prep import pipeline
-from nvfp4_prep.client import PrepClient, PrepLayoutMismatch, PrepInvalidArgument
+from nvfp4_prep.client import PrepClient, PrepInvalidArgument, PrepLayoutMismatch
 from nvfp4_prep.contract import layout
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import encode_tensors, header_for

@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 
 from nvfp4_prep.contract.environment import env_value
-from nvfp4_prep.contract.layout import ACTIVATIONS, BACKENDS, INPUT_SCALE_POLICIES
+from nvfp4_prep.contract.layout import ALL_ACTIVATIONS, BACKENDS, GATED_GROUP_SIZES, INPUT_SCALE_POLICIES, PROFILES
 
 from .connection_flags import add_security_flags, security_options
 from .progress import LayerProgress, megabytes
@@ -64,8 +64,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               f"(default: the bundled sample {SAMPLE_NAME}) [env NVFP4_PREP_CHECKPOINT]")
     prepare.add_argument("--backend", choices=BACKENDS, default=env_value("backend", "flashinfer_cutedsl"),
                          help="kernel backend to prepare for (default: %(default)s) [env NVFP4_PREP_BACKEND]")
-    prepare.add_argument("--activation", choices=ACTIVATIONS, default=env_value("activation", "swiglu"),
-                         help="MoE activation (default: %(default)s) [env NVFP4_PREP_ACTIVATION]")
+    prepare.add_argument("--activation", choices=ALL_ACTIVATIONS, default=env_value("activation", "swiglu"),
+                         help="MoE activation; which ones a backend runs depends on the profile "
+                              "(default: %(default)s) [env NVFP4_PREP_ACTIVATION]")
+    prepare.add_argument("--profile", choices=PROFILES, default=env_value("profile", "seed"),
+                         help="which engine version's bytes, SPEC section 10 (default: %(default)s) "
+                              "[env NVFP4_PREP_PROFILE]")
+    prepare.add_argument("--gated-group-size", type=int, choices=GATED_GROUP_SIZES,
+                         default=int(env_value("gated-group-size", "64")),
+                         help="CuteDSL gated FC1 row grouping: 64, or 16 for FlashInfer 0.7.4's swap-AB kernels "
+                              "(default: %(default)s) [env NVFP4_PREP_GATED_GROUP_SIZE]")
     prepare.add_argument("--input-scale-policy", choices=INPUT_SCALE_POLICIES,
                          default=env_value("input-scale-policy", "max"),
                          help="how input scales combine across experts, SPEC section 4 (default: %(default)s) "
@@ -133,10 +141,10 @@ def layer_preparers(servers: list[str], timeout: float | None = None, security: 
         def preparer(index: int):
             order = clients[index:] + clients[:index]
 
-            def prepare_layer(stacked, backend: str, activation: str, policy: str):
+            def prepare_layer(stacked, backend: str, activation: str, policy: str, **options):
                 for attempt, client in enumerate(order):
                     try:
-                        return client.prepare_layer(stacked, backend, activation, policy)
+                        return client.prepare_layer(stacked, backend, activation, policy, **options)
                     except PrepUnavailable as err:
                         if attempt == len(order) - 1:
                             raise
@@ -196,7 +204,8 @@ def run_prepare(args: argparse.Namespace) -> int:
             try:
                 with layer_preparers(_servers(args.server), args.timeout, security, args.backend) as preparers:
                     summary = prepare_checkpoint(checkpoint, args.out, preparers, args.backend, args.activation,
-                                                 args.input_scale_policy, progress=progress, overwrite=args.overwrite)
+                                                 args.input_scale_policy, progress=progress, overwrite=args.overwrite,
+                                                 profile=args.profile, gated_group_size=args.gated_group_size)
             finally:
                 progress.close()
             print(f"{summary.out_dir}: {summary.layers_prepared} layers prepared, {summary.layers_skipped} kept "

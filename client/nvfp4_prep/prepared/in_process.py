@@ -21,16 +21,19 @@ def default_device() -> torch.device:
 
 
 class InProcessPreparer:
-    """``(stacked, backend, activation, policy) -> PreparedLayer`` on ``device``, results in host memory."""
+    """``(stacked, backend, activation, policy, **options) -> PreparedLayer`` on ``device``, in host memory."""
+
+    # Reading (a copy from the page cache) and writing (with fsync) of other layers overlap the one prepared.
+    layers_in_flight = 4
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device) if device is not None else default_device()
 
     def __call__(self, stacked: Mapping[str, torch.Tensor], backend: str, activation: str,
-                 input_scale_policy: str) -> PreparedLayer:
+                 input_scale_policy: str, **options: object) -> PreparedLayer:
         if self.device.type == "cpu":
-            return prepare(stacked, backend, activation, input_scale_policy)
+            return prepare(stacked, backend, activation, input_scale_policy, **options)
         on_device = {name: tensor.to(self.device, non_blocking=True) for name, tensor in stacked.items()}
-        prepared = prepare(on_device, backend, activation, input_scale_policy)
+        prepared = prepare(on_device, backend, activation, input_scale_policy, **options)
         host = {name: tensor.to("cpu") for name, tensor in prepared.tensors.items()}
         return PreparedLayer(host, prepared.layout)

@@ -31,7 +31,8 @@ from .writer import PreparedCheckpointWriter
 
 log = logging.getLogger(__name__)
 
-# Two layers per preparer at a time: one is read and written here while the other is prepared.
+# Two layers per preparer at a time: one is read and written here while the other is prepared. A preparer
+# may say otherwise in its ``layers_in_flight`` attribute.
 LAYERS_IN_FLIGHT_PER_PREPARER = 2
 
 
@@ -40,7 +41,8 @@ class PreparedLike(Protocol):
     layout: dict
 
 
-LayerPreparer = Callable[[Mapping[str, torch.Tensor], str, str, str], PreparedLike]
+# (stacked, backend, activation, policy, profile=..., gated_group_size=...) -> prepared layer
+LayerPreparer = Callable[..., PreparedLike]
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,8 @@ def _layer_bytes(checkpoint: Checkpoint, prefix: str) -> int:
 def prepare_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike, preparers: Sequence[LayerPreparer],
                        backend: str, activation: str = "swiglu", input_scale_policy: str = "max",
                        progress: Callable[[LayerDone], None] | None = None,
-                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> PrepareSummary:
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+                       profile: str = "seed", gated_group_size: int = 64) -> PrepareSummary:
     """Prepares every pending MoE layer and writes ``out_dir``; see the module docstring."""
     if not preparers:
         raise ValueError("prepare_checkpoint needs at least one layer preparer")
@@ -82,8 +85,9 @@ def prepare_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike, prepa
     if not layers:
         raise CheckpointInvalid(f"{checkpoint.directory}: no NVFP4 MoE layers to prepare")
     started = time.perf_counter()
+    options = {"profile": profile, "gated_group_size": gated_group_size}
     with PreparedCheckpointWriter(checkpoint, out_dir, backend, activation, input_scale_policy,
-                                  max_shard_bytes, overwrite) as writer:
+                                  max_shard_bytes, overwrite, options) as writer:
         pending = writer.pending_layers()
         sizes = {prefix: _layer_bytes(checkpoint, prefix) for prefix in layers}
         total = sum(sizes.values())
@@ -103,7 +107,7 @@ def prepare_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike, prepa
                     return
                 try:
                     stacked = checkpoint.read_layer(prefix, activation=activation)
-                    prepared = preparer(stacked, backend, activation, input_scale_policy)
+                    prepared = preparer(stacked, backend, activation, input_scale_policy, **options)
                     writer.write_layer(prefix, prepared)
                 except BaseException as exc:  # handed to the caller's thread below
                     log.debug("layer %s failed: %s", prefix, exc)  # the caller reports it, once
@@ -118,7 +122,8 @@ def prepare_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike, prepa
                     progress(event)
 
         threads = [threading.Thread(target=work, args=(p,), name=f"prepare-{i}-{j}", daemon=True)
-                   for i, p in enumerate(preparers) for j in range(LAYERS_IN_FLIGHT_PER_PREPARER)]
+                   for i, p in enumerate(preparers)
+                   for j in range(getattr(p, "layers_in_flight", LAYERS_IN_FLIGHT_PER_PREPARER))]
         try:
             for thread in threads:
                 thread.start()

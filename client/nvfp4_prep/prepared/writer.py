@@ -54,7 +54,8 @@ class PreparedCheckpointWriter:
 
     def __init__(self, checkpoint: Checkpoint, out_dir: str | os.PathLike, backend: str,
                  activation: str = "swiglu", input_scale_policy: str = "max",
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> None:
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+                 options: dict | None = None) -> None:
         self.checkpoint = checkpoint
         self._overwrite = overwrite
         self.out_dir = Path(out_dir).absolute()
@@ -72,7 +73,8 @@ class PreparedCheckpointWriter:
             self._mutex = threading.Lock()
             self.plan = plan_shards(checkpoint, max_shard_bytes)
             self._layer_shard = {shard.layer: shard for shard in self.plan if shard.layer is not None}
-            self._request = {"backend": backend, "activation": activation, "input_scale_policy": input_scale_policy}
+            self._request = {"backend": backend, "activation": activation, "input_scale_policy": input_scale_policy,
+                             **(options or {})}
             self.manifest = self._resumed_manifest()
         except BaseException:
             self.close()
