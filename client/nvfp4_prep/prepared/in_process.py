@@ -23,9 +23,6 @@ def default_device() -> torch.device:
 class InProcessPreparer:
     """``(stacked, backend, activation, policy, **options) -> PreparedLayer`` on ``device``, in host memory."""
 
-    # Reading (a copy from the page cache) and writing (with fsync) of other layers overlap the one prepared.
-    layers_in_flight = 4
-
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device) if device is not None else default_device()
 
