@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from nvfp4_prep.contract import layout
 from nvfp4_prep.contract.layout import layout_id
 from nvfp4_prep.prepared.manifest import Manifest
 
@@ -96,3 +97,16 @@ def test_prepare_with_the_vllm_profile_verifies_and_records_it(tmp_path: Path, b
     manifest = Manifest.load(out)
     assert manifest.layout["profile"] == "vllm-0.33" and "/vllm-0.33/" in manifest.layout["layout_id"]
     assert "verified, identical to its source" in result.stdout
+
+
+def test_version_and_layer_choices_match_prepare() -> None:
+    from importlib import metadata
+
+    version = subprocess.run([_script(), "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.strip() == f"nvfp4-prep {metadata.version('nvfp4-prep')}"
+    helps = {command: subprocess.run([_script(), command, "--help"], capture_output=True, text=True,
+                                     timeout=60).stdout for command in ("prepare", "layer")}
+    for text in helps.values():
+        flat = " ".join(text.split())
+        assert "{" + ",".join(layout.BACKENDS) + "}" in flat and "(default: flashinfer_cutedsl)" in flat
+        assert "{" + ",".join(layout.PROFILES) + "}" in flat

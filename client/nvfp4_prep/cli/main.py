@@ -17,6 +17,7 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from nvfp4_prep.contract.environment import env_value
+from nvfp4_prep.contract.layout import ALL_ACTIVATIONS, BACKENDS, GATED_GROUP_SIZES, INPUT_SCALE_POLICIES, PROFILES
 from nvfp4_prep.wire import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
 from . import checkpoint_commands
@@ -128,6 +129,7 @@ def _layer(args: argparse.Namespace) -> int:
     try:
         with PrepClient(args.server, timeout=args.timeout, chunk_size=args.chunk_size, **security) as client:
             layer = client.prepare_layer(tensors, args.backend, args.activation, args.input_scale_policy,
+                                         profile=args.profile, gated_group_size=args.gated_group_size,
                                          layout_version=args.layout_version, progress=progress)
     except PrepClientError as err:
         print(f"nvfp4-prep layer: {err}", file=sys.stderr)
@@ -163,10 +165,20 @@ def _chunk_size(text: str) -> int:
     return size
 
 
+def _package_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("nvfp4-prep")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nvfp4_prep.server.config import add_arguments
 
     parser = argparse.ArgumentParser(prog="nvfp4-prep", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = subparsers.add_parser("serve", help="run the gRPC server",
@@ -189,10 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     layer.add_argument("input", type=Path, help="safetensors file holding the stacked layer")
     layer.add_argument("output", type=Path, help="safetensors file to write")
     _add_client_flags(layer)
-    layer.add_argument("--backend", required=True, help="flashinfer_cutedsl, flashinfer_cutlass, flashinfer_trtllm "
-                                                        "or vllm_cutlass")
-    layer.add_argument("--activation", default="swiglu", help="swiglu (default), swigluoai or relu2")
-    layer.add_argument("--input-scale-policy", default="max", help="max (default) or strict")
+    # The same choices and defaults as ``prepare``.
+    layer.add_argument("--backend", choices=BACKENDS, default=env_value("backend", "flashinfer_cutedsl"),
+                       help="kernel backend to prepare for (default: %(default)s) [env NVFP4_PREP_BACKEND]")
+    layer.add_argument("--activation", choices=ALL_ACTIVATIONS, default=env_value("activation", "swiglu"),
+                       help="MoE activation (default: %(default)s) [env NVFP4_PREP_ACTIVATION]")
+    layer.add_argument("--input-scale-policy", choices=INPUT_SCALE_POLICIES,
+                       default=env_value("input-scale-policy", "max"),
+                       help="how input scales combine across experts (default: %(default)s)")
+    layer.add_argument("--profile", choices=PROFILES, default=env_value("profile", "seed"),
+                       help="which engine version's bytes, SPEC section 10 (default: %(default)s)")
+    layer.add_argument("--gated-group-size", type=int, choices=GATED_GROUP_SIZES,
+                       default=int(env_value("gated-group-size", "64")),
+                       help="CuteDSL gated FC1 row grouping (default: %(default)s)")
     layer.add_argument("--layout-version", default=None, help="layout id the result must carry (default: any)")
     layer.add_argument("--prefix", default=None, help="layer prefix in INPUT when it holds several layers")
     layer.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK_SIZE,
