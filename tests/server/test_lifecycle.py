@@ -239,7 +239,8 @@ def test_drain_refuses_new_calls_and_finishes_running_ones(start_server, raw_stu
     server = start_server()
     layer = make_layer()
     held = HeldCall(raw_stub(server.address), layer)
-    wait_for(lambda: server.service.in_flight == 1)
+    # Admitted, not only connected: a stream counts for the drain once its header has arrived.
+    wait_for(lambda: server.service.gate.in_flight == 1)
     drained: list[bool] = []
     drainer = threading.Thread(target=lambda: drained.append(server.drain(timeout=20)))
     drainer.start()
