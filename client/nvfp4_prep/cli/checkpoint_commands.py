@@ -52,6 +52,26 @@ def _servers(values: list[str] | None) -> list[str]:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
+def add_layout_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose the prepared bytes, shared by ``prepare`` and ``layer``."""
+    parser.add_argument("--backend", choices=BACKENDS, default=env_value("backend", "flashinfer_cutedsl"),
+                         help="kernel backend to prepare for (default: %(default)s) [env NVFP4_PREP_BACKEND]")
+    parser.add_argument("--activation", choices=ALL_ACTIVATIONS, default=env_value("activation", "swiglu"),
+                         help="MoE activation; which ones a backend runs depends on the profile "
+                              "(default: %(default)s) [env NVFP4_PREP_ACTIVATION]")
+    parser.add_argument("--profile", choices=PROFILES, default=env_value("profile", "seed"),
+                         help="which engine version's bytes, SPEC section 10 (default: %(default)s) "
+                              "[env NVFP4_PREP_PROFILE]")
+    parser.add_argument("--gated-group-size", type=int, choices=GATED_GROUP_SIZES,
+                         default=int(env_value("gated-group-size", "64")),
+                         help="CuteDSL gated FC1 row grouping: 64, or 16 for FlashInfer 0.7.4's swap-AB kernels "
+                              "(default: %(default)s) [env NVFP4_PREP_GATED_GROUP_SIZE]")
+    parser.add_argument("--input-scale-policy", choices=INPUT_SCALE_POLICIES,
+                         default=env_value("input-scale-policy", "max"),
+                         help="how input scales combine across experts, SPEC section 4 (default: %(default)s) "
+                              "[env NVFP4_PREP_INPUT_SCALE_POLICY]")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds ``prepare`` and ``verify`` to the CLI's subcommands."""
     prepare = subparsers.add_parser(
@@ -62,22 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("checkpoint", nargs="?", default=env_value("checkpoint", None), metavar="CKPT",
                          help="checkpoint directory, .safetensors file, index file or file:// URI "
                               f"(default: the bundled sample {SAMPLE_NAME}) [env NVFP4_PREP_CHECKPOINT]")
-    prepare.add_argument("--backend", choices=BACKENDS, default=env_value("backend", "flashinfer_cutedsl"),
-                         help="kernel backend to prepare for (default: %(default)s) [env NVFP4_PREP_BACKEND]")
-    prepare.add_argument("--activation", choices=ALL_ACTIVATIONS, default=env_value("activation", "swiglu"),
-                         help="MoE activation; which ones a backend runs depends on the profile "
-                              "(default: %(default)s) [env NVFP4_PREP_ACTIVATION]")
-    prepare.add_argument("--profile", choices=PROFILES, default=env_value("profile", "seed"),
-                         help="which engine version's bytes, SPEC section 10 (default: %(default)s) "
-                              "[env NVFP4_PREP_PROFILE]")
-    prepare.add_argument("--gated-group-size", type=int, choices=GATED_GROUP_SIZES,
-                         default=int(env_value("gated-group-size", "64")),
-                         help="CuteDSL gated FC1 row grouping: 64, or 16 for FlashInfer 0.7.4's swap-AB kernels "
-                              "(default: %(default)s) [env NVFP4_PREP_GATED_GROUP_SIZE]")
-    prepare.add_argument("--input-scale-policy", choices=INPUT_SCALE_POLICIES,
-                         default=env_value("input-scale-policy", "max"),
-                         help="how input scales combine across experts, SPEC section 4 (default: %(default)s) "
-                              "[env NVFP4_PREP_INPUT_SCALE_POLICY]")
+    add_layout_flags(prepare)
     prepare.add_argument("--out", default=env_value("out", "./prepared"), metavar="DIR",
                          help="output directory (default: %(default)s) [env NVFP4_PREP_OUT]")
     prepare.add_argument("--server", action="append", metavar="ADDR[,ADDR...]",

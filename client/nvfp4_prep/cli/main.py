@@ -17,7 +17,6 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from nvfp4_prep.contract.environment import env_value
-from nvfp4_prep.contract.layout import ALL_ACTIVATIONS, BACKENDS, GATED_GROUP_SIZES, INPUT_SCALE_POLICIES, PROFILES
 from nvfp4_prep.wire import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
 from . import checkpoint_commands
@@ -201,19 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     layer.add_argument("input", type=Path, help="safetensors file holding the stacked layer")
     layer.add_argument("output", type=Path, help="safetensors file to write")
     _add_client_flags(layer)
-    # The same choices and defaults as ``prepare``.
-    layer.add_argument("--backend", choices=BACKENDS, default=env_value("backend", "flashinfer_cutedsl"),
-                       help="kernel backend to prepare for (default: %(default)s) [env NVFP4_PREP_BACKEND]")
-    layer.add_argument("--activation", choices=ALL_ACTIVATIONS, default=env_value("activation", "swiglu"),
-                       help="MoE activation (default: %(default)s) [env NVFP4_PREP_ACTIVATION]")
-    layer.add_argument("--input-scale-policy", choices=INPUT_SCALE_POLICIES,
-                       default=env_value("input-scale-policy", "max"),
-                       help="how input scales combine across experts (default: %(default)s)")
-    layer.add_argument("--profile", choices=PROFILES, default=env_value("profile", "seed"),
-                       help="which engine version's bytes, SPEC section 10 (default: %(default)s)")
-    layer.add_argument("--gated-group-size", type=int, choices=GATED_GROUP_SIZES,
-                       default=int(env_value("gated-group-size", "64")),
-                       help="CuteDSL gated FC1 row grouping (default: %(default)s)")
+    checkpoint_commands.add_layout_flags(layer)  # the same choices and defaults as ``prepare``
     layer.add_argument("--layout-version", default=None, help="layout id the result must carry (default: any)")
     layer.add_argument("--prefix", default=None, help="layer prefix in INPUT when it holds several layers")
     layer.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK_SIZE,
