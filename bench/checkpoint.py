@@ -9,7 +9,10 @@ index), then measures in the same run, on the same hot page cache:
 - ``prepare``: what ``nvfp4-prep prepare`` does without --server (the pipeline in
   this process, on the GPU when there is one; no gRPC);
 - ``prepare --server``: through a separately started server process, layers
-  streamed over loopback.
+  streamed over loopback (``--send tensors``);
+- ``prepare --server (references)``: the same server, started with
+  ``--allowed-root`` over the checkpoint, sent references (``--send references``):
+  it reads each layer itself and only prepared bytes come back.
 
 Each prepare run reads every shard, prepares every layer and writes (and fsyncs)
 a complete prepared checkpoint. GB/s is source checkpoint bytes over wall time;
@@ -38,14 +41,15 @@ import torch
 from safetensors.torch import save_file
 
 from nvfp4_prep.checkpoint import open_checkpoint
-from nvfp4_prep.cli.checkpoint_commands import layer_preparers
+from nvfp4_prep.cli.checkpoint_commands import Sending, layer_preparers
 from nvfp4_prep.client.sdk import PrepClient
 from nvfp4_prep.contract.layout import BACKENDS
 from nvfp4_prep.prepared.prepare_job import prepare_checkpoint
 from report import add_json_flag, print_rows, reset_device_peak, row, write_json
 
 SERVER = ("import sys; from nvfp4_prep.server.config import ServeConfig; from nvfp4_prep.server.server import run; "
-          "sys.exit(run(ServeConfig(host='127.0.0.1', port=int(sys.argv[1]), metrics_port=0, log_level='WARNING')))")
+          "sys.exit(run(ServeConfig(host='127.0.0.1', port=int(sys.argv[1]), metrics_port=0, log_level='WARNING', "
+          "allowed_roots=(sys.argv[2],))))")
 
 
 def layer_bytes(experts: int, hidden: int, inter: int) -> int:
@@ -137,11 +141,12 @@ def timed_prepare(source: Path, out: Path, preparers: list, backend: str) -> flo
     return seconds
 
 
-def start_server_process() -> tuple[subprocess.Popen, str]:
+def start_server_process(allowed_root: Path) -> tuple[subprocess.Popen, str]:
+    """A server process on loopback that also reads checkpoints under ``allowed_root``."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-c", SERVER, str(port)])
+    process = subprocess.Popen([sys.executable, "-c", SERVER, str(port), str(allowed_root)])
     address = f"127.0.0.1:{port}"
     with PrepClient(address, retries=30, backoff=0.2, max_backoff=1.0) as client:
         client.capabilities(timeout=120)
@@ -188,11 +193,15 @@ def main() -> int:
         with layer_preparers([]) as preparers:  # what the README's first command runs
             rows.append(row("prepare", gbps(best(lambda: timed_prepare(source, out, preparers, args.backend))),
                             copy, copy_gbps))
-        process, address = start_server_process()
+        process, address = start_server_process(source)
         try:
-            with layer_preparers([address]) as preparers:
+            with layer_preparers([address]) as preparers:  # uploads: what --send tensors runs
                 seconds = best(lambda: timed_prepare(source, out, preparers, args.backend))
                 rows.append(row("prepare --server", gbps(seconds), copy, copy_gbps))
+            with open_checkpoint(source) as checkpoint, layer_preparers(
+                    [address], sending=Sending("references", checkpoint, str(source), args.backend)) as preparers:
+                seconds = best(lambda: timed_prepare(source, out, preparers, args.backend))
+                rows.append(row("prepare --server (references)", gbps(seconds), copy, copy_gbps))
         finally:
             process.terminate()
             process.wait(60)

@@ -16,6 +16,18 @@ budget's bytes in use and GPU memory when the server's metrics show them),
 and counts of errors and checksum mismatches; exits 1 unless both are zero.
 The baseline, measured first in the same run, is one client alone: ``vs 1``
 divides by it.
+
+Then the landing rows: one client prepares one layer of ``--landing-experts``
+experts (0: no such rows) into pageable CPU tensors (the plain path, the
+baseline) and with ``device="cuda"`` (pinned staging ring, asynchronous copies
+on a stream of their own), each row in a fresh process of its own after a
+one-expert warm-up, best of ``--landing-repeat`` calls. Each row prints its
+rate (bytes up plus down over the call's wall time), its ratio to the plain
+path, the process's peak resident set and torch's peak device memory, then how
+much the resident set grew during the call (VmHWM reset before each call, where
+the kernel allows it) and the peak of pinned host memory. On a host without
+CUDA the CUDA row is skipped with the reason. ``--json PATH``
+writes the landing rows (bench/report.py).
 """
 
 from __future__ import annotations
@@ -35,8 +47,11 @@ import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+
+from report import Row, add_json_flag, print_rows, write_json
 
 BACKEND_DEFAULT = "flashinfer_cutedsl"
 _PORT = re.compile(r" on [^ ]*:(\d+)")
@@ -290,6 +305,118 @@ def add_layer_flags(parser: argparse.ArgumentParser, layers: int) -> None:
     parser.add_argument("--inter", type=int, default=512, help="I (default 512)")
 
 
+# -- landing rows: where one client's answer lands ---------------------------------------------------
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def resident(key: str) -> int:
+    """This process's VmRSS or VmHWM, in bytes (0 where /proc does not say)."""
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Resets VmHWM to the current resident set (Linux: "5" into clear_refs); False where that is refused."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class Landed:
+    """The best run of one landing row, and the peaks over all its runs."""
+
+    name: str
+    seconds: float = float("inf")
+    peak_rss: int = 0
+    rss_growth: int = 0
+    peak_device: int = 0
+    peak_pinned: int = 0
+
+
+def land(client, layer: dict[str, torch.Tensor], backend: str, device: str | None, expected: dict[str, str],
+         row: Landed) -> None:
+    """One call landing ``layer``'s answer on ``device``; its time and memory peaks go into ``row``."""
+    cuda = device is not None and device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_host_memory_stats()
+    start_rss = resident("VmRSS")
+    reset = reset_peak_rss()
+    started = time.perf_counter()
+    result = client.prepare_layer(layer, backend, device=device)
+    seconds = time.perf_counter() - started  # the SDK synchronized its copies before returning
+    peak = resident("VmHWM")
+    row.seconds = min(row.seconds, seconds)
+    row.peak_rss = max(row.peak_rss, peak)
+    row.rss_growth = max(row.rss_growth, peak - start_rss if reset else 0)
+    if cuda:
+        row.peak_device = max(row.peak_device, int(torch.cuda.max_memory_allocated()))
+        row.peak_pinned = max(row.peak_pinned, int(torch.cuda.host_memory_stats().get("allocated_bytes.peak", 0)))
+    if digests({name: t.cpu() for name, t in result.tensors.items()}) != expected:  # after the peaks are read
+        raise RuntimeError(f"{row.name}: the answer differs from the expected bytes")
+
+
+def landing_process(address: str, shape: tuple[int, int, int], backend: str, name: str, device: str | None,
+                    repeat: int, expected: dict[str, str], results: multiprocessing.Queue) -> None:
+    """One landing row in a fresh process, so that its resident set shows this path alone: a warm-up with a
+    one-expert layer (connection, CUDA context), then ``repeat`` calls with the row's layer."""
+    from nvfp4_prep.client import PrepClient
+
+    layer = make_layer(*shape, seed=1000)
+    warm = make_layer(1, *shape[1:], seed=1001)
+    row = Landed(name)
+    with PrepClient(address, timeout=600) as client:
+        client.prepare_layer(warm, backend, device=device)
+        for _ in range(repeat):
+            land(client, layer, backend, device, expected, row)
+    results.put(row)
+
+
+def landing_rows(address: str, args: argparse.Namespace) -> list[Row]:
+    """The plain path and ``device="cuda"`` for one layer of ``--landing-experts`` experts, each row in a
+    process of its own, one after the other."""
+    from nvfp4_prep import pipeline
+
+    shape = (args.landing_experts, args.hidden, args.inter)
+    layer = make_layer(*shape, seed=1000)
+    prepared = pipeline.prepare(layer, args.backend).tensors
+    expected, moved = digests(prepared), nbytes(layer) + nbytes(prepared)
+    print(f"\nlanding: one layer of E={args.landing_experts} H={args.hidden} I={args.inter} "
+          f"({nbytes(layer) / 1e6:.1f} MB in, {nbytes(prepared) / 1e6:.1f} MB out), best of {args.landing_repeat}",
+          flush=True)
+    del layer, prepared
+    paths: list[tuple[str, str | None]] = [("stream plain (cpu)", None)]
+    if torch.cuda.is_available():
+        paths.append(("stream device=cuda", "cuda"))
+    else:
+        print("stream device=cuda: skipped, CUDA is not available on this host")
+    context = multiprocessing.get_context("spawn")
+    landed = []
+    for name, device in paths:
+        results: multiprocessing.Queue = context.Queue()
+        process = context.Process(target=landing_process, args=(address, shape, args.backend, name, device,
+                                                                args.landing_repeat, expected, results))
+        process.start()
+        landed.append(results.get(timeout=1800))
+        process.join()
+    base = moved / landed[0].seconds / 1e9
+    rows = [Row(row.name, moved / row.seconds / 1e9, moved / row.seconds / 1e9 / base, landed[0].name,
+                row.peak_rss, row.peak_device) for row in landed]
+    print_rows(rows)
+    for row in landed:
+        pinned = f"; peak pinned {row.peak_pinned / 2**20:.1f} MiB" if row.peak_pinned else ""
+        print(f"{row.name}: resident set grew {row.rss_growth / 2**20:.1f} MiB during the call{pinned}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -304,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu",
                         help="the server's device (default cuda:0 if there is a GPU, else cpu)")
     parser.add_argument("--memory-budget", default="auto", help="the server's --memory-budget (default auto)")
+    parser.add_argument("--landing-experts", type=int, default=64,
+                        help="E of the layer of the landing rows (default 64; 0: no landing rows)")
+    parser.add_argument("--landing-repeat", type=int, default=3, help="runs of each landing row (default 3)")
+    add_json_flag(parser)
     args = parser.parse_args(argv)
 
     from nvfp4_prep import pipeline
@@ -327,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = run_load(server.address, args.clients, args.processes, shape, expected, args.backend, args.duration)
         watch.stop()
         peak_rss = watch.peak_rss()
+        landed = landing_rows(server.address, args) if args.landing_experts > 0 else []
     finally:
         server.process.terminate()
         server.process.wait(timeout=60)
@@ -359,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"errors {sum(errors.values())} {dict(errors) if errors else ''}".rstrip())
     print(f"checksum mismatches {mismatches} (chunk CRC failures {crc_failures}, answers differing from the "
           f"expected bytes {differing})")
+    write_json(args.json, landed)
     return 0 if not errors and not mismatches else 1
 
 

@@ -1,8 +1,9 @@
 """Benchmark of the preparation pipeline against clone() of the same bytes.
 
-Prints, per backend: time, GB/s (input bytes over time), the ratio of
+Prints, per backend: time per layer, GB/s (input bytes over time), the ratio of
 clone() time to prepare time measured in the same run (1.0 = as fast as a
 plain device copy), and the peak extra device memory over the output size.
+Both are timed over a few back-to-back calls (``--batch``): a stream of layers.
 
     python bench/pipeline.py                      # GPU: a DeepSeek-R1-sized layer
     python bench/pipeline.py --device cpu         # CPU: a smaller layer
@@ -27,22 +28,28 @@ from nvfp4_prep.pipeline import prepare
 from report import add_json_flag, reset_device_peak, row, write_json
 
 
-def timed(fn, device: torch.device, repeat: int) -> float:
-    """Median seconds of ``fn`` after one warm-up run (device-synchronised)."""
+def timed(fn, device: torch.device, repeat: int, batch: int = 1) -> float:
+    """Median seconds per call of ``fn`` over ``batch`` back-to-back calls, after one warm-up run.
+
+    On CUDA, ``batch`` calls between two events measure the rate of a stream of layers (as a server or the
+    prepare job sees it): each call's host-side checks overlap the device work of the call before.
+    """
     fn()
     times = []
     for _ in range(repeat):
         if device.type == "cuda":
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(batch):
+                fn()
             stop.record()
             stop.synchronize()
-            times.append(start.elapsed_time(stop) / 1e3)
+            times.append(start.elapsed_time(stop) / 1e3 / batch)
         else:
             begin = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - begin)
+            for _ in range(batch):
+                fn()
+            times.append((time.perf_counter() - begin) / batch)
     return statistics.median(times)
 
 
@@ -72,6 +79,9 @@ def main() -> None:
     parser.add_argument("--activation", default="swiglu", choices=ACTIVATIONS)
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=4,
+                        help="back-to-back calls per timing, for both prepare and clone() (default 4; 1 times one "
+                             "call alone, host-side checks included)")
     add_json_flag(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -83,13 +93,13 @@ def main() -> None:
     print(f"device {name}; E={experts} H={args.hidden} I={args.intermediate} {args.activation}; "
           f"{size / 1e9:.2f} GB of inputs")
 
-    clone_s = timed(lambda: clone_all(layer), device, args.repeat)
+    clone_s = timed(lambda: clone_all(layer), device, args.repeat, args.batch)
     print(f"{'baseline clone()':<20} {clone_s * 1e3:9.2f} ms {size / clone_s / 1e9:8.1f} GB/s")
     print(f"{'backend':<20} {'time':>12} {'GB/s':>8} {'vs clone':>9} {'peak extra/out':>15}")
     rows = []
     for backend in args.backends.split(","):
         run = functools.partial(prepare, layer, backend, args.activation)
-        seconds = timed(run, device, args.repeat)
+        seconds = timed(run, device, args.repeat, args.batch)
         reset_device_peak()
         peak, out = peak_extra(run, device)
         memory = f"{peak / out:15.3f}" if out else f"{'n/a':>15}"

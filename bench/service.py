@@ -9,9 +9,19 @@ another process, then, for one random layer of the given size:
   prepared layer has sent back (the peer receives into and sends from one
   reusable buffer: transport and nothing else); also N connections at once;
 - gRPC: ``PrepClient.prepare_layer`` end to end; with N streams, N layers at
-  once over N channels (one Prepare call per layer, as the SDK does).
+  once over N channels (one Prepare call per layer, as the SDK does);
+- bulk: the same calls with ``PrepClient(bulk_streams=--bulk-streams)``: the
+  tensor chunks travel over the server's bulk port (``--bulk-address``), the
+  gRPC stream carries only the headers;
+- reference: ``PrepClient.prepare_reference`` of the same layer written as a
+  checkpoint under the server's ``--allowed-root`` (hot page cache): the server
+  reads it and only prepared bytes travel, so this row's rate counts bytes down
+  over wall time, against one raw TCP stream carrying as many bytes one way.
+- cuda_ipc: the same reference with ``delivery="cuda_ipc"`` into this process's memory on the server's GPU
+  (client and server share the node): the prepared bytes over the hand-over time, against ``clone()`` of as many
+  bytes on that device (skipped, saying why, without a GPU).
 
-Rates count bytes up plus bytes down over wall time. ``vs tcp1`` divides by the
+Rates count bytes up plus bytes down over wall time (the reference row: down only). ``vs tcp1`` divides by the
 single raw TCP stream, ``vs tcpN`` by N raw streams side by side. ``overlap``
 is end-to-end time over pure transfer time, the latter being the client's
 upload phase plus its download phase: 1.00 means that staging, host-to-device,
@@ -27,10 +37,12 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,11 +51,12 @@ from pathlib import Path
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from safetensors.torch import save_file
 
 from nvfp4_prep.client import PrepClient, Progress
 from nvfp4_prep.server.config import parse_size
 from report import Row as ReportRow
-from report import add_json_flag, write_json
+from report import add_json_flag, peak_device_bytes, reset_device_peak, write_json
 
 _TCP_BUFFER = 8 << 20
 
@@ -80,6 +93,32 @@ def random_layer(experts: int, hidden: int, inter: int, gated: bool) -> dict[str
 
 def nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+PREFIX = "model.layers.0.mlp.experts"
+
+
+def write_layer_checkpoint(directory: Path, layer: dict[str, torch.Tensor], gated: bool) -> Path:
+    """``layer`` as a one-layer ModelOpt NVFP4 checkpoint (per-expert tensors, SPEC section 2) in ``directory``."""
+    directory.mkdir(parents=True)
+    experts, n1 = layer["w13_weight"].shape[:2]
+    inter = n1 // 2 if gated else n1
+    first = (("gate_proj", 0), ("up_proj", 1)) if gated else (("up_proj", 0),)
+    tensors: dict[str, torch.Tensor] = {}
+    for e in range(experts):
+        for proj, part in first:
+            rows = slice(part * inter, (part + 1) * inter)
+            tensors[f"{PREFIX}.{e}.{proj}.weight"] = layer["w13_weight"][e, rows].clone()  # no shared storage
+            tensors[f"{PREFIX}.{e}.{proj}.weight_scale"] = layer["w13_weight_scale"][e, rows].clone()
+            for name in ("weight_scale_2", "input_scale"):
+                value = layer[f"w13_{name}"][e]
+                tensors[f"{PREFIX}.{e}.{proj}.{name}"] = (value[part] if value.dim() else value).clone()
+        for name in ("weight", "weight_scale", "weight_scale_2", "input_scale"):
+            tensors[f"{PREFIX}.{e}.down_proj.{name}"] = layer[f"w2_{name}"][e].clone()
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps({"model_type": "synthetic_moe", "quantization_config": {
+        "quant_method": "modelopt", "quant_algo": "NVFP4", "ignore": []}}))
+    return directory
 
 
 # -- raw TCP -----------------------------------------------------------------------------------------
@@ -139,6 +178,7 @@ class Server:
     process: subprocess.Popen
     address: str
     compute_s: list[float] = field(default_factory=list)
+    handover_s: list[float] = field(default_factory=list)  # CUDA IPC hand-overs (see run_cuda_ipc)
 
     def read_log(self) -> None:
         for line in self.process.stderr:
@@ -146,6 +186,8 @@ class Server:
                 record = json.loads(line)
                 if "compute_s" in record:
                     self.compute_s.append(record["compute_s"])
+                if "handover_s" in record:
+                    self.handover_s.append(record["handover_s"])
             else:
                 sys.stderr.write(line)
 
@@ -158,13 +200,15 @@ class Server:
         return 0
 
 
-def start_server(device: str, chunk_size: str, budget: str) -> Server:
+def start_server(device: str, chunk_size: str, budget: str, allowed_root: Path) -> Server:
+    """``nvfp4-prep serve`` on 127.0.0.1 with a bulk port on any free port."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "nvfp4_prep.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--device", device, "--chunk-size", chunk_size, "--memory-budget", budget, "--cache-bytes", "0",
-               "--log-format", "json", "--metrics-port", "0"]
+               "--log-format", "json", "--metrics-port", "0", "--allowed-root", str(allowed_root),
+               "--bulk-address", "127.0.0.1:0"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     server = Server(process, f"127.0.0.1:{port}")
     threading.Thread(target=server.read_log, daemon=True).start()
@@ -239,6 +283,57 @@ def run_grpc(client: PrepClient, layer: dict[str, torch.Tensor], streams: int, b
     return time.perf_counter() - started, sum(overlaps) / streams
 
 
+def timed_reference(client: PrepClient, location: str, backend: str, activation: str) -> float:
+    """Wall seconds of one ``prepare_reference`` of the layer the server reads from ``location``."""
+    started = time.perf_counter()
+    result = client.prepare_reference(location, PREFIX, backend, activation)
+    seconds = time.perf_counter() - started
+    del result
+    return seconds
+
+
+def run_cuda_ipc(client: PrepClient, location: str, backend: str, activation: str, device: str, down: int,
+                 server: Server, repeat: int) -> ReportRow | None:
+    """The ``cuda_ipc x1`` row: the referenced layer handed over as CUDA IPC handles and copied into this
+    process's memory on ``device`` (the server's GPU), against ``clone()`` of as many bytes there. Its rate is the
+    prepared bytes over the hand-over (the server's ``handover_s``: this client opening, copying and taking them);
+    the whole call, reading and compute included, is printed beside it. None, with the reason printed, without
+    a GPU or when the server streamed instead."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        print(f"cuda_ipc x1: skipped (the server runs on {device}; CUDA IPC needs it on a GPU of this node)")
+        return None
+    flat = torch.empty(down, dtype=torch.uint8, device=device)
+    clones = []
+    for _ in range(repeat + 1):  # the first warms up
+        torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        copy = flat.clone()
+        torch.cuda.synchronize(device)
+        clones.append(time.perf_counter() - started)
+        del copy
+    del flat
+    clone_rate = down / min(clones[1:])
+    server.handover_s.clear()
+    reset_device_peak()
+    walls = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        result = client.prepare_reference(location, PREFIX, backend, activation, delivery="cuda_ipc", device=device)
+        walls.append(time.perf_counter() - started)
+        del result
+    end = time.monotonic() + 30  # the server's log line comes a little after its call's end
+    while len(server.handover_s) < repeat and time.monotonic() < end:
+        time.sleep(0.05)
+    if len(server.handover_s) < repeat:
+        print("cuda_ipc x1: skipped (the server streamed the answer; its log says why)")
+        return None
+    rate = down / min(server.handover_s)
+    print(f"cuda_ipc x1: {down / 1e9:.2f} GB handed over in {min(server.handover_s):.4f}s, {rate / 1e9:.1f} GB/s, "
+          f"{rate / clone_rate:.2f} of clone() ({clone_rate / 1e9:.1f} GB/s); whole call {min(walls):.2f}s", flush=True)
+    return ReportRow("cuda_ipc x1", rate / 1e9, rate / clone_rate, "clone() on the device", server.peak_rss(),
+                     peak_device_bytes())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -253,7 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-size", default="4MiB", help="upload and response chunk size (default 4MiB; the "
                         "server and SDK default to 2MiB)")
     parser.add_argument("--memory-budget", default="auto", help="the server's --memory-budget")
+    parser.add_argument("--bulk-streams", type=int, default=1,
+                        help="bulk connections per call in the bulk rows (default 1)")
     parser.add_argument("--repeat", type=int, default=2, help="runs per row; the best is reported")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="where the reference row's checkpoint is written (default: a temporary directory)")
     add_json_flag(parser)
     args = parser.parse_args(argv)
     streams = sorted({int(s) for s in args.streams.split(",")})
@@ -270,11 +369,15 @@ def main(argv: list[str] | None = None) -> int:
     peer = context.Process(target=tcp_peer, args=(ports,), daemon=True)
     peer.start()
     tcp_port = ports.get(timeout=60)
-    server = start_server(args.device, args.chunk_size, args.memory_budget)
+    store = Path(tempfile.mkdtemp(prefix="nvfp4-prep-bench-", dir=args.work_dir))
+    location = write_layer_checkpoint(store / "ckpt", layer, gated)
+    server = start_server(args.device, args.chunk_size, args.memory_budget, store)
     rows: list[Row] = []
     try:
         chunk = parse_size(args.chunk_size)
-        with PrepClient(server.address, chunk_size=chunk, channels=max(streams)) as client:
+        bulk_client = PrepClient(server.address, chunk_size=chunk, channels=max(streams),
+                                 bulk_streams=args.bulk_streams)
+        with PrepClient(server.address, chunk_size=chunk, channels=max(streams)) as client, bulk_client:
             client.prepare_layer(warmup, args.backend, args.activation)
             first = client.prepare_layer(layer, args.backend, args.activation)
             down = nbytes(first.tensors)
@@ -286,25 +389,38 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(Row("raw TCP", count, count * (up + down), best))
                 print(f"raw TCP x{count}: {best:.2f}s", flush=True)
             sinks.clear()
-            for count in streams:
-                runs = []
-                for _ in range(args.repeat):
-                    server.compute_s.clear()
-                    client_cpu, server_cpu = cpu_seconds(os.getpid()), cpu_seconds(server.process.pid)
-                    seconds, overlap = run_grpc(client, layer, count, args.backend, args.activation)
-                    client_cpu = cpu_seconds(os.getpid()) - client_cpu
-                    server_cpu = cpu_seconds(server.process.pid) - server_cpu
-                    runs.append((seconds, overlap, max(server.compute_s, default=float("nan")),
-                                 client_cpu / seconds, server_cpu / seconds))
-                seconds, overlap, compute, client_cores, server_cores = min(runs)
-                rows.append(Row("gRPC prepare", count, count * (up + down), seconds, overlap, compute,
-                                client_cores, server_cores))
-                print(f"gRPC x{count}: {seconds:.2f}s", flush=True)
+            bulk_client.prepare_layer(warmup, args.backend, args.activation)
+            for mode, via in (("gRPC prepare", client), ("bulk prepare", bulk_client)):
+                for count in streams:
+                    runs = []
+                    for _ in range(args.repeat):
+                        server.compute_s.clear()
+                        client_cpu, server_cpu = cpu_seconds(os.getpid()), cpu_seconds(server.process.pid)
+                        seconds, overlap = run_grpc(via, layer, count, args.backend, args.activation)
+                        client_cpu = cpu_seconds(os.getpid()) - client_cpu
+                        server_cpu = cpu_seconds(server.process.pid) - server_cpu
+                        runs.append((seconds, overlap, max(server.compute_s, default=float("nan")),
+                                     client_cpu / seconds, server_cpu / seconds))
+                    seconds, overlap, compute, client_cores, server_cores = min(runs)
+                    rows.append(Row(mode, count, count * (up + down), seconds, overlap, compute,
+                                    client_cores, server_cores))
+                    print(f"{mode} x{count}: {seconds:.2f}s", flush=True)
+            # One direction: the server reads the layer, only the prepared bytes come down.
+            sink = [memoryview(torch.zeros(down, dtype=torch.uint8).numpy())]
+            tcp_down = min(run_tcp(tcp_port, {}, down, 1, sink) for _ in range(args.repeat))
+            sink.clear()
+            client.prepare_reference(str(location), PREFIX, args.backend, args.activation)  # the page cache, warm
+            reference = min(timed_reference(client, str(location), args.backend, args.activation)
+                            for _ in range(args.repeat))
+            print(f"raw TCP x1 down: {tcp_down:.2f}s, reference x1: {reference:.2f}s", flush=True)
+            ipc_row = run_cuda_ipc(client, str(location), args.backend, args.activation, args.device, down, server,
+                                   args.repeat)
         server_peak = server.peak_rss()
     finally:
         server.process.terminate()
         server.process.wait(timeout=60)
         peer.terminate()
+        shutil.rmtree(store, ignore_errors=True)
 
     tcp = {row.streams: row.rate for row in rows if row.mode == "raw TCP"}
     print()
@@ -318,11 +434,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row.mode:<13} {row.streams:>7} {row.bytes / 1e9:>9.2f} {row.seconds:>8.2f} {row.rate / 1e9:>6.2f} "
               f"{row.rate / tcp[1]:>8.2f} {row.rate / tcp[row.streams]:>8.2f} {optional(row.overlap, 2):>8} "
               f"{optional(row.compute, 3):>8} {optional(row.client_cores, 1):>9} {optional(row.server_cores, 1):>9}")
-    print(f"chunk size {args.chunk_size}, backend {args.backend}, activation {args.activation}")
+    reference_rate, tcp_down_rate = down / reference, down / tcp_down
+    print(f"reference x1: {down / 1e9:.2f} GB down in {reference:.2f}s, {reference_rate / 1e9:.2f} GB/s, "
+          f"{reference_rate / tcp_down_rate:.2f} of one raw TCP stream one way ({tcp_down_rate / 1e9:.2f} GB/s)")
+    print(f"chunk size {args.chunk_size}, backend {args.backend}, activation {args.activation}, "
+          f"{args.bulk_streams} bulk connections per call in the bulk rows")
     # The JSON rows: each gRPC row against as many raw TCP streams; its memory is the server process's peak.
-    write_json(args.json, [ReportRow(f"stream x{row.streams}", row.rate / 1e9, row.rate / tcp[row.streams],
-                                     f"raw TCP x{row.streams}", server_peak, 0)
-                           for row in rows if row.mode == "gRPC prepare"])
+    suffixes = {"gRPC prepare": "", "bulk prepare": " (bulk)"}
+    json_rows = [ReportRow(f"stream x{row.streams}{suffixes[row.mode]}", row.rate / 1e9, row.rate / tcp[row.streams],
+                           f"raw TCP x{row.streams}", server_peak, 0)
+                 for row in rows if row.mode in suffixes]
+    json_rows.append(ReportRow("reference x1", reference_rate / 1e9, reference_rate / tcp_down_rate,
+                               "raw TCP x1 down", server_peak, 0))
+    if ipc_row is not None:
+        json_rows.append(ipc_row)
+    write_json(args.json, json_rows)
     return 0
 
 

@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 ROOTS = ("proto", "server", "client")
 PACKAGE = "nvfp4_prep"
 
-ROOMS = frozenset({"contract", "v1", "wire", "pipeline", "checkpoint", "server", "client", "prepared", "cli"})
+ROOMS = frozenset({"contract", "v1", "wire", "pipeline", "checkpoint", "server", "client", "prepared", "cli",
+                   "engines"})
 # room -> the other rooms of ours it may import (its own is always allowed).
 ALLOWED: dict[str, frozenset[str]] = {
     "contract": frozenset(),
@@ -33,6 +34,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "client": frozenset({"v1", "wire", "contract"}),
     "prepared": frozenset({"contract", "checkpoint", "pipeline", "wire", "client"}),
     "cli": ROOMS,
+    # Engine loaders (vLLM, ...) take prepared layers from a folder (prepared) or a server (client).
+    "engines": frozenset({"contract", "client", "prepared"}),
 }
 
 

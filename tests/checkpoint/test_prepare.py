@@ -15,7 +15,9 @@ from nvfp4_prep.checkpoint import CheckpointError, open_checkpoint
 from nvfp4_prep.contract.layout import BACKENDS, PREPARED_NAMES
 from nvfp4_prep.pipeline import PrepError, prepare
 from nvfp4_prep.prepared.manifest import MANIFEST_NAME
+from nvfp4_prep.prepared.output_checkpoint import open_output
 from nvfp4_prep.prepared.prepare_job import prepare_checkpoint
+from nvfp4_prep.prepared.prepared_config import original_config, prepared_file_name
 from nvfp4_prep.prepared.verify import verify_prepared
 from tests.helpers.checkpoint_factory import (
     FORMATS,
@@ -85,7 +87,8 @@ def test_prepare_then_verify_round_trips(tmp_path: Path, fmt: str, backend: str,
                            source_tensors[name].reshape(-1).view(torch.uint8))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["nvfp4_prep"]["backend"] == backend and config["nvfp4_prep"]["prepared"] is True
-    assert config["quantization_config"] == json.loads((source / "config.json").read_text())["quantization_config"]
+    assert config["quantization_config"]["quant_method"] == "nvfp4_prep"
+    assert original_config(config) == json.loads((source / "config.json").read_text())
 
 
 def _metadata(shard: Path) -> dict:
@@ -133,7 +136,7 @@ def test_verify_catches_a_flip_even_when_the_manifest_agrees(tmp_path: Path, mod
                  "model.layers.1.mlp.experts.g1_alphas"):
         flip_byte(shard_of(tmp_path / "out", name), name)
     manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
-    checkpoint = open_checkpoint(tmp_path / "out")
+    checkpoint = open_output(tmp_path / "out", "modelopt")
     from nvfp4_prep.prepared.checksum import crc32c_hex
     for shard in manifest["shards"].values():
         for tensor, info in shard["tensors"].items():
@@ -201,7 +204,8 @@ def test_overwrite_from_another_source_leaves_no_stray_file(tmp_path: Path, mode
         run(modelopt_checkpoint, out)
     run(modelopt_checkpoint, out, overwrite=True)
     assert verify_prepared(out, modelopt_checkpoint) == []
-    expected = {path.name for path in modelopt_checkpoint.iterdir() if path.suffix != ".safetensors"}
+    expected = {prepared_file_name(path.name) for path in modelopt_checkpoint.iterdir()
+                if path.suffix != ".safetensors"}
     stray = {path.name for path in out.iterdir() if not path.name.endswith(".safetensors")} - expected
     assert stray <= {MANIFEST_NAME, INDEX}, stray
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nvfp4_prep.checkpoint import CheckpointInvalid, CheckpointNotFound, open_checkpoint
+from nvfp4_prep.checkpoint import CheckpointNotFound, open_checkpoint
 from nvfp4_prep.pipeline import assemble_layer
 from tests.helpers.checkpoint_factory import (
     FORMATS,
@@ -141,9 +141,11 @@ def test_layers_sort_by_layer_number_not_text(tmp_path: Path) -> None:
     assert checkpoint.moe_layers() == [f"model.layers.{i}.mlp.experts" for i in (1, 2, 10)]
 
 
-def test_unquantized_checkpoint_is_rejected_naming_the_config(testdata: Path) -> None:
-    with pytest.raises(CheckpointInvalid, match="quantization_config"):
-        open_checkpoint(testdata / "qwen3moe_bf16")
+def test_unquantized_checkpoint_opens_as_bf16_with_its_moe_layers(testdata: Path) -> None:
+    """Without a quantization config the checkpoint is a BF16 source (for --quantize), not an NVFP4 one."""
+    with open_checkpoint(testdata / "qwen3moe_bf16") as checkpoint:
+        assert checkpoint.format == "bf16"
+        assert checkpoint.moe_layers() == list(PREFIXES)
 
 
 def test_unknown_layer_prefix_is_not_found(ct_checkpoint: Path) -> None:

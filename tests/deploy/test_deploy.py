@@ -9,11 +9,13 @@ these tests with a message saying so; nothing is skipped.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -21,6 +23,8 @@ import pytest
 from packaging.requirements import Requirement
 
 from nvfp4_prep.server.config import ENV_PREFIX, ConfigError, ServeConfig, add_arguments
+from nvfp4_prep.server.device_probe import LIVENESS_NAME
+from nvfp4_prep.server.metrics import Metrics
 from nvfp4_prep.server.server import HEALTH_NAMES, SERVICE_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,9 +33,29 @@ TOOLS_ENV = DEPLOY / "tools-env"
 # The oldest Kubernetes these manifests support (native gRPC probes are GA
 # from 1.27) and the newest schemas kubernetes-validate ships.
 KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")
-# Rendered variants: the two overlays, and blackwell with the TLS component.
-VARIANTS = ("dev", "blackwell", "blackwell-tls")
-CRD_KINDS = {"ServiceMonitor"}  # no schema in kubernetes-validate; checked by hand below
+# Rendered variants that run the server: the overlays, and overlays with opt-in components.
+OVERLAYS = DEPLOY / "overlays"
+COMPONENTS = DEPLOY / "components"
+SERVER_SOURCES = {
+    "dev": (OVERLAYS / "dev", ()),
+    "blackwell": (OVERLAYS / "blackwell", ()),
+    "blackwell-tls": (OVERLAYS / "blackwell", ("tls",)),
+    "blackwell-knobs": (OVERLAYS / "blackwell", ("nvidia-runtime", "priority")),
+    "blackwell-monitoring": (OVERLAYS / "blackwell-monitoring", ()),
+    "blackwell-monitoring-tls": (OVERLAYS / "blackwell-monitoring", ("tls",)),
+    "blackwell-keda": (OVERLAYS / "blackwell-monitoring", ("keda",)),
+}
+VARIANTS = tuple(SERVER_SOURCES)
+# Variants with the ServiceMonitor (the KEDA one is over blackwell-monitoring).
+MONITORED = ("blackwell-monitoring", "blackwell-monitoring-tls", "blackwell-keda")
+# What is applied beside the server: the volumes and the prepare Job.
+OTHER_SOURCES = {"volumes": DEPLOY / "volumes", "prepare-job": DEPLOY / "jobs" / "prepare"}
+# Custom resources, each from an opt-in part: kubernetes-validate has no schema for them (checked by hand below).
+CRD_KINDS = {"ServiceMonitor": "monitoring.coreos.com", "ScaledObject": "keda.sh"}
+# API groups every cluster serves; "" is the core group (apiVersion v1).
+BUILT_IN_GROUPS = {"", "apps", "batch", "policy", "autoscaling", "networking.k8s.io", "scheduling.k8s.io"}
+# Variants that must apply on a cluster with no operator installed.
+PLAIN_VARIANTS = ("dev", "blackwell", "blackwell-tls", "blackwell-knobs", "volumes", "prepare-job")
 
 
 def tools(*command: str, timeout: float = 300, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -57,14 +81,19 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         pytest.fail("kubectl not found on PATH: it renders the Kustomize overlays (machine image's "
                     "google-cloud-cli kubectl, or any kubectl >= 1.27)")
     out = tmp_path_factory.mktemp("rendered")
-    with_tls = out / "blackwell-tls-kustomization"
-    with_tls.mkdir()
-    (with_tls / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        f"resources: [{os.path.relpath(DEPLOY / 'overlays' / 'blackwell', with_tls)}]\n"
-        f"components: [{os.path.relpath(DEPLOY / 'components' / 'tls', with_tls)}]\n")
-    sources = {"dev": DEPLOY / "overlays" / "dev", "blackwell": DEPLOY / "overlays" / "blackwell",
-               "blackwell-tls": with_tls}
+    sources = dict(OTHER_SOURCES)
+    for name, (overlay, components) in SERVER_SOURCES.items():
+        if not components:
+            sources[name] = overlay
+            continue
+        # What a user does to turn components on: a kustomization over the overlay that lists them.
+        combined = out / f"{name}-kustomization"
+        combined.mkdir()
+        (combined / "kustomization.yaml").write_text(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+            f"resources: [{os.path.relpath(overlay, combined)}]\n"
+            f"components: [{', '.join(os.path.relpath(COMPONENTS / c, combined) for c in components)}]\n")
+        sources[name] = combined
     files = {}
     for name, source in sources.items():
         result = subprocess.run([kubectl, "kustomize", str(source)], capture_output=True, text=True, timeout=60)
@@ -113,7 +142,9 @@ def settings(objects: dict) -> dict[str, str]:
     for source in container.get("envFrom", []):
         name = source["configMapRef"]["name"]
         environ.update(objects["ConfigMap", name]["data"])
-    environ.update({item["name"]: item["value"] for item in container.get("env", [])})
+    for item in container.get("env", []):  # a value from the downward API (the pod's IP) stands as its field path
+        field = item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        environ[item["name"]] = item["value"] if "value" in item else f"$({field})"
     return environ
 
 
@@ -156,11 +187,13 @@ def dockerfile() -> list[tuple[str, str]]:
 # --- rendering and schemas ------------------------------------------------------------------------
 
 def test_every_overlay_and_component_is_rendered_here():
-    overlays = {path.name for path in (DEPLOY / "overlays").iterdir() if path.is_dir()}
-    components = {path.name for path in (DEPLOY / "components").iterdir() if path.is_dir()}
-    assert overlays == {"dev", "blackwell"}, "render and check the new overlay in VARIANTS"
-    # servicemonitor comes with blackwell, tls with blackwell-tls.
-    assert components == {"servicemonitor", "tls"}, "render and check the new component in VARIANTS"
+    overlays = {path.name for path in OVERLAYS.iterdir() if path.is_dir()}
+    components = {path.name for path in COMPONENTS.iterdir() if path.is_dir()}
+    rendered_overlays = {overlay.name for overlay, _ in SERVER_SOURCES.values()}
+    rendered_components = {component for _, parts in SERVER_SOURCES.values() for part in [parts] for component in part}
+    rendered_components.add("servicemonitor")  # comes with blackwell-monitoring
+    assert overlays == rendered_overlays, "render and check the new overlay in SERVER_SOURCES"
+    assert components == rendered_components, "render and check the new component in SERVER_SOURCES"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -168,11 +201,38 @@ def test_variant_renders_every_object(manifests, variant):
     kinds = sorted(kind for kind, _ in manifests[variant])
     expected = ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Namespace", "NetworkPolicy",
                 "PodDisruptionBudget", "Service", "Service", "ServiceAccount"]
-    if variant.startswith("blackwell"):
+    if variant in MONITORED:
         expected.append("ServiceMonitor")
+    if variant == "blackwell-keda":
+        expected.remove("HorizontalPodAutoscaler")  # KEDA makes its own from the ScaledObject
+        expected.append("ScaledObject")
+    if variant == "blackwell-knobs":
+        expected.append("PriorityClass")
     if variant == "dev":
         expected.append("PersistentVolumeClaim")
     assert kinds == sorted(expected)
+
+
+def api_group(document: dict) -> str:
+    return document["apiVersion"].rpartition("/")[0]
+
+
+@pytest.mark.parametrize("variant", PLAIN_VARIANTS)
+def test_variant_applies_without_any_operator(manifests, variant):
+    # `kubectl apply -k deploy/overlays/blackwell` on a cluster without the Prometheus Operator (or KEDA): every
+    # object is of a built-in API group, so no "no matches for kind" error.
+    custom = sorted(f"{document['apiVersion']} {kind}" for (kind, _), document in manifests[variant].items()
+                    if api_group(document) not in BUILT_IN_GROUPS)
+    assert not custom, f"{variant} needs custom resource definitions: {custom}"
+
+
+@pytest.mark.parametrize(("variant", "kind"), [("blackwell-monitoring", "ServiceMonitor"),
+                                               ("blackwell-keda", "ScaledObject")])
+def test_custom_resources_come_only_with_their_component(manifests, variant, kind):
+    custom = {(kind, api_group(document)) for (kind, _), document in manifests[variant].items()
+              if api_group(document) not in BUILT_IN_GROUPS}
+    assert (kind, CRD_KINDS[kind]) in custom
+    assert {kind for kind, _ in custom} <= CRD_KINDS.keys()
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -180,6 +240,7 @@ def test_manifests_validate_against_kubernetes_schemas(rendered, version):
     result = tools("kubernetes-validate", "--strict", "--quiet", "-k", version, *map(str, rendered.values()),
                    check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+    # Custom resources have no schema there: a warning each, and nothing else.
     for line in result.stdout.splitlines():
         assert line.startswith("WARN") and any(f"kind {kind} " in line for kind in CRD_KINDS), line
 
@@ -197,7 +258,8 @@ def test_schema_validation_rejects_a_broken_manifest(manifests, tmp_path):
     assert "ERROR" in result.stdout
 
 
-@pytest.mark.parametrize("variant", ["blackwell", "blackwell-tls"])
+
+@pytest.mark.parametrize("variant", MONITORED)
 def test_servicemonitor_scrapes_the_metrics_port(manifests, variant):
     objects = manifests[variant]
     monitor = objects["ServiceMonitor", "nvfp4-prep"]
@@ -210,6 +272,37 @@ def test_servicemonitor_scrapes_the_metrics_port(manifests, variant):
     for endpoint in monitor["spec"]["endpoints"]:
         assert container_ports[ports[endpoint["port"]]["targetPort"]] == effective_config(objects, ROOT).metrics_port
         assert endpoint["path"] == "/metrics"
+
+
+def image_registry(image: str) -> str:
+    """The registry host of an image reference, "" for a short name (which Docker Hub would serve)."""
+    first, slash, _ = image.partition("/")
+    return first if slash and ("." in first or ":" in first or first == "localhost") else ""
+
+
+def pod_containers(objects: dict) -> list[dict]:
+    return [container for (kind, _), document in objects.items() if kind in ("Deployment", "Job")
+            for container in document["spec"]["template"]["spec"]["containers"]]
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, "prepare-job"])
+def test_images_name_a_registry_and_a_tag(manifests, variant):
+    # A short name resolves to Docker Hub, where anybody may own "nvfp4-prep"; the overlays set placeholders.
+    for container in pod_containers(manifests[variant]):
+        image = container["image"]
+        assert image_registry(image), f"{variant}: {image} names no registry"
+        assert re.search(r":[\w.-]+$|@sha256:[0-9a-f]{64}$", image), f"{variant}: {image} has no tag or digest"
+    readme = (DEPLOY / "README.md").read_text()
+    assert "kustomize edit set image" in readme
+
+
+def test_production_images_are_a_placeholder_that_resolves_nowhere(manifests):
+    images = {container["image"] for variant in ("blackwell", "prepare-job")
+              for container in pod_containers(manifests[variant])}
+    assert len(images) == 1, "the Job runs the servers' image"
+    (image,) = images
+    assert image_registry(image).endswith(".invalid"), image  # RFC 2606: never a real host
+    assert image in (DEPLOY / "README.md").read_text()
 
 
 # --- agreement with the server --------------------------------------------------------------------
@@ -239,11 +332,15 @@ def test_ports_and_probes_agree_with_the_server(manifests, variant, tmp_path):
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports["grpc"] == config.port
     assert ports["metrics"] == config.metrics_port
+    assert config.bulk_address is not None and ports["bulk"] == config.bulk_address[1]
+    assert environ[ENV_PREFIX + "BULK_ADVERTISE_HOST"] == "$(status.podIP)", "offers name the pod, not the Service"
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["grpc"]["port"] == health_port, probe
         assert container[probe]["grpc"].get("service", "") in HEALTH_NAMES, probe
-    # Readiness follows the Prep service, which turns NOT_SERVING while the server drains.
+    # Readiness follows the Prep service, which turns NOT_SERVING while the server drains; liveness the name the
+    # device probe turns NOT_SERVING when the GPU stops answering.
     assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
+    assert container["livenessProbe"]["grpc"]["service"] == LIVENESS_NAME
     for name in ("nvfp4-prep", "nvfp4-prep-headless"):
         for port in objects["Service", name]["spec"]["ports"]:
             assert port["targetPort"] in ports
@@ -323,14 +420,19 @@ def test_services_budget_autoscaler_and_network_policy_select_the_pods(manifests
     pod_labels = deployment(objects)["spec"]["template"]["metadata"]["labels"]
     headless = objects["Service", "nvfp4-prep-headless"]["spec"]
     assert headless["clusterIP"] == "None" and not headless.get("publishNotReadyAddresses")
-    assert [port["name"] for port in headless["ports"]] == ["grpc"]
+    assert [port["name"] for port in headless["ports"]] == ["grpc", "bulk"]
     for name in ("nvfp4-prep", "nvfp4-prep-headless"):
         assert objects["Service", name]["spec"]["selector"].items() <= pod_labels.items()
     budget = objects["PodDisruptionBudget", "nvfp4-prep"]["spec"]
     assert budget["selector"]["matchLabels"].items() <= pod_labels.items()
-    scaler = objects["HorizontalPodAutoscaler", "nvfp4-prep"]["spec"]
-    assert scaler["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "nvfp4-prep"}
-    assert 1 <= scaler["minReplicas"] <= scaler["maxReplicas"]
+    if ("ScaledObject", "nvfp4-prep") in objects:
+        scaled = objects["ScaledObject", "nvfp4-prep"]["spec"]
+        assert scaled["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "nvfp4-prep"}
+        assert 0 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"]
+    else:
+        scaler = objects["HorizontalPodAutoscaler", "nvfp4-prep"]["spec"]
+        assert scaler["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "nvfp4-prep"}
+        assert 1 <= scaler["minReplicas"] <= scaler["maxReplicas"]
     assert "replicas" not in deployment(objects)["spec"]  # the autoscaler owns the count
 
     policy = objects["NetworkPolicy", "nvfp4-prep"]["spec"]
@@ -338,6 +440,8 @@ def test_services_budget_autoscaler_and_network_policy_select_the_pods(manifests
     assert policy["egress"] == []
     grpc_rules = [rule for rule in policy["ingress"] if {"port": "grpc", "protocol": "TCP"} in rule["ports"]]
     assert grpc_rules
+    bulk_rules = [rule for rule in policy["ingress"] if {"port": "bulk", "protocol": "TCP"} in rule["ports"]]
+    assert bulk_rules == grpc_rules, "the bulk port admits whom the gRPC port admits"
     for rule in grpc_rules:
         for peer in rule["from"]:
             assert peer["podSelector"]["matchExpressions"] == [
@@ -367,6 +471,143 @@ def test_pod_runs_as_the_image_user_with_a_read_only_root(manifests, variant):
     assert {"/tmp", f"{home}/.cache"} <= writable
 
 
+def emptydir_bytes(pod: dict, container: dict) -> int:
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    return sum(size(volumes[mount["name"]]["emptyDir"]["sizeLimit"]) for mount in container["volumeMounts"]
+               if "emptyDir" in volumes[mount["name"]])
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, "prepare-job"])
+def test_ephemeral_storage_is_requested_and_covers_the_scratch_volumes(manifests, variant):
+    for (kind, _), document in manifests[variant].items():
+        if kind not in ("Deployment", "Job"):
+            continue
+        pod = document["spec"]["template"]["spec"]
+        for container in pod["containers"]:
+            resources = container["resources"]
+            request = size(resources["requests"]["ephemeral-storage"])
+            limit = size(resources["limits"]["ephemeral-storage"])
+            # emptyDirs are node disk too; the rest is for logs.
+            assert emptydir_bytes(pod, container) < request <= limit, (variant, kind)
+
+
+def test_knobs_set_the_runtime_class_and_a_priority_class_that_exists(manifests):
+    objects = manifests["blackwell-knobs"]
+    pod = deployment(objects)["spec"]["template"]["spec"]
+    assert pod["runtimeClassName"] == "nvidia"
+    priority = objects["PriorityClass", pod["priorityClassName"]]
+    assert priority["value"] > 0 and priority["globalDefault"] is False
+    plain = deployment(manifests["blackwell"])["spec"]["template"]["spec"]
+    assert "runtimeClassName" not in plain and "priorityClassName" not in plain  # opt-in: a missing class refuses pods
+    readme = (DEPLOY / "README.md").read_text()
+    assert "runtimeClassName" in readme and "priorityClassName" in readme
+
+
+def served_metric_names() -> set[str]:
+    """The metric family names a server's /metrics page has (its real registry)."""
+    return {family.name for family in Metrics(["cpu"]).registry.collect()}
+
+
+def test_autoscaling_scales_on_served_in_flight_metrics(manifests):
+    served = served_metric_names()
+    adapter = load_yaml(DEPLOY / "autoscaling" / "prometheus-adapter-rules.yaml")[0]["rules"]["custom"]
+    exposed = {}
+    for rule in adapter:
+        (series,) = re.findall(r"^(\w+)\{", rule["seriesQuery"])
+        assert series in served, f"prometheus-adapter rule reads {series}, which the server does not serve"
+        assert re.fullmatch(rule["name"]["matches"].strip("^$"), series)
+        exposed[rule["name"]["as"]] = rule
+    for variant in ("dev", "blackwell", "blackwell-monitoring"):
+        scaler = manifests[variant]["HorizontalPodAutoscaler", "nvfp4-prep"]["spec"]
+        for metric in scaler["metrics"]:
+            assert metric["type"] == "Pods", "scale on what limits a pod, not on CPU"
+            assert metric["pods"]["metric"]["name"] in exposed, "no prometheus-adapter rule serves it"
+    scaled = manifests["blackwell-keda"]["ScaledObject", "nvfp4-prep"]["spec"]
+    for trigger in scaled["triggers"]:
+        assert trigger["type"] == "prometheus"
+        names = set(re.findall(r"\b(nvfp4_prep_\w+)\{", trigger["metadata"]["query"]))
+        assert names and names <= served, names - served
+        namespace = re.search(r'namespace="([^"]+)"', trigger["metadata"]["query"])[1]
+        assert namespace == manifests["blackwell-keda"]["Deployment", "nvfp4-prep"]["metadata"]["namespace"]
+
+
+def test_volumes_are_the_claims_the_servers_and_the_job_mount(manifests):
+    claims = {name: document["spec"] for (kind, name), document in manifests["volumes"].items()
+              if kind == "PersistentVolumeClaim"}
+    assert claims["nvfp4-prep-models"]["accessModes"] == ["ReadOnlyMany"]
+    assert claims["nvfp4-prep-prepared"]["accessModes"] == ["ReadWriteMany"]
+    namespaces = {document["metadata"]["namespace"] for document in manifests["volumes"].values()}
+    assert namespaces == {deployment(manifests["blackwell"])["metadata"]["namespace"]}
+    server_claims = {volume["persistentVolumeClaim"]["claimName"]
+                     for volume in deployment(manifests["blackwell"])["spec"]["template"]["spec"]["volumes"]
+                     if "persistentVolumeClaim" in volume}
+    job = manifests["prepare-job"]["Job", "nvfp4-prep-prepare"]
+    job_claims = {volume["persistentVolumeClaim"]["claimName"] for volume in job["spec"]["template"]["spec"]["volumes"]
+                  if "persistentVolumeClaim" in volume}
+    assert server_claims | job_claims == claims.keys()
+    assert job["metadata"]["namespace"] in namespaces
+
+
+def job_environment(objects: dict) -> tuple[dict, dict[str, str]]:
+    job = objects["Job", "nvfp4-prep-prepare"]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    environ: dict[str, str] = {}
+    for source in container["envFrom"]:
+        environ.update(objects["ConfigMap", source["configMapRef"]["name"]]["data"])
+    return container, environ
+
+
+def test_prepare_job_is_a_client_and_never_a_server_pod(manifests):
+    job = manifests["prepare-job"]["Job", "nvfp4-prep-prepare"]
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    objects = manifests["blackwell"]
+    selectors = [objects["Service", "nvfp4-prep"]["spec"]["selector"],
+                 objects["Service", "nvfp4-prep-headless"]["spec"]["selector"],
+                 objects["PodDisruptionBudget", "nvfp4-prep"]["spec"]["selector"]["matchLabels"],
+                 objects["NetworkPolicy", "nvfp4-prep"]["spec"]["podSelector"]["matchLabels"]]
+    for selector in selectors:
+        assert not selector.items() <= labels.items(), f"the Job's pods would be selected by {selector}"
+    assert labels.get("nvfp4-prep/client") == "true"  # admitted by the servers' NetworkPolicy
+    # Its own policy: nothing in, out only to the servers' gRPC port (and DNS).
+    policy = manifests["prepare-job"]["NetworkPolicy", "nvfp4-prep-prepare"]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["ingress"] == []
+    server_labels = deployment(objects)["spec"]["template"]["metadata"]["labels"]
+    assert any(peer.get("podSelector", {}).get("matchLabels", {}).items() <= server_labels.items()
+               and "namespaceSelector" not in peer and {"port": "grpc", "protocol": "TCP"} in rule["ports"]
+               for rule in policy["egress"] for peer in rule["to"])
+    assert job["spec"]["template"]["spec"]["restartPolicy"] in ("Never", "OnFailure")
+    container, environ = job_environment(manifests["prepare-job"])
+    mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
+    assert mounts["/models"].get("readOnly") is True
+    assert environ[ENV_PREFIX + "CHECKPOINT"].startswith("/models/")
+    assert environ[ENV_PREFIX + "OUT"].startswith("/prepared/")
+    assert not mounts["/prepared"].get("readOnly")
+    server = environ[ENV_PREFIX + "SERVER"]
+    headless = objects["Service", "nvfp4-prep-headless"]
+    assert server == f"dns:///{headless['metadata']['name']}:{headless['spec']['ports'][0]['port']}"
+
+
+def test_prepare_job_runs_its_command_with_its_settings(manifests, start_server, tmp_path):
+    # The Job's command and settings, run for real: /models and /prepared are folders here, the checkpoint is the
+    # CLI's bundled sample, and the server is a real one on loopback in place of the headless Service.
+    container, environ = job_environment(manifests["prepare-job"])
+    assert container["command"][:2] == ["nvfp4-prep", "prepare"]
+    roots = {"/models": tmp_path / "models", "/prepared": tmp_path / "prepared"}
+    environ = {name: str(roots[value[:value.index("/", 1)]]) + value[value.index("/", 1):]
+               if value.startswith(tuple(roots)) else value for name, value in environ.items()}
+    sample = ROOT / "client" / "nvfp4_prep" / "cli" / "sample" / "qwen3moe_ct_nvfp4"
+    shutil.copytree(sample, environ[ENV_PREFIX + "CHECKPOINT"])
+    roots["/prepared"].mkdir()
+    environ[ENV_PREFIX + "SERVER"] = start_server().address
+    script = Path(sys.executable).with_name(container["command"][0])
+    result = subprocess.run([str(script), *container["command"][1:]], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, **environ}, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = Path(environ[ENV_PREFIX + "OUT"])
+    assert any(out.glob("*.safetensors")), sorted(p.name for p in out.iterdir())
+
+
 # --- the Dockerfile -------------------------------------------------------------------------------
 
 def test_dockerfile_lints_clean():
@@ -386,31 +627,84 @@ def test_dockerfile_agrees_with_the_server_and_the_package():
     assert entrypoint[0] in project["scripts"] and entrypoint[1:] == ["serve"]
 
 
-def test_base_image_cuda_matches_the_pinned_torch_and_supports_blackwell():
+TORCH_LOCK = DEPLOY / "requirements-torch.txt"
+SERVER_LOCK = DEPLOY / "requirements-server.txt"
+
+
+def lock_pins(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """A hashed lock's pins by normalised name: (version, its sha256 hashes)."""
+    pins: dict[str, tuple[str, list[str]]] = {}
+    text = path.read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        match = re.match(r"([A-Za-z0-9._-]+)==(\S+)(.*)", line)
+        if match:
+            pins[match[1].lower().replace("_", "-")] = (match[2], re.findall(r"--hash=sha256:([0-9a-f]{64})", match[3]))
+    return pins
+
+
+def test_base_image_is_fully_qualified_and_cuda_comes_from_torch_alone():
     (base,) = [args for keyword, args in dockerfile() if keyword == "FROM"]
-    match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-runtime-ubuntu\d+\.\d+", base)
-    assert match, base
-    image_cuda = (int(match[1]), int(match[2]))
-    assert image_cuda >= (12, 8)  # the first CUDA with Blackwell (sm_100, sm_120)
-    pins = constraint_pins()
-    # torch's wheels name their CUDA through the runtime they depend on.
-    (runtime,) = [version for name, version in pins.items() if re.fullmatch(r"nvidia-cuda-runtime(-cu\d+)?", name)]
-    assert tuple(int(part) for part in runtime.split(".")[:2]) == image_cuda
+    # podman and containerd refuse short names; docker.io/library/ is what Docker would have guessed.
+    registry, _, rest = base.partition("/")
+    assert "." in registry and ":" in rest, base
+    assert "cuda" not in base.lower(), f"{base}: CUDA comes from torch's wheels; a CUDA base image doubles it"
+    runs = " ".join(args for keyword, args in dockerfile() if keyword == "RUN")
+    assert "apt-get" not in runs and "cuda" not in runs.lower()
+    torch_pins, server_pins = lock_pins(TORCH_LOCK), lock_pins(SERVER_LOCK)
+    cuda = sorted(name for name in torch_pins.keys() | server_pins.keys() if name.startswith(("nvidia-", "cuda-")))
+    assert cuda and not any(name in server_pins for name in cuda), "CUDA libraries only through torch's lock"
+    (runtime,) = [version for name, (version, _) in torch_pins.items()
+                  if re.fullmatch(r"nvidia-cuda-runtime(-cu\d+)?", name)]
+    # The first CUDA with Blackwell (sm_100, sm_120); the torch pin is the one in requirements-torch.in.
+    assert tuple(int(part) for part in runtime.split(".")[:2]) >= (12, 8)
+    (torch_in,) = [line for line in (DEPLOY / "requirements-torch.in").read_text().splitlines()
+                   if line.startswith("torch==")]
+    assert torch_pins["torch"][0] == torch_in.removeprefix("torch==")
 
 
-def constraint_pins() -> dict[str, str]:
-    lines = (DEPLOY / "constraints.txt").read_text().splitlines()
-    return dict(line.split("==", 1) for line in lines if line and not line.startswith("#"))
+def test_image_has_no_flashinfer_since_the_server_never_imports_it():
+    imported = set()
+    for path in (ROOT / "server").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module.split(".")[0])
+    assert "flashinfer" not in imported, "the server imports FlashInfer: install it in the image again"
+    pins = lock_pins(TORCH_LOCK) | lock_pins(SERVER_LOCK)
+    assert not [name for name in pins if "flashinfer" in name or "cutlass" in name]
 
 
-def test_constraints_pin_every_dependency_within_the_package_ranges():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pins = constraint_pins()
-    assert pins["flashinfer-python"] == "0.7.2.post1"
-    for spec in project["dependencies"] + project["optional-dependencies"]["flashinfer"]:
+def test_every_pip_step_installs_hashed_pins_only():
+    # Each RUN's pip command, up to a following `&& ...`.
+    steps = [args.split("&&")[0].strip() for keyword, args in dockerfile()
+             if keyword == "RUN" and "pip install" in args]
+    copied = {source for keyword, args in dockerfile() if keyword == "COPY" for source in args.split()[:-1]}
+    locks = []
+    for step in steps:
+        if "-r " in step:
+            assert "--require-hashes" in step and "--no-deps" in step, step
+            locks.append(re.search(r"-r (\S+)", step)[1])
+        else:  # the package itself, from the copied sources: nothing may come from an index
+            assert "--no-deps" in step and "--no-index" in step and step.split()[-1] in (".", "./"), step
+    assert locks == [str(TORCH_LOCK.relative_to(ROOT)), str(SERVER_LOCK.relative_to(ROOT))]
+    assert set(locks) <= copied
+    for lock in (TORCH_LOCK, SERVER_LOCK):
+        assert "deploy/lock-image" in lock.read_text().split("\n\n")[0], f"{lock.name} is written by deploy/lock-image"
+        pins = lock_pins(lock)
+        assert pins and all(hashes for _, hashes in pins.values()), f"{lock.name}: a pin without a hash"
+    assert not lock_pins(TORCH_LOCK).keys() & lock_pins(SERVER_LOCK).keys(), "each package in one layer only"
+
+
+def test_locks_pin_every_dependency_within_the_package_ranges():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pins = {name: version for name, (version, _) in (lock_pins(TORCH_LOCK) | lock_pins(SERVER_LOCK)).items()}
+    # The last pip step builds the package without build isolation: its build backend comes from the lock.
+    for spec in project["project"]["dependencies"] + project["build-system"]["requires"]:
         requirement = Requirement(spec)
         name = requirement.name.lower().replace("_", "-")
-        assert name in pins, f"{name} is not pinned in deploy/constraints.txt"
+        assert name in pins, f"{name} is not locked by deploy/lock-image"
         assert requirement.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} vs {spec}"
 
 

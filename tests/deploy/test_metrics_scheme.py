@@ -12,7 +12,7 @@ from nvfp4_prep.server.config import ENV_PREFIX, ServeConfig, add_arguments
 from .test_deploy import manifests, rendered, settings  # noqa: F401 (fixtures)
 
 
-@pytest.mark.parametrize("variant", ["blackwell", "blackwell-tls"])
+@pytest.mark.parametrize("variant", ["blackwell-monitoring", "blackwell-monitoring-tls"])
 def test_servicemonitor_scheme_matches_the_metrics_tls_setting(manifests, variant):  # noqa: F811
     objects = manifests[variant]
     environ = settings(objects)
@@ -24,4 +24,4 @@ def test_servicemonitor_scheme_matches_the_metrics_tls_setting(manifests, varian
     expected = "https" if tls and metrics_tls else "http"
     for endpoint in objects["ServiceMonitor", "nvfp4-prep"]["spec"]["endpoints"]:
         assert endpoint.get("scheme", "http") == expected, (variant, endpoint)
-    assert variant != "blackwell-tls" or tls, "the TLS variant sets the certificate"
+    assert variant != "blackwell-monitoring-tls" or tls, "the TLS variant sets the certificate"

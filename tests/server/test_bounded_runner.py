@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from nvfp4_prep.server.deadline import BoundedRunner
+from nvfp4_prep.server.bounded_runner import BoundedRunner
 from nvfp4_prep.server.errors import CallCancelled, DeadlinePassed, ServerDraining
 from tests.helpers.server_state import wait_for
 

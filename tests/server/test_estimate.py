@@ -70,3 +70,14 @@ def test_malformed_shapes_fall_back_to_the_inputs(make_layer):
     inputs = sum(t.numel() * t.element_size() for t in layer.values())
     assert prepared_bytes(specs_of(layer), False, "flashinfer_cutlass", "swiglu") is None
     assert reservation_bytes(specs_of(layer), False, "flashinfer_cutlass", "swiglu") == 2 * inputs
+
+
+@pytest.mark.parametrize("backend", layout.BACKENDS)
+@pytest.mark.parametrize("activation", ["swiglu", "relu2"])
+def test_vllm_profile_paddings_are_estimated(make_layer, backend, activation):
+    """vLLM 0.33.0 pads CuteDSL layers (I to 64/128, H to 256) that seed refuses: admission must count them."""
+    layer = make_layer(experts=2, hidden=384, inter=192, activation=activation)  # CuteDSL: H to 512, relu2 I to 256
+    prepared = pipeline.prepare(layer, backend, activation, profile="vllm-0.33")
+    assert prepared.layout["hidden_dim"] > 384 or backend != "flashinfer_cutedsl"
+    made = sum(t.numel() * t.element_size() for t in prepared.tensors.values())
+    assert prepared_bytes(specs_of(layer), False, backend, activation, "vllm-0.33") == made

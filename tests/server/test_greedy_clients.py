@@ -3,68 +3,15 @@ requests that reserve over half the budget; correct clients keep being served, a
 
 from __future__ import annotations
 
-import threading
-
 import grpc
 import pytest
 
 from nvfp4_prep.client import PrepClient, PrepResourceExhausted
 from nvfp4_prep.server.budget import MAX_BYPASSES
 from nvfp4_prep.server.config import ServeConfig
-from nvfp4_prep.server.estimate import reservation_bytes
-from nvfp4_prep.v1 import prep_pb2 as pb
-from nvfp4_prep.wire import encode_tensors, header_for, read_headers
+from tests.helpers.held_call import BACKEND, HeldCall, need_of
 from tests.helpers.layer_factory import random_layer
 from tests.helpers.server_state import idle, wait_for
-
-BACKEND = "flashinfer_cutlass"
-
-
-def need_of(layer) -> int:
-    """The bytes the server reserves for ``layer`` (its admission estimate)."""
-    return reservation_bytes(read_headers([header_for(n, t) for n, t in layer.items()], "t"), False, BACKEND,
-                             "swiglu")
-
-
-class HeldCall:
-    """A raw Prepare call that sends its header, then its chunks only once released; ``result`` is the list of
-    responses or the RpcError."""
-
-    def __init__(self, stub, layer, header: bool = True) -> None:
-        self._release = threading.Event()
-        first = pb.PrepareRequest(header=pb.PrepareHeader(
-            backend=BACKEND, activation="swiglu", input_scale_policy="max",
-            tensors=pb.TensorSet(form=pb.TENSOR_FORM_STACKED, tensors=[header_for(n, t) for n, t in layer.items()])))
-        chunks = [pb.PrepareRequest(chunk=c) for c in encode_tensors(layer, 64 << 10)]
-
-        def requests():
-            if not header:
-                self._release.wait(120)
-                return
-            yield first
-            self._release.wait(120)
-            yield from chunks
-
-        self.call = stub.Prepare(requests(), timeout=120)
-        self.result: object = None
-        self._thread = threading.Thread(target=self._collect, daemon=True)
-        self._thread.start()
-
-    def _collect(self) -> None:
-        try:
-            self.result = list(self.call)
-        except grpc.RpcError as err:
-            self.result = err
-
-    def release(self) -> object:
-        self._release.set()
-        self._thread.join(60)
-        return self.result
-
-    def cancel(self) -> None:
-        self.call.cancel()
-        self._release.set()
-        self._thread.join(60)
 
 
 def served(result: object) -> bool:
@@ -74,7 +21,7 @@ def served(result: object) -> bool:
 def test_a_stream_without_a_header_gets_deadline_exceeded_naming_it(start_server, raw_stub):
     server = start_server(header_timeout=1)
     held = HeldCall(raw_stub(server.address), random_layer(2, 256, 128), header=False)
-    held._thread.join(30)
+    held.wait()
     assert isinstance(held.result, grpc.RpcError)
     assert held.result.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "request.header" in held.result.details() and "--header-timeout=1s" in held.result.details()
@@ -178,7 +125,7 @@ def test_a_header_hog_that_stalls_is_ended_by_the_idle_timeout_and_frees_the_bud
     wait_for(lambda: memory.in_use == need_of(hog))
     blocked = HeldCall(stub, hog)  # waits behind it: it cannot fit beside the first
     try:
-        stalled._thread.join(30)
+        stalled.wait()
         assert isinstance(stalled.result, grpc.RpcError)
         assert stalled.result.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "--idle-timeout=1s" in stalled.result.details()

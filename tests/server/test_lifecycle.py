@@ -21,60 +21,12 @@ from nvfp4_prep.client import (
 )
 from nvfp4_prep.contract import layout
 from nvfp4_prep.server.config import ServeConfig
-from nvfp4_prep.server.estimate import reservation_bytes
 from nvfp4_prep.server.server import PrepServer
 from nvfp4_prep.server.service import HASH_THREADS
 from nvfp4_prep.v1 import prep_pb2 as pb
-from nvfp4_prep.wire import encode_tensors, header_for, read_headers
+from nvfp4_prep.wire import encode_tensors, header_for
+from tests.helpers.held_call import BACKEND, HeldCall, need_of
 from tests.helpers.server_state import idle, wait_for
-
-BACKEND = "flashinfer_cutlass"
-
-
-def need_of(layer) -> int:
-    """The bytes the server reserves for ``layer`` (its admission estimate)."""
-    specs = read_headers([header_for(n, t) for n, t in layer.items()], "t")
-    return reservation_bytes(specs, False, BACKEND, "swiglu")
-
-
-class HeldCall:
-    """A raw Prepare call that sends its header (and ``chunks_first`` chunks), then waits for release()."""
-
-    def __init__(self, stub, layer, chunks_first: int = 0) -> None:
-        self._release = threading.Event()
-        header = pb.PrepareRequest(header=pb.PrepareHeader(
-            backend=BACKEND, activation="swiglu", input_scale_policy="max",
-            tensors=pb.TensorSet(form=pb.TENSOR_FORM_STACKED,
-                                 tensors=[header_for(n, t) for n, t in layer.items()])))
-        chunks = [pb.PrepareRequest(chunk=c) for c in encode_tensors(layer, 64 << 10)]
-
-        def requests():
-            yield header
-            yield from chunks[:chunks_first]
-            self._release.wait()
-            yield from chunks[chunks_first:]
-
-        self.call = stub.Prepare(requests(), timeout=60)
-        self.result: object = None
-        self._thread = threading.Thread(target=self._collect)
-        self._thread.start()
-
-    def _collect(self) -> None:
-        try:
-            self.result = list(self.call)
-        except grpc.RpcError as err:
-            self.result = err
-
-    def release(self) -> object:
-        self._release.set()
-        self._thread.join(30)
-        return self.result
-
-    def cancel(self) -> None:
-        self.call.cancel()
-        self._release.set()
-        self._thread.join(30)
-
 
 # -- admission control -----------------------------------------------------------------------------
 

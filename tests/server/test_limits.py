@@ -21,16 +21,12 @@ from nvfp4_prep.client.targets import KEEPALIVE_TIME_MS
 from nvfp4_prep.server.config import ConfigError, ServeConfig, add_arguments
 from nvfp4_prep.server.limits import ConcurrencyGate
 from nvfp4_prep.server.transport import channel_options
-from nvfp4_prep.v1 import prep_pb2 as pb
-from nvfp4_prep.v1 import prep_pb2_grpc
-from nvfp4_prep.wire import encode_tensors, header_for
 from tests.helpers.certificates import issue, make_ca
 from tests.helpers.checkpoint_factory import dense_tensors, moe_layer_tensors, write_checkpoint
 from tests.helpers.fault_proxy import CuttingProxy
+from tests.helpers.held_call import BACKEND, HeldCall
 from tests.helpers.layer_factory import random_layer
 from tests.helpers.server_state import idle, wait_for
-
-BACKEND = "flashinfer_cutlass"
 
 
 @pytest.fixture(scope="module")
@@ -42,41 +38,6 @@ def layer_bytes(layer) -> int:
     return sum(t.numel() * t.element_size() for t in layer.values())
 
 
-class HeldCall:
-    """A raw Prepare call that sends its header, then (until released) nothing, or a chunk every ``pace`` s."""
-
-    def __init__(self, channel: grpc.Channel, layer, pace: float | None = None) -> None:
-        self.release_event = threading.Event()
-        header = pb.PrepareRequest(header=pb.PrepareHeader(
-            backend=BACKEND, activation="swiglu", input_scale_policy="max",
-            tensors=pb.TensorSet(form=pb.TENSOR_FORM_STACKED, tensors=[header_for(n, t) for n, t in layer.items()])))
-        chunks = [pb.PrepareRequest(chunk=c) for c in encode_tensors(layer, 4 << 10)]
-
-        def requests():
-            yield header
-            for chunk in chunks:
-                if pace is None:
-                    self.release_event.wait(60)
-                else:
-                    time.sleep(pace)
-                yield chunk
-
-        self.call = prep_pb2_grpc.PrepStub(channel).Prepare(requests(), timeout=60)
-        self.error: grpc.RpcError | None = None
-        self.finished = threading.Event()
-        threading.Thread(target=self._collect, daemon=True).start()
-
-    def _collect(self) -> None:
-        try:
-            for _ in self.call:
-                pass
-        except grpc.RpcError as err:
-            self.error = err
-        self.finished.set()
-
-    def release(self) -> None:
-        self.release_event.set()
-        assert self.finished.wait(30)
 
 
 # -- what one call may announce ----------------------------------------------------------------------
@@ -198,7 +159,7 @@ def test_per_client_concurrency_tells_clients_apart_by_certificate(start_server,
 def test_deadline_ceiling_stops_a_slow_upload_naming_the_limit(start_server, layer):
     server = start_server(max_deadline=1)
     with grpc.insecure_channel(server.address) as channel:
-        held = HeldCall(channel, layer, pace=0.1)  # about 3 s of chunks: past the ceiling
+        held = HeldCall(channel, layer, pace=0.1, chunk_size=4 << 10)  # about 3 s of chunks: past the ceiling
         assert held.finished.wait(10)
     assert held.error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "--max-deadline=1s" in held.error.details()

@@ -1,5 +1,5 @@
 """The connection flags of the client commands (``info``, ``layer``, ``prepare --server``): TLS, the token,
-and how long to retry.
+how long to retry, and the bulk transport.
 
 Each flag ``--foo`` may also come from ``NVFP4_PREP_FOO``. The token is read
 from a file (a Kubernetes Secret mounted as a file, typically), never taken on
@@ -13,6 +13,7 @@ import math
 import os
 
 from nvfp4_prep.contract.environment import env_value
+from nvfp4_prep.wire.bulk_transport import MAX_STREAMS
 
 
 def _seconds(text: str) -> float:
@@ -25,8 +26,18 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _bulk_streams(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_STREAMS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count of bulk streams from 0 to {MAX_STREAMS}")
+    return value
+
+
 def add_security_flags(parser: argparse.ArgumentParser) -> None:
-    """The TLS and token flags, and ``--retry-timeout``."""
+    """The TLS and token flags, ``--retry-timeout`` and ``--bulk-streams``."""
     parser.add_argument("--tls-ca", default=env_value("tls-ca"), metavar="PEM",
                         help="speak TLS, trusting the server certificates this CA signed (with --tls-cert alone: "
                              "the system's CAs) [env NVFP4_PREP_TLS_CA]")
@@ -41,6 +52,11 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
                         help="keep retrying a call that failed for a passing reason (server restarting or "
                              "unreachable, too busy) for this long, with backoff; 0: no retries (default 60) "
                              "[env NVFP4_PREP_RETRY_TIMEOUT]")
+    parser.add_argument("--bulk-streams", type=_bulk_streams, default=env_value("bulk-streams", "0"), metavar="N",
+                        help="move tensor bytes over N TCP connections beside each Prepare call (the server's "
+                             f"--bulk-address; TLS like the channel), 1 to {MAX_STREAMS}; inline when the server "
+                             "has none or it cannot be reached; 0: always inline (default 0) "
+                             "[env NVFP4_PREP_BULK_STREAMS]")
 
 
 def security_options(args: argparse.Namespace) -> dict:
@@ -54,7 +70,7 @@ def security_options(args: argparse.Namespace) -> dict:
         if path is not None and not os.access(path, os.R_OK):
             raise ValueError(f"{flag}: {path!r} is not a readable file")
     options = {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
-               "retry_timeout": args.retry_timeout}
+               "retry_timeout": args.retry_timeout, "bulk_streams": getattr(args, "bulk_streams", 0)}
     if args.token_file is not None:
         options["token"] = read_token_file(args.token_file)
     return options

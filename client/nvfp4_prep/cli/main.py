@@ -2,25 +2,24 @@
 
 The connection flags of the client commands come from the environment too
 (``--server`` <-> ``NVFP4_PREP_SERVER``); ``serve`` and ``prepare`` read every flag
-from it, as their ``--help`` says.
+from it, as their ``--help`` says. ``-v`` and ``--log-level`` (``NVFP4_PREP_LOG_LEVEL``)
+choose what the client commands log to stderr (``logging_setup``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-from google.protobuf import json_format
-
 from nvfp4_prep.contract.environment import env_value
 from nvfp4_prep.wire import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
-from . import checkpoint_commands
+from . import checkpoint_commands, info_command, inspect_command, quantize_command
 from .connection_flags import add_security_flags, security_options
+from .logging_setup import add_logging_flags, cli_logging, level_of
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -47,59 +46,16 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
 
-def _info(args: argparse.Namespace) -> int:
-    from nvfp4_prep.client.errors import PrepClientError
-    from nvfp4_prep.client.sdk import PrepClient
-
-    try:
-        security = security_options(args)
-    except ValueError as err:
-        print(f"nvfp4-prep info: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        with PrepClient(args.server, timeout=args.timeout, retries=1, **security) as client:
-            capabilities = client.capabilities()
-            health = client.health()
-    except (PrepClientError, ValueError) as err:
-        print(f"nvfp4-prep info: {args.server}: {err}", file=sys.stderr)
-        return EXIT_FAILED
-    record = json_format.MessageToDict(capabilities, preserving_proto_field_name=True)
-    record["health"] = health
-    if args.json:
-        print(json.dumps(record, indent=2, sort_keys=True))
-        return 0
-    print(f"server            {args.server} ({record['health']})")
-    print(f"api               {capabilities.api}, package {capabilities.package_version}")
-    print(f"torch             {capabilities.torch_version}")
-    print(f"flashinfer        {capabilities.flashinfer_version or '-'}")
-    print(f"pipeline          {capabilities.pipeline_version} "
-          f"(FlashInfer layouts {capabilities.flashinfer_layout_version})")
-    for device in capabilities.devices:
-        cc = f", sm {device.compute_capability}" if device.compute_capability else ""
-        print(f"device            {device.device}: {device.name}{cc}, budget {device.memory_budget_bytes} bytes")
-    for backend in capabilities.backends:
-        print(f"backend           {backend.backend}: {', '.join(backend.layout_versions)}")
-    print(f"activations       {', '.join(capabilities.activations)}")
-    print(f"scale policies    {', '.join(capabilities.input_scale_policies)}")
-    print(f"checkpoint refs   {'yes' if capabilities.checkpoint_refs else 'no'}")
-    limits = capabilities.limits
-    print(f"limits            chunk {limits.chunk_size} B, receive {limits.max_receive_message_bytes} B, "
-          f"request {limits.max_request_bytes} B, cache {limits.cache_bytes} B")
-    per_client = limits.max_concurrent_per_client or "no limit"
-    print(f"                  {limits.max_tensors} tensors of rank <= {limits.max_tensor_rank}"
-          f"{f' and <= {limits.max_tensor_bytes} B' if limits.max_tensor_bytes else ''}, "
-          f"{limits.max_concurrent} calls at once ({per_client} per client), {limits.max_deadline_seconds:g} s each")
-    return 0
-
-
 def _layer(args: argparse.Namespace) -> int:
     from safetensors import SafetensorError
     from tqdm import tqdm
 
+    from nvfp4_prep.checkpoint import CheckpointError
     from nvfp4_prep.client.errors import PrepClientError
     from nvfp4_prep.client.sdk import PrepClient, Progress
 
-    from .layer_file import read_stacked_layer, write_prepared_layer
+    from .layer_file import write_prepared_layer
+    from .layer_input import read_layer_input
 
     def usage(message: str) -> int:
         print(f"nvfp4-prep layer: {message}", file=sys.stderr)
@@ -110,11 +66,11 @@ def _layer(args: argparse.Namespace) -> int:
     except ValueError as err:
         return usage(str(err))
     try:
-        prefix, tensors = read_stacked_layer(args.input, args.prefix)
-    except ValueError as err:  # names the file or --prefix itself
+        prefix, tensors = read_layer_input(args.input, args.layer_prefix, args.activation)
+    except (ValueError, CheckpointError) as err:  # names INPUT, --layer-prefix or the tensor itself
         return usage(str(err))
     except (OSError, SafetensorError) as err:
-        return usage(f"{args.input}: cannot read the stacked layer ({err})")
+        return usage(f"{args.input}: cannot read the stacked layer or per-expert tensors ({err})")
     bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, disable=args.quiet)
     phase = [""]
 
@@ -130,20 +86,21 @@ def _layer(args: argparse.Namespace) -> int:
             layer = client.prepare_layer(tensors, args.backend, args.activation, args.input_scale_policy,
                                          profile=args.profile, gated_group_size=args.gated_group_size,
                                          layout_version=args.layout_version, progress=progress)
-    except PrepClientError as err:
+    except PrepClientError as err:  # its text ends with "(request <id>)", as the server's log lines name it
+        bar.close()  # before the line, which would otherwise follow the bar's last frame
         print(f"nvfp4-prep layer: {err}", file=sys.stderr)
         return EXIT_FAILED
     except ValueError as err:
-        return usage(str(err))
-    finally:
         bar.close()
+        return usage(str(err))
+    bar.close()
     try:
         write_prepared_layer(args.output, prefix, layer)
     except (OSError, SafetensorError, ValueError) as err:
         return usage(f"{args.output}: cannot write the prepared layer ({err})")
     if not args.quiet:
-        print(f"wrote {args.output}: {len(layer.tensors)} tensors, layout {layer.layout['layout_id']}",
-              file=sys.stderr)
+        print(f"wrote {args.output}: {len(layer.tensors)} tensors, layout {layer.layout['layout_id']} "
+              f"(request {layer.request_id})", file=sys.stderr)
     return 0
 
 
@@ -178,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="nvfp4-prep", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
+    add_logging_flags(parser)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = subparsers.add_parser("serve", help="run the gRPC server",
@@ -187,22 +145,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
 
     info = subparsers.add_parser("info", help="show a server's versions, devices, backends and limits",
-                                 description="Ask a server what it runs and offers (GetCapabilities and health).")
+                                 description="Ask a server what it runs and offers (GetCapabilities and health); "
+                                             "sizes in decimal units, exact bytes with --json.")
     _add_client_flags(info)
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    info.set_defaults(run=_info)
+    info.set_defaults(run=info_command.run_info)
 
     layer = subparsers.add_parser(
-        "layer", help="prepare one stacked layer from a safetensors file",
-        description="Send the stacked layer of a safetensors file (w13_weight, w13_weight_scale, ... optionally "
-                    "under a prefix) to a server and write the prepared layer, with its layout record in the "
-                    "metadata, to OUTPUT.")
-    layer.add_argument("input", type=Path, help="safetensors file holding the stacked layer")
-    layer.add_argument("output", type=Path, help="safetensors file to write")
+        "layer", help="prepare one layer: a stacked or per-expert safetensors file, or a checkpoint's layer",
+        description="Send one MoE layer to a server and write the prepared layer, with its layout record in the "
+                    "metadata, to OUTPUT. INPUT is a safetensors file holding one stacked layer (w13_weight, "
+                    "w13_weight_scale, ... optionally under a prefix) or one layer's per-expert tensors "
+                    "(<prefix>.<e>.gate_proj.weight, ... or w1/w3/w2), or a ModelOpt or compressed-tensors "
+                    "checkpoint (its directory, or a .safetensors file beside its config.json) with "
+                    "--layer-prefix naming the layer. For every layer of a checkpoint use nvfp4-prep prepare.")
+    layer.add_argument("input", type=Path, metavar="INPUT",
+                       help="safetensors file holding one layer, or a checkpoint directory or file")
+    layer.add_argument("output", type=Path, metavar="OUTPUT", help="safetensors file to write")
     _add_client_flags(layer)
     checkpoint_commands.add_layout_flags(layer)  # the same choices and defaults as ``prepare``
-    layer.add_argument("--layout-version", default=None, help="layout id the result must carry (default: any)")
-    layer.add_argument("--prefix", default=None, help="layer prefix in INPUT when it holds several layers")
+    layer.add_argument("--layer-prefix", "--prefix", dest="layer_prefix", default=None, metavar="PREFIX",
+                       help="the layer's prefix in INPUT (e.g. model.layers.3.mlp.experts): needed for a "
+                            "checkpoint, or a file holding several layers")
     layer.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK_SIZE,
                        help=f"bytes per upload chunk, {MIN_CHUNK_SIZE >> 10}KiB to {MAX_CHUNK_SIZE >> 20}MiB "
                             "(default 2MiB)")
@@ -210,13 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     layer.set_defaults(run=_layer)
 
     checkpoint_commands.register(subparsers)
+    inspect_command.register(subparsers)
+    quantize_command.register(subparsers)
+    for name, command in subparsers.choices.items():
+        if name != "serve":  # serve has its own --log-level and --log-format
+            add_logging_flags(command, defaults=False)  # after the command as well as before it
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs one command and returns its exit status (tests call it in-process)."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    if args.command == "serve":
+        return args.run(args)
+    with cli_logging(level_of(args.verbose, args.cli_log_level)):
+        return args.run(args)
 
 
 def entry() -> None:

@@ -1,8 +1,9 @@
 """Progress of a long CLI job: a bar on a terminal, one plain line per layer anywhere else.
 
 Logs that are not terminals (CI, Kubernetes Job logs) keep every ``\\r`` frame a bar writes, so off a TTY
-each finished layer prints one line instead. Sizes are decimal megabytes everywhere (bar, lines and the
-summary), so the figures a user compares are in one unit.
+each finished layer (layer x rank, for a rank set) prints one line instead. Sizes are decimal megabytes
+everywhere (bar, lines and the summary), so the figures a user compares are in one unit
+(``units.human_bytes`` writes them).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from typing import TextIO
 
 from nvfp4_prep.prepared.prepare_job import LayerDone
 
-MB = 1_000_000
+from .units import MB, human_bytes
 
 
 def megabytes(nbytes: int) -> str:
-    return f"{nbytes / MB:.1f} MB"
+    """``nbytes`` in the bar's unit, so that the lines and the summary read like the bar."""
+    return human_bytes(nbytes, "MB")
 
 
 class LayerProgress:
@@ -32,8 +34,10 @@ class LayerProgress:
     def __call__(self, event: LayerDone) -> None:
         if not self._enabled:
             return
+        where = f"{event.prefix} {event.rank}" if event.rank else event.prefix
         if not self._tty:
-            print(f"prepare: {event.prefix} done ({event.done_layers}/{event.total_layers} layers, "
+            unit = "layer x rank shards" if event.rank else "layers"
+            print(f"prepare: {where} done ({event.done_layers}/{event.total_layers} {unit}, "
                   f"{megabytes(event.done_bytes)} of {megabytes(event.total_bytes)})", file=self._stream, flush=True)
             return
         if self._bar is None:
@@ -45,7 +49,7 @@ class LayerProgress:
                              "[{elapsed}<{remaining}] {postfix}", desc="prepare", file=self._stream,
                              # a terminal that reports no size (a fresh pty) would hide the bar
                              ncols=size.columns, nrows=size.lines)
-        self._bar.set_postfix_str(event.prefix, refresh=False)
+        self._bar.set_postfix_str(where, refresh=False)
         self._bar.update(event.nbytes / MB)
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ from .errors import (
     PrepInvalidArgument,
     PrepLayoutMismatch,
     PrepNotFound,
+    PrepOutputMismatch,
     PrepPermissionDenied,
     PrepProtocolError,
     PrepResourceExhausted,
@@ -23,9 +24,9 @@ from .sdk import PrepClient, Progress
 
 __all__ = [
     "PrepCancelled", "PrepChecksumError", "PrepClient", "PrepClientError", "PrepDeadlineExceeded",
-    "PrepHandshakeFailed", "PrepInvalidArgument", "PrepLayoutMismatch", "PrepNotFound", "PrepPermissionDenied",
-    "PrepProtocolError", "PrepResourceExhausted", "PrepServerError", "PrepUnauthenticated", "PrepUnavailable",
-    "Progress", "RemoteLayer", "mma_view",
+    "PrepHandshakeFailed", "PrepInvalidArgument", "PrepLayoutMismatch", "PrepNotFound", "PrepOutputMismatch",
+    "PrepPermissionDenied", "PrepProtocolError", "PrepResourceExhausted", "PrepServerError", "PrepUnauthenticated",
+    "PrepUnavailable", "Progress", "RemoteLayer", "mma_view",
 ]
 
 # A library logs; the application decides where to (logging.basicConfig, ...), not the SDK.

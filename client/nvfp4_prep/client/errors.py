@@ -12,17 +12,30 @@ from nvfp4_prep.wire import FIELD_METADATA_KEY, RETRYABLE_FIELDS
 
 class PrepClientError(Exception):
     """Base of every SDK error. ``code`` is the gRPC status (None for checks made in the SDK),
-    ``details`` the server's message and ``field`` the request field it names, when known."""
+    ``details`` the server's message and ``field`` the request field it names, when known;
+    ``request_id`` is the id a failed Prepare call was sent with ("" for other calls), which the
+    server's log lines carry too, so ``str()`` ends with it."""
 
-    def __init__(self, details: str, code: grpc.StatusCode | None = None, field: str = "") -> None:
+    def __init__(self, details: str, code: grpc.StatusCode | None = None, field: str = "",
+                 request_id: str = "") -> None:
         super().__init__(f"{code.name}: {details}" if code is not None else details)
         self.details = details
         self.code = code
         self.field = field
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return f"{text} (request {self.request_id})" if self.request_id else text
 
 
 class PrepInvalidArgument(PrepClientError):
     """A tensor or parameter the server rejected; ``field`` names it."""
+
+
+class PrepOutputMismatch(PrepInvalidArgument):
+    """An ``out=`` tensor that does not fit the answer (a missing or extra name, another shape or dtype);
+    raised at the answer's header, before any byte is written."""
 
 
 class PrepChecksumError(PrepClientError):

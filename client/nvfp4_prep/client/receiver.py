@@ -7,6 +7,10 @@ server sends the answer's header in full each time; if it differs from the
 one the kept bytes belong to (another server version, say), those bytes are
 dropped and the attempt after starts from the beginning: bytes of two answers
 are never mixed.
+
+Where the bytes land (pageable CPU tensors, a CUDA device through pinned staging, or tensors the caller
+allocated) is the ``Placement``'s choice; see ``landing``. A call that asked for CUDA IPC may get the tensors as
+device memory handles instead of chunks (``response.ipc``), copied into the same landing; see ``ipc``.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ import grpc
 
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import (
+    SCALAR_NAMES,
     ChecksumError,
     FramingError,
-    HostTensors,
     TensorReceiver,
     check_scalars,
     chunk_of,
@@ -28,7 +32,10 @@ from nvfp4_prep.wire import (
     read_headers,
 )
 
+from .bulk import BulkAttempt
 from .errors import PrepChecksumError, PrepLayoutMismatch, PrepProtocolError, PrepUnavailable
+from .ipc import HeldRequests, land
+from .landing import Landing, Placement
 from .result import RemoteLayer
 
 
@@ -53,13 +60,15 @@ def _same_answer(first: pb.PreparedHeader, second: pb.PreparedHeader) -> bool:
 
 
 class Answer:
-    """The answer to ``asked``; ``receive`` reads one attempt's stream into it."""
+    """The answer to ``asked``; ``receive`` reads one attempt's stream into it, landing it as ``placement`` says."""
 
-    def __init__(self, asked: pb.PrepareHeader, progress: ProgressCallback | None) -> None:
+    def __init__(self, asked: pb.PrepareHeader, progress: ProgressCallback | None,
+                 placement: Placement | None = None) -> None:
         self.asked = asked
         self._progress = progress
+        self._placement = placement or Placement()
         self._header: pb.PreparedHeader | None = None
-        self._sink: HostTensors | None = None
+        self._sink: Landing | None = None
         self._receiver: TensorReceiver | None = None
         self._total = 0
 
@@ -84,7 +93,7 @@ class Answer:
         specs = read_headers(header.tensors, "response.header.tensors")
         total = sum(spec.byte_length for spec in specs)
         try:
-            sink = HostTensors(specs)
+            sink = self._placement.landing(specs)  # PrepOutputMismatch for out= tensors that do not fit
         except (RuntimeError, MemoryError) as err:  # a header announcing more than this host can hold
             raise PrepProtocolError(f"response.header.tensors: announce {total} bytes, more than this client can "
                                     f"allocate ({str(err).splitlines()[0]})", field="response.header.tensors") from None
@@ -92,15 +101,30 @@ class Answer:
         self._receiver = TensorReceiver(specs, sink, "response.tensors")
 
     def _drop(self) -> None:
+        self.discard()
         self._header = self._sink = self._receiver = None
 
-    def receive(self, call: Iterator[pb.PrepareResponse]) -> RemoteLayer:
-        """Reads one attempt's answer, verifying every chunk, the layout record and the scalars.
+    def discard(self) -> None:
+        """Waits for device copies in flight; for an answer given up (or replaced), before its buffers go."""
+        if self._sink is not None:
+            self._sink.discard()
+
+    def receive(self, call: Iterator[pb.PrepareResponse], held: HeldRequests | None = None,
+                bulk: BulkAttempt | None = None) -> RemoteLayer:
+        """Reads one attempt's answer, verifying every chunk, the layout record and the scalars; ``held``: the
+        request stream of a call that asked for CUDA IPC, which takes a ``response.ipc`` answer; ``bulk``: the
+        call asked for the bulk transport, whose offer then comes first, and the chunks perhaps over its
+        connections.
 
         grpc.RpcError (e.g. a broken stream) passes through with the bytes so far kept for the next attempt.
         """
         resumed = self.resume_point is not None
         first = next(call, None)
+        if bulk is not None:
+            offered = first is not None and chunk_of(first) is None and first.WhichOneof("message") == "bulk"
+            bulk.on_offer(first.bulk if offered else None)
+            if offered:
+                first = next(call, None)
         if first is None or chunk_of(first) is not None:
             raise PrepProtocolError("response.header: did not come first (expected a PreparedHeader)")
         header = first.header
@@ -112,16 +136,21 @@ class Answer:
             if not resumed:
                 self._start(header)
             receiver = self._receiver
-            for response in call:
+            handed = False  # the tensors came as CUDA IPC handles
+            for response in bulk.chunks(call) if bulk is not None and bulk.active else call:
                 chunk = chunk_of(response)
-                if chunk is None:
-                    raise FramingError("response.header", "arrived again", "only chunks after the first header")
+                if chunk is None or handed:
+                    handed = self._take_ipc(response, held, handed or receiver.bytes_received > 0)
+                    continue
                 receiver.add(chunk)
                 if self._progress is not None:
                     self._progress(Progress("download", receiver.bytes_received, self._total))
-            receiver.finish()
+            if not handed:
+                receiver.finish()
             tensors = self._sink.tensors()
-            check_scalars(header.scalars, tensors, "response.header.scalars")
+            # The scalars are small: read back from a device to compare them with the header's lists.
+            scalars = {name: tensors[name].to("cpu") for name in SCALAR_NAMES if name in tensors}
+            check_scalars(header.scalars, scalars, "response.header.scalars")
         except ChecksumError as err:
             raise PrepChecksumError(str(err), field=err.field) from None
         except FramingError as err:
@@ -131,6 +160,26 @@ class Answer:
         return RemoteLayer(tensors=tensors, layout=layout, scalars={
             field.name: list(getattr(header.scalars, field.name)) for field in pb.DerivedScalars.DESCRIPTOR.fields
         }, cache_hit=header.cache_hit)
+
+    def _take_ipc(self, response, held: HeldRequests | None, late: bool) -> bool:
+        """Copies the tensors of a ``response.ipc`` into the landing and takes them (True). Any other message
+        after the header that is not a chunk, a chunk after the handles, or handles unasked or ``late`` (after
+        chunks or handles) break the framing."""
+        kind = "chunk" if chunk_of(response) is not None else response.WhichOneof("message") or "message"
+        if kind == "chunk":
+            raise FramingError("response.chunk", "arrived after response.ipc", "nothing after the handles")
+        if kind != "ipc":
+            raise FramingError(f"response.{kind}", "arrived again", "only chunks after the first header")
+        if held is None:
+            raise FramingError("response.ipc", "arrived, but this call did not ask for CUDA IPC", "chunks")
+        if late:
+            raise FramingError("response.ipc", "arrived after chunks or handles", "one response.ipc instead of chunks")
+        land(response.ipc, read_headers(self._header.tensors, "response.header.tensors"), self._sink,
+             self._placement.device)
+        held.take(response.ipc.lease_id)
+        if self._progress is not None:
+            self._progress(Progress("download", self._total, self._total))
+        return True
 
 
 def _check_layout(layout: dict, asked: pb.PrepareHeader) -> None:

@@ -30,7 +30,11 @@ from nvfp4_prep.wire import (
     iter_pieces,
 )
 
+from .bulk import BulkAttempt, BulkDialer, tls_context
 from .credentials import BearerToken, PemSource, channel_credentials, is_loopback
+from .errors import PrepClientError, PrepInvalidArgument
+from .ipc import STREAM, HeldRequests, delivery_fields
+from .landing import DEFAULT_STAGING_BYTES, MIN_STAGING_BYTES, Placement, placement, resolve_device
 from .receiver import Answer, Progress, ProgressCallback
 from .result import RemoteLayer
 from .retry import RetryPolicy
@@ -50,6 +54,21 @@ def tensor_form(tensors: Mapping[str, torch.Tensor]) -> int:
     return pb.TENSOR_FORM_STACKED
 
 
+def _with_activation_scales(tensors: Mapping[str, torch.Tensor], quantize: str | None,
+                            scales: Mapping[str, torch.Tensor] | None) -> Mapping[str, torch.Tensor]:
+    """The tensors a quantizing request streams: the weights and their activation scales, under distinct names."""
+    if not scales:
+        return tensors
+    if not quantize:
+        raise PrepInvalidArgument("activation_scales: given without quantize; expected a recipe in quantize "
+                                  "(NVFP4 tensors carry their input scales themselves)", field="activation_scales")
+    both = sorted(set(tensors) & set(scales))
+    if both:
+        raise PrepInvalidArgument(f"activation_scales: {both[0]!r} is also in tensors; expected weights in tensors "
+                                  "and input scales in activation_scales", field="activation_scales")
+    return {**tensors, **scales}
+
+
 class _Stub:
     """The generated stub's methods, except that Prepare's chunks go through ``chunk_codec``."""
 
@@ -61,11 +80,15 @@ class _Stub:
 
 
 def header_options(*, profile: str = "seed", gated_group_size: int = 64, tp_rank: int = 0, tp_size: int = 1,
-                   ep_rank: int = 0, ep_size: int = 1, expert_placement: str = "linear") -> dict:
-    """The ``PrepareHeader`` fields of ``pipeline.prepare``'s profile and shard keywords; the server checks them."""
+                   ep_rank: int = 0, ep_size: int = 1, expert_placement: str = "linear",
+                   inputs_are_shard: bool = False) -> dict:
+    """The ``PrepareHeader`` fields of ``pipeline.prepare``'s profile and shard keywords; the server checks them.
+
+    ``inputs_are_shard``: the streamed tensors are the rank's input shard (``pipeline.cut_shard``, with every
+    expert's input scales), not the whole layer (SPEC section 11)."""
     return {"profile": profile, "gated_group_size": gated_group_size,
             "shard": pb.RankShard(tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size,
-                                  expert_placement=expert_placement)}
+                                  expert_placement=expert_placement, inputs_are_shard=inputs_are_shard)}
 
 
 class PrepClient:
@@ -102,6 +125,16 @@ class PrepClient:
     UNAUTHENTICATED, DEADLINE_EXCEEDED, ...) would fail the same way again, and
     is raised at once. Each retry is logged at INFO (logger ``nvfp4_prep.client``).
     Use it as a context manager, or call ``close()``.
+
+    Landing: ``device="cuda:N"`` on a call allocates each tensor on that device and moves the verified
+    chunks through ``staging_bytes`` of pinned host buffers (four of a quarter each) with asynchronous
+    copies overlapped with receiving, so peak host memory is that ring, not the layer; ``out=`` writes into
+    tensors the caller allocated, after checking their names, shapes and dtypes at the answer's header.
+
+    Bulk: ``bulk_streams`` N (1 to 8; 0, the default: inline) asks every Prepare call for the server's bulk
+    transport: the tensor chunks travel over N TCP connections beside the gRPC stream (TLS with the same
+    ``tls_ca``/``tls_cert``/``tls_key``), checked and landed exactly as inline chunks. A server without it,
+    or one whose bulk port cannot be reached within a few seconds, gets the call inline (logged once at INFO).
     """
 
     def __init__(self, targets: str | Sequence[str], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -110,18 +143,23 @@ class PrepClient:
                  channels: int = 1, credentials: grpc.ChannelCredentials | None = None,
                  tls_ca: PemSource | None = None, tls_cert: PemSource | None = None,
                  tls_key: PemSource | None = None, token: str | None = None,
-                 options: Sequence[tuple[str, object]] = (), interceptors: Sequence[object] = ()) -> None:
+                 options: Sequence[tuple[str, object]] = (), interceptors: Sequence[object] = (),
+                 staging_bytes: int = DEFAULT_STAGING_BYTES, bulk_streams: int = 0) -> None:
         try:
             self.chunk_size = check_chunk_size(chunk_size)
         except FramingError as err:
             raise ValueError(str(err)) from None
         if channels < 1:
             raise ValueError(f"channels: expected an integer >= 1, got {channels!r}")
+        if not isinstance(staging_bytes, int) or staging_bytes < MIN_STAGING_BYTES:
+            raise ValueError(f"staging_bytes: expected an integer >= {MIN_STAGING_BYTES}, got {staging_bytes!r}")
+        self.staging_bytes = staging_bytes
         self.retry = RetryPolicy(retry_timeout, retries, backoff, max_backoff)
         self.target = target_uri(targets)
         tls = channel_credentials(tls_ca, tls_cert, tls_key)
         if tls is not None and credentials is not None:
             raise ValueError("credentials and tls_ca/tls_cert/tls_key: give one or the other")
+        self._bulk = self._bulk_dialer(bulk_streams, credentials, tls_ca, tls_cert, tls_key, options)
         credentials = credentials or tls
         self._tls = credentials is not None
         if token is not None:
@@ -135,6 +173,19 @@ class PrepClient:
         self._stubs = [_Stub(channel) for channel in intercepted]
         self._next_stub = itertools.cycle(self._stubs)
         self._lock = threading.Lock()
+
+    def _bulk_dialer(self, streams: int, credentials: grpc.ChannelCredentials | None, tls_ca: PemSource | None,
+                     tls_cert: PemSource | None, tls_key: PemSource | None,
+                     options: Sequence[tuple[str, object]]) -> BulkDialer | None:
+        """How calls open their bulk connections (None: ``streams`` 0, every call inline), TLS like the channel."""
+        if streams == 0:
+            return None
+        unusable = ""
+        if credentials is not None:
+            unusable = "the channel's TLS came as grpc credentials; give tls_ca, tls_cert and tls_key to use bulk"
+        tls = tls_context(tls_ca, tls_cert, tls_key) if (tls_ca, tls_cert, tls_key) != (None, None, None) else None
+        server_name = dict(options).get("grpc.ssl_target_name_override")
+        return BulkDialer(streams, self.target, tls, str(server_name) if server_name else None, unusable)
 
     def __enter__(self) -> PrepClient:
         return self
@@ -167,6 +218,9 @@ class PrepClient:
     def prepare_layer(self, tensors: Mapping[str, torch.Tensor], backend: str, activation: str = "swiglu",
                       input_scale_policy: str = "max", *, layout_version: str | None = None,
                       timeout: float | None = None, progress: ProgressCallback | None = None,
+                      device: str | torch.device | None = None, out: Mapping[str, torch.Tensor] | None = None,
+                      quantize: str | None = None, activation_scales: Mapping[str, torch.Tensor] | None = None,
+                      delivery: str = STREAM,
                       **layout_options: object) -> RemoteLayer:
         """Prepares one layer remotely; same tensors in and out as ``nvfp4_prep.pipeline.prepare``.
 
@@ -178,11 +232,37 @@ class PrepClient:
         (send the whole layer; the answer is the rank's shard). ``progress`` is
         called with Progress tuples, from gRPC's threads as well as the
         caller's; if it raises, the call is cancelled and its exception raised here.
+
+        ``device``: None or "cpu" (pageable CPU tensors), or "cuda"/"cuda:N"/a torch.device, where the
+        answer lands through pinned staging. ``out``: a mapping of name to pre-allocated, contiguous
+        tensor (CPU or CUDA) that the answer is written into in place; every announced tensor needs one
+        of the same name, shape and dtype, and no other may be given (PrepOutputMismatch, nothing
+        written); the result's ``tensors`` are then those objects.
+
+        ``quantize``: ``"modelopt"`` or ``"llm-compressor"`` (``capabilities().quantize_recipes``): ``tensors``
+        are then bfloat16, float16 or float32 weights (stacked ``w13_weight [E, N1, H]`` and ``w2_weight
+        [E, H, I]``, or per-expert ``"0.gate_proj.weight"``, ...), which the server quantizes by that tool's
+        rules and prepares in the same pass: the answer equals preparing the tool's checkpoint. Every backend
+        is W4A4, so ``activation_scales`` are needed: stacked ``w13_input_scale`` ``[E, 2]`` and
+        ``w2_input_scale`` ``[E]`` (ModelOpt's form), or per-expert ``"0.gate_proj.input_scale"`` (ModelOpt) or
+        ``"0.gate_proj.input_global_scale"`` (compressed-tensors), float32 (``load_activation_scales`` and
+        ``layer_scales`` of ``nvfp4_prep.prepared.activation_scales`` read them from an NVFP4 checkpoint of the
+        same model or a calibration file). They travel with the weights. A weight sync lands the answer in the
+        engine's own tensors with ``out=``.
+
+        ``delivery="cuda_ipc"`` (beside the server, on its node: a sidecar): the server hands its GPU's prepared
+        tensors over as CUDA IPC handles when it can, and they are copied device to device (a peer copy from
+        another GPU) into ``device`` (a CUDA device, required) or ``out``; no tensor byte crosses a socket. When
+        it cannot (another node, a CPU server, a cached answer), the answer streams as usual. The result's
+        tensors are this process's own either way. Needs CUDA here, else PrepInvalidArgument naming ``delivery``.
         """
-        cpu = {name: tensor.detach().to("cpu") for name, tensor in tensors.items()}
+        where = placement(device, out, self.staging_bytes)
+        sent = _with_activation_scales(tensors, quantize, activation_scales)
+        cpu = {name: tensor.detach().to("cpu") for name, tensor in sent.items()}
         header = pb.PrepareHeader(
             backend=backend, activation=activation, input_scale_policy=input_scale_policy,
-            layout_version=layout_version or "", **header_options(**layout_options),
+            layout_version=layout_version or "", quantize=quantize or "", **header_options(**layout_options),
+            **delivery_fields(delivery, where),
             tensors=pb.TensorSet(form=tensor_form(cpu), tensors=[header_for(name, t) for name, t in cpu.items()]),
         )
         total = sum(t.numel() * t.element_size() for t in cpu.values())
@@ -199,32 +279,57 @@ class PrepClient:
                         callback_errors.append(err)
                         return
 
-        def requests(asked: pb.PrepareHeader, callback_errors: list[BaseException]) -> Prefetch:
-            return Prefetch(itertools.chain([pb.PrepareRequest(header=asked)], chunks(callback_errors)))
+        def requests(asked: pb.PrepareHeader, callback_errors: list[BaseException],
+                     bulk: BulkAttempt | None = None) -> Prefetch:
+            first = pb.PrepareRequest(header=asked)
+            if bulk is not None:  # the chunks go inline, or over the bulk connections
+                return Prefetch(bulk.requests(first, chunks(callback_errors)))
+            return Prefetch(itertools.chain([first], chunks(callback_errors)))
 
-        return self._prepare(requests, header, timeout, progress)
+        return self._prepare(requests, header, timeout, progress, where)
 
     def prepare_reference(self, location: str, layer_prefix: str, backend: str, activation: str = "swiglu",
                           input_scale_policy: str = "max", *, layout_version: str | None = None,
                           timeout: float | None = None, progress: ProgressCallback | None = None,
+                          device: str | torch.device | None = None, out: Mapping[str, torch.Tensor] | None = None,
+                          quantize: str | None = None, activation_scales_location: str | None = None,
+                          delivery: str = STREAM,
                           **layout_options: object) -> RemoteLayer:
-        """Prepares a layer that the server reads from a checkpoint under its allowed roots; ``layout_options``
-        as for ``prepare_layer``."""
+        """Prepares a layer that the server reads from a checkpoint under its allowed roots; ``device``,
+        ``out`` and ``layout_options`` as for ``prepare_layer``.
+
+        A BF16 (FP16, FP32) checkpoint needs ``quantize`` (a recipe, as for ``prepare_layer``) and
+        ``activation_scales_location``: an NVFP4 checkpoint of the same model or a calibration ``.safetensors``
+        file of per-module input scales, as the server sees it (under its allowed roots too). ``delivery`` as for
+        ``prepare_layer``: with the server's GPU on this node, only the handles cross the socket."""
+        where = placement(device, out, self.staging_bytes)
         header = pb.PrepareHeader(
             backend=backend, activation=activation, input_scale_policy=input_scale_policy,
-            layout_version=layout_version or "", **header_options(**layout_options),
-            ref=pb.CheckpointRef(location=location, layer_prefix=layer_prefix),
+            layout_version=layout_version or "", quantize=quantize or "", **header_options(**layout_options),
+            **delivery_fields(delivery, where),
+            ref=pb.CheckpointRef(location=location, layer_prefix=layer_prefix,
+                                 activation_scales_location=activation_scales_location or ""),
         )
-        def requests(asked: pb.PrepareHeader, _: list[BaseException]) -> Iterator[pb.PrepareRequest]:
-            return iter([pb.PrepareRequest(header=asked)])  # the server reads the layer: nothing to send again
+        def requests(asked: pb.PrepareHeader, _: list[BaseException],
+                     bulk: BulkAttempt | None = None) -> Iterator[pb.PrepareRequest]:
+            first = pb.PrepareRequest(header=asked)  # the server reads the layer: nothing to send again
+            return iter([first]) if bulk is None else bulk.requests(first, iter(()))
 
-        return self._prepare(requests, header, timeout, progress)
+        return self._prepare(requests, header, timeout, progress, where)
 
     def prepare_layers(self, layers: Iterable[Mapping[str, torch.Tensor]], backend: str, activation: str = "swiglu",
-                       input_scale_policy: str = "max", *, concurrency: int = 4, **kwargs) -> Iterator[RemoteLayer]:
-        """Prepares many layers with up to ``concurrency`` calls in flight; yields results in input order."""
+                       input_scale_policy: str = "max", *, concurrency: int = 4,
+                       device: str | torch.device | None = None, **kwargs) -> Iterator[RemoteLayer]:
+        """Prepares many layers with up to ``concurrency`` calls in flight; yields results in input order.
+
+        ``device`` as for ``prepare_layer`` (each call has its own staging ring); ``out`` is not taken here.
+        """
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if "out" in kwargs:
+            raise PrepInvalidArgument("out: prepare_layers lands many layers, and one out mapping holds one; "
+                                      "call prepare_layer(..., out=...) for each layer", field="out")
+        kwargs["device"] = resolve_device(device)  # once, before any call; "cuda" pinned to this thread's device
         with ThreadPoolExecutor(concurrency, thread_name_prefix="nvfp4-prep-client") as pool:
             pending = []
             for layer in layers:
@@ -237,12 +342,17 @@ class PrepClient:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _prepare(self, requests: Callable[[pb.PrepareHeader, list[BaseException]],
+    def _prepare(self, requests: Callable[[pb.PrepareHeader, list[BaseException], BulkAttempt | None],
                                           Iterator[pb.PrepareRequest | bytes]],
-                 header: pb.PrepareHeader, timeout: float | None, progress: ProgressCallback | None) -> RemoteLayer:
+                 header: pb.PrepareHeader, timeout: float | None, progress: ProgressCallback | None,
+                 where: Placement) -> RemoteLayer:
         request_id = uuid.uuid4().hex
         log.debug("request %s: %s %s", request_id, header.backend, header.WhichOneof("source"))
-        answer = Answer(header, progress)  # outlives a broken attempt, so the next one resumes
+        if self._bulk is not None and header.delivery != pb.DELIVERY_CUDA_IPC:  # IPC keeps its request stream open
+            bulk_request = self._bulk.request()
+            if bulk_request is not None:
+                header.bulk.CopyFrom(bulk_request)
+        answer = Answer(header, progress, where)  # outlives a broken attempt, so the next one resumes
 
         def attempt(remaining: float | None) -> RemoteLayer:
             callback_errors: list[BaseException] = []
@@ -250,24 +360,35 @@ class PrepClient:
             if asked.HasField("resume_from"):
                 log.info("request %s: resuming at tensor %d, byte %d", request_id, asked.resume_from.tensor_index,
                          asked.resume_from.offset)
-            upload = requests(asked, callback_errors)
-            call = self._stub().Prepare(upload, timeout=remaining, metadata=((REQUEST_ID_KEY, request_id),))
+            bulk = BulkAttempt(self._bulk) if asked.HasField("bulk") else None
+            upload = requests(asked, callback_errors, bulk)
+            held = HeldRequests(upload) if asked.delivery == pb.DELIVERY_CUDA_IPC else None  # open until taken
+            call = self._stub().Prepare(upload if held is None else held, timeout=remaining,
+                                        metadata=((REQUEST_ID_KEY, request_id),))
             try:
-                return answer.receive(call)
+                return answer.receive(call, held, bulk)
             except BaseException:
                 call.cancel()
                 if callback_errors:  # the upload stopped because the progress callback raised
                     raise callback_errors[0] from None
                 raise
             finally:
+                if held is not None:
+                    held.close()  # the request stream ends with the call, however it ended
                 if isinstance(upload, Prefetch):
                     upload.close()  # stops the encoding thread even while gRPC waits on it
+                if bulk is not None:
+                    bulk.close()  # its connections, and a request stream still waiting for the offer
 
         try:
             layer = self._with_retries(attempt, timeout, f"request {request_id}", lambda: answer.resume_point)
         except Exception as err:
-            log.warning("request %s failed: %s", request_id, err)
+            answer.discard()  # no device copy of a given-up call lands after it raised
+            if isinstance(err, PrepClientError):
+                err.request_id = request_id
+            log.debug("request %s failed: %s", request_id, err)  # raised: the caller reports it, once
             raise
+        layer.request_id = request_id
         log.info("request %s: prepared for %s", request_id, layer.layout.get("layout_id"))
         return layer
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from nvfp4_prep.pipeline import PreparedLayer, prepare
+from nvfp4_prep.pipeline import PreparedLayer, prepare, prepare_quantized
 
 
 def default_device() -> torch.device:
@@ -21,16 +21,26 @@ def default_device() -> torch.device:
 
 
 class InProcessPreparer:
-    """``(stacked, backend, activation, policy, **options) -> PreparedLayer`` on ``device``, in host memory."""
+    """``(stacked, backend, activation, policy, **options) -> PreparedLayer`` on ``device``, in host memory.
+
+    With ``quantize`` (a recipe) the tensors are high-precision weights, quantized on the device with
+    ``activation_scales`` and prepared in the same pass (``pipeline.prepare_quantized``), as a server does."""
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device) if device is not None else default_device()
 
     def __call__(self, stacked: Mapping[str, torch.Tensor], backend: str, activation: str,
-                 input_scale_policy: str, **options: object) -> PreparedLayer:
+                 input_scale_policy: str, *, quantize: str | None = None,
+                 activation_scales: Mapping[str, torch.Tensor] | None = None, **options: object) -> PreparedLayer:
+        def run(tensors: Mapping[str, torch.Tensor]) -> PreparedLayer:
+            if quantize:
+                return prepare_quantized(tensors, quantize, activation_scales, backend, activation,
+                                         input_scale_policy, **options)
+            return prepare(tensors, backend, activation, input_scale_policy, **options)
+
         if self.device.type == "cpu":
-            return prepare(stacked, backend, activation, input_scale_policy, **options)
+            return run(stacked)
         on_device = {name: tensor.to(self.device, non_blocking=True) for name, tensor in stacked.items()}
-        prepared = prepare(on_device, backend, activation, input_scale_policy, **options)
+        prepared = run(on_device)
         host = {name: tensor.to("cpu") for name, tensor in prepared.tensors.items()}
         return PreparedLayer(host, prepared.layout)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nvfp4_prep.checkpoint.errors import CheckpointInvalid
+from nvfp4_prep.contract.layout import QUANTIZED_LAYOUT_KEYS
 
 from .atomic_file import write_bytes_atomic
 
@@ -30,9 +31,11 @@ SHARED_LAYOUT_KEYS = ("layout_id", "backend", "activation", "input_scale_policy"
 
 
 def split_layout(layout: dict) -> tuple[dict, dict]:
-    """A layer's layout record as (fields shared by all layers, this layer's sizes)."""
+    """A layer's layout record as (fields shared by all layers, this layer's sizes); the fields of a quantized
+    layer (``QUANTIZED_LAYOUT_KEYS``) are shared too, and present only when the layer was quantized."""
     shared = {key: layout.get(key) for key in SHARED_LAYOUT_KEYS}
-    own = {key: value for key, value in layout.items() if key not in SHARED_LAYOUT_KEYS}
+    shared |= {key: layout[key] for key in QUANTIZED_LAYOUT_KEYS if key in layout}
+    own = {key: value for key, value in layout.items() if key not in (*SHARED_LAYOUT_KEYS, *QUANTIZED_LAYOUT_KEYS)}
     return shared, own
 
 

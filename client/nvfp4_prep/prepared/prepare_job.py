@@ -1,17 +1,34 @@
 """The prepare job: every MoE layer of a checkpoint through a layer preparer into a prepared checkpoint.
 
-The preparer is a seam: any callable ``(stacked_tensors, backend, activation,
-input_scale_policy) -> object with .tensors and .layout`` — the SDK's
-``PrepClient.prepare_layer`` for a server, or ``nvfp4_prep.pipeline.prepare`` in
-process. Each preparer works on two layers at a time, so reading and writing
+The preparer is a seam of two kinds. A layer preparer is any callable ``(stacked_tensors, backend,
+activation, input_scale_policy, **options) -> object with .tensors and .layout`` — the SDK's
+``PrepClient.prepare_layer`` for a server, or ``nvfp4_prep.pipeline.prepare`` in process — given the
+layer as read here. A ``ReferencePreparer`` names the layer instead (``(location, prefix, backend,
+activation, policy, **options)``, the SDK's ``prepare_reference``): the server reads it from its own view
+of the checkpoint, so nothing is read here and only prepared bytes travel; each answer's sizes are checked
+against this checkpoint's headers. Each preparer works on two layers at a time, so reading and writing
 overlap with preparing; with several preparers (one per server) each takes the
 next pending layer as soon as it is free, so faster servers take more layers.
-Progress goes to a callback, once per finished layer, so that the caller picks
-how to show it (a bar on a terminal, a line per layer in a log).
+Progress goes to a callback, once per finished layer (from the worker threads,
+one call at a time, in the order the counts rise), so that the caller picks how
+to show it (a bar on a terminal, a line per layer in a log).
+
+With ``tp_size`` or ``ep_size`` above 1 the job writes a rank set (``rank_set``): one
+prepared folder per rank, each with its own writer (so resuming, ``overwrite`` and
+the other-source refusal work per folder). Each layer is read once and every rank's
+shard is prepared from it in turn, so memory stays one layer plus one rank's output
+per layer in flight; progress then comes once per layer x rank.
+
+A BF16 (FP16, FP32) checkpoint is prepared with ``quantize`` (a recipe) and ``activation_scales`` (every
+input scale by full tensor name, ``activation_scales.load_activation_scales``): each layer's per-expert weights
+and its scales go to a layer preparer, which quantizes and prepares them in one pass (``quantize=``,
+``activation_scales=``: ``InProcessPreparer`` and the SDK's ``prepare_layer`` both take them); the other
+tensors are carried as they are (BF16), and the manifest's source format says ``bf16``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -19,15 +36,20 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from nvfp4_prep.checkpoint.checkpoint import Checkpoint
 from nvfp4_prep.checkpoint.errors import CheckpointInvalid
+from nvfp4_prep.checkpoint.formats import BF16
+from nvfp4_prep.contract.errors import PrepError
 
+from .activation_scales import layer_scales
+from .rank_set import RANKS_NAME, RankSet, RankSetDirectory, RankSetLock, remove_rank_set
 from .shard_plan import DEFAULT_MAX_SHARD_BYTES
-from .writer import PreparedCheckpointWriter
+from .writer import PreparedCheckpointWriter, source_record
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +63,29 @@ class PreparedLike(Protocol):
     layout: dict
 
 
-# (stacked, backend, activation, policy, profile=..., gated_group_size=...) -> prepared layer
+# (stacked, backend, activation, policy, profile=..., gated_group_size=..., tp_rank=..., ...) -> prepared layer
 LayerPreparer = Callable[..., PreparedLike]
 
 
 @dataclass(frozen=True)
+class ReferencePreparer:
+    """A preparer that sends the layer's name, not its bytes: ``prepare(location, prefix, backend, activation,
+    policy, **options)`` with ``location`` the checkpoint as the server sees it (shared storage)."""
+
+    prepare: Callable[..., PreparedLike]
+    location: str
+
+
+Preparer = LayerPreparer | ReferencePreparer
+
+
+@dataclass(frozen=True)
 class LayerDone:
-    """One layer written: which, and how far the run is (source bytes, layers kept from an earlier run included)."""
+    """One layer written: which, and how far the run is (source bytes, layers kept from an earlier run included).
+
+    For a rank set, one event per layer x rank: ``rank`` names the rank folder, ``done_layers`` and
+    ``total_layers`` count layer x rank shards, and a layer's source bytes are spread over its ranks.
+    """
 
     prefix: str
     nbytes: int
@@ -55,6 +93,7 @@ class LayerDone:
     total_bytes: int
     done_layers: int
     total_layers: int
+    rank: str = ""
 
 
 @dataclass(frozen=True)
@@ -66,60 +105,199 @@ class PrepareSummary:
     layers_skipped: int
     bytes_prepared: int
     seconds: float
-    layout_id: str
+    layout_id: str  # of the first rank folder for a rank set (each folder's names its shard)
+    ranks: tuple[str, ...] = ()  # the rank folders of a set, empty for a single prepared checkpoint
 
 
 def _layer_bytes(checkpoint: Checkpoint, prefix: str) -> int:
     return sum(checkpoint.entry(name).nbytes for name in checkpoint.layer(prefix).tensor_names)
 
 
-def prepare_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike, preparers: Sequence[LayerPreparer],
+def _check_referenced(checkpoint: Checkpoint, prefix: str, location: str, layout: Mapping) -> None:
+    """CheckpointInvalid when the layer a server read at ``location`` has other sizes (E, H, I) than this
+    checkpoint's headers give: the server's path names other files. (File identities cannot be compared:
+    device and inode differ across machines; ``verify`` compares the bytes.)"""
+    layer = checkpoint.layer(prefix)
+    weight = layer.suffixes[0]
+    first, down = (checkpoint.entry(f"{prefix}.0.{proj}.{weight}") for proj in (layer.projections[0],
+                                                                                  layer.projections[-1]))
+    here = {"experts": layer.num_experts, "hidden": down.shape[0], "intermediate": first.shape[0]}
+    read = {"experts": layout.get("global_num_experts"), "hidden": layout.get("hidden_dim_unpadded"),
+            "intermediate": (layout.get("intermediate_dim_unpadded") or 0) * (layout.get("tp_size") or 1)}
+    if read != here:
+        raise CheckpointInvalid(
+            f"{prefix}: the server read a layer of {read} from {location}, but {checkpoint.directory} holds "
+            f"{here}; expected the same checkpoint (check --server-path)")
+
+
+def _shares(nbytes: int, parts: int) -> list[int]:
+    """``nbytes`` split over ``parts`` rank shards (they add up to it), for progress in source bytes."""
+    return [nbytes * (i + 1) // parts - nbytes * i // parts for i in range(parts)]
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where one rank's shard of every layer goes: its folder's writer and shard keywords (none: whole layers)."""
+
+    name: str
+    writer: PreparedCheckpointWriter
+    shard: dict
+
+
+# The request fields that are a preparer's positional arguments.
+_CALL_KEYS = ("backend", "activation", "input_scale_policy")
+
+
+def _check_shard_sizes(checkpoint: Checkpoint, tp_size: int, ep_size: int, expert_placement: str) -> None:
+    """PrepError naming the bad size before anything is written: sizes >= 1, a known placement, ep_size <= E."""
+    from nvfp4_prep.pipeline.shard import Shard
+
+    shard = Shard(0, tp_size, 0, ep_size, expert_placement)
+    shard.check()
+    for prefix in checkpoint.moe_layers():
+        try:
+            shard.expert_ids(checkpoint.layer(prefix).num_experts)
+        except PrepError as exc:
+            raise PrepError(exc.field, f"{exc.problem} ({prefix})", exc.expected) from None
+
+
+def _open_targets(stack: contextlib.ExitStack, checkpoint: Checkpoint, out_dir: str | os.PathLike,
+                  request: dict, options: dict, max_shard_bytes: int, overwrite: bool, tp_size: int,
+                  ep_size: int, expert_placement: str) -> tuple[list[_Target], RankSetDirectory | None]:
+    """One writer for ``out_dir`` (a whole-layer checkpoint), or one per rank folder of a set under it."""
+    writer_args = (request["backend"], request["activation"], request["input_scale_policy"], max_shard_bytes,
+                   overwrite)
+    # What else each layer's layout record must say (a quantized source's recipe), beside the preparers' options.
+    options = {**options, **{key: value for key, value in request.items() if key not in _CALL_KEYS}}
+    if tp_size == ep_size == 1:
+        _replace_rank_set(Path(out_dir), overwrite)
+        writer = stack.enter_context(PreparedCheckpointWriter(checkpoint, out_dir, *writer_args, options))
+        return [_Target("", writer, {})], None
+    wanted = RankSet(source_record(checkpoint), {**request, **options}, tp_size, ep_size, expert_placement)
+    top = stack.enter_context(RankSetDirectory(out_dir, checkpoint.directory, wanted, overwrite))
+    targets = []
+    for rank in wanted.ranks:
+        shard = rank.shard_options(tp_size, ep_size, expert_placement)
+        writer = stack.enter_context(PreparedCheckpointWriter(checkpoint, top.out_dir / rank.folder, *writer_args,
+                                                              {**options, **shard}))
+        targets.append(_Target(rank.folder, writer, shard))
+    return targets, top
+
+
+def _check_quantize(checkpoint: Checkpoint, preparers: Sequence[Preparer], quantize: str | None,
+                    activation_scales: Mapping[str, torch.Tensor] | None) -> None:
+    """Before anything is written: a BF16 checkpoint needs a recipe and scales, an NVFP4 one neither, and
+    quantizing sends the layers' weights (a server cannot be handed their scales by reference here)."""
+    if checkpoint.format == BF16 and not quantize:
+        raise CheckpointInvalid(f"{checkpoint.directory}: is unquantized (BF16); expected a recipe to quantize it "
+                                "with (--quantize modelopt or llm-compressor) and its activation scales")
+    if quantize and checkpoint.format != BF16:
+        raise CheckpointInvalid(f"{checkpoint.directory}: is a {checkpoint.format} checkpoint, NVFP4 already; "
+                                "expected an unquantized (BF16, FP16 or FP32) checkpoint to quantize")
+    if quantize and not activation_scales:
+        raise PrepError("activation_scales", "are missing", "the input scales of every MoE layer (W4A4 NVFP4 needs "
+                                                            "them): an NVFP4 checkpoint or a calibration file")
+    if quantize and any(isinstance(preparer, ReferencePreparer) for preparer in preparers):
+        raise ValueError("quantizing a checkpoint sends its layers' weights: give layer preparers, not references "
+                         "(--send tensors)")
+
+
+def _replace_rank_set(out_dir: Path, overwrite: bool) -> None:
+    """A whole-layer run into a directory holding a rank set: refused, or with ``overwrite`` the set removed."""
+    previous = RankSet.load(out_dir) if out_dir.is_dir() else None
+    if previous is None:
+        return
+    if not overwrite:
+        raise CheckpointInvalid(
+            f"output directory {out_dir} holds a rank set (tp_size {previous.tp_size}, ep_size {previous.ep_size}, "
+            f"{RANKS_NAME}); pass --overwrite to replace it with a single prepared checkpoint, or choose another --out")
+    with RankSetLock(out_dir):
+        remove_rank_set(out_dir, previous)
+
+
+def prepare_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike, preparers: Sequence[Preparer],
                        backend: str, activation: str = "swiglu", input_scale_policy: str = "max",
                        progress: Callable[[LayerDone], None] | None = None,
                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-                       profile: str = "seed", gated_group_size: int = 64) -> PrepareSummary:
-    """Prepares every pending MoE layer and writes ``out_dir``; see the module docstring."""
+                       profile: str = "seed", gated_group_size: int = 64, tp_size: int = 1, ep_size: int = 1,
+                       expert_placement: str = "linear", quantize: str | None = None,
+                       activation_scales: Mapping[str, torch.Tensor] | None = None) -> PrepareSummary:
+    """Prepares every pending MoE layer and writes ``out_dir`` (or its rank set); see the module docstring."""
     if not preparers:
         raise ValueError("prepare_checkpoint needs at least one layer preparer")
+    _check_quantize(checkpoint, preparers, quantize, activation_scales)
     layers = checkpoint.moe_layers()
     if not layers:
         raise CheckpointInvalid(f"{checkpoint.directory}: no NVFP4 MoE layers to prepare")
+    if (tp_size, ep_size) != (1, 1):
+        _check_shard_sizes(checkpoint, tp_size, ep_size, expert_placement)
     started = time.perf_counter()
     options = {"profile": profile, "gated_group_size": gated_group_size}
-    with PreparedCheckpointWriter(checkpoint, out_dir, backend, activation, input_scale_policy,
-                                  max_shard_bytes, overwrite, options) as writer:
-        pending = writer.pending_layers()
-        sizes = {prefix: _layer_bytes(checkpoint, prefix) for prefix in layers}
-        total = sum(sizes.values())
-        done = [total - sum(sizes[prefix] for prefix in pending), len(layers) - len(pending)]
+    request = {"backend": backend, "activation": activation, "input_scale_policy": input_scale_policy}
+    if quantize:  # part of what a resumed run must match: the layers of another recipe hold other bytes
+        request["quantize_recipe"] = quantize
+    with contextlib.ExitStack() as stack:
+        targets, top = _open_targets(stack, checkpoint, out_dir, request, options, max_shard_bytes, overwrite,
+                                     tp_size, ep_size, expert_placement)
+        pending = [set(target.writer.pending_layers()) for target in targets]
+        todo_layers = [prefix for prefix in layers if any(prefix in waiting for waiting in pending)]
+        shares = {prefix: _shares(_layer_bytes(checkpoint, prefix), len(targets)) for prefix in layers}
+        total = sum(sum(parts) for parts in shares.values())
+        kept = [(prefix, i) for prefix in layers for i in range(len(targets)) if prefix not in pending[i]]
+        done = [sum(shares[prefix][i] for prefix, i in kept), len(kept)]
+        total_pieces = len(layers) * len(targets)
+        prepared_bytes = [0]
         done_lock = threading.Lock()
         todo: queue.Queue[str] = queue.Queue()
-        for prefix in pending:
+        for prefix in todo_layers:
             todo.put(prefix)
         failures: list[BaseException] = []
         stop = threading.Event()
 
-        def work(preparer: LayerPreparer) -> None:
+        def layer_source(preparer: Preparer, prefix: str) -> Callable[[dict], PreparedLike]:
+            """``prepare(shard keywords)`` for one layer: by reference, or from its tensors read once here."""
+            if isinstance(preparer, ReferencePreparer):
+                def referenced(shard: dict) -> PreparedLike:
+                    prepared = preparer.prepare(preparer.location, prefix, backend, activation, input_scale_policy,
+                                                **options, **shard)
+                    _check_referenced(checkpoint, prefix, preparer.location, prepared.layout)
+                    return prepared
+                return referenced
+            if quantize:
+                weights, scales = checkpoint.read_bf16_layer(prefix), layer_scales(activation_scales, prefix)
+                return lambda shard: preparer(weights, backend, activation, input_scale_policy, **options, **shard,
+                                              quantize=quantize, activation_scales=scales)
+            stacked = checkpoint.read_layer(prefix, activation=activation)  # once for every rank
+            return lambda shard: preparer(stacked, backend, activation, input_scale_policy, **options, **shard)
+
+        def work(preparer: Preparer) -> None:
             while not stop.is_set():
                 try:
                     prefix = todo.get_nowait()
                 except queue.Empty:
                     return
                 try:
-                    stacked = checkpoint.read_layer(prefix, activation=activation)
-                    prepared = preparer(stacked, backend, activation, input_scale_policy, **options)
-                    writer.write_layer(prefix, prepared)
+                    prepare_shard = layer_source(preparer, prefix)
+                    for i, target in enumerate(targets):
+                        if prefix not in pending[i]:
+                            continue
+                        if stop.is_set():
+                            return
+                        prepared = prepare_shard(target.shard)
+                        target.writer.write_layer(prefix, prepared)
+                        del prepared  # one rank's output held at a time
+                        with done_lock:
+                            done[0] += shares[prefix][i]
+                            done[1] += 1
+                            prepared_bytes[0] += shares[prefix][i]
+                            if progress is not None:  # under the lock: one call at a time, in done order
+                                progress(LayerDone(prefix, shares[prefix][i], done[0], total, done[1],
+                                                   total_pieces, target.name))
                 except BaseException as exc:  # handed to the caller's thread below
                     log.debug("layer %s failed: %s", prefix, exc)  # the caller reports it, once
                     failures.append(exc)
                     stop.set()
                     return
-                with done_lock:
-                    done[0] += sizes[prefix]
-                    done[1] += 1
-                    event = LayerDone(prefix, sizes[prefix], done[0], total, done[1], len(layers))
-                if progress is not None:
-                    progress(event)
 
         threads = [threading.Thread(target=work, args=(p,), name=f"prepare-{i}-{j}", daemon=True)
                    for i, p in enumerate(preparers) for j in range(LAYERS_IN_FLIGHT_PER_PREPARER)]
@@ -132,11 +310,15 @@ def prepare_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike, prepa
             stop.set()  # on KeyboardInterrupt: no worker starts another layer
         if failures:
             raise failures[0]
-        writer.finish()
+        for target in targets:
+            target.writer.finish()
+        if top is not None:
+            top.finish()
     seconds = time.perf_counter() - started
-    summary = PrepareSummary(str(writer.out_dir), len(pending), len(layers) - len(pending),
-                             sum(sizes[prefix] for prefix in pending), seconds,
-                             str(writer.manifest.layout.get("layout_id", "")))
+    summary = PrepareSummary(str(top.out_dir if top is not None else targets[0].writer.out_dir), len(todo_layers),
+                             len(layers) - len(todo_layers), prepared_bytes[0], seconds,
+                             str(targets[0].writer.manifest.layout.get("layout_id", "")),
+                             tuple(target.name for target in targets) if top is not None else ())
     log.info("prepared %d layers (%d kept from an earlier run) in %.2fs", summary.layers_prepared,
              summary.layers_skipped, seconds)
     return summary

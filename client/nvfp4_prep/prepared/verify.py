@@ -8,7 +8,8 @@ every other tensor must equal the source's bytes; every tensor must match its
 manifest checksum; the shard metadata must carry the manifest's layout record.
 Checked first, because it is what loaders read: the ``"nvfp4_prep"`` marker in
 config.json must be exactly the one ``prepared_config`` derives from the
-manifest's layout record (each differing field is reported on its own). The
+manifest's layout record (each differing field is reported on its own), and its
+quantization config the guard that record implies, carrying the source's. The
 directory must hold nothing the manifest does not account for: its shards, the
 manifest, the index and the source's config, tokenizer and other small files.
 
@@ -38,7 +39,18 @@ from nvfp4_prep.checkpoint.reference_scales import PolicyViolation, expected_der
 
 from .checksum import crc32c_hex
 from .manifest import LAYOUT_METADATA_KEY, MANIFEST_NAME, Manifest
-from .prepared_config import CONFIG_MARKER_KEY, marker
+from .output_checkpoint import open_output
+from .prepared_config import (
+    CONFIG_MARKER_KEY,
+    HF_QUANT_CONFIG_NAME,
+    ORIGINAL_HF_QUANT_KEY,
+    ORIGINAL_QUANTIZATION_KEY,
+    QUANTIZATION_KEY,
+    layout_guard,
+    marker,
+    original_config,
+    prepared_file_name,
+)
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,10 @@ def _check_layer(prefix: str, prepared: Checkpoint, source: Checkpoint, manifest
             diffs.append(Difference(full, f"dtype {dtype}, expected {_expected_dtype(name)} (SPEC section 7)"))
     if diffs:
         return diffs
+    from .rank_verify import check_rank_layer, is_shard_layout
+
+    if is_shard_layout(layout):  # a rank folder: its bytes are not a slice of the whole layer's (SPEC section 11)
+        return check_rank_layer(prefix, prepared, source, layout)
     tensors = {name: prepared.read_tensor(full) for name, full in names.items()}
     try:
         back = unprepare(tensors, layout)
@@ -201,6 +217,31 @@ def _json_text(value: object) -> str:
     return json.dumps(value, sort_keys=True)
 
 
+def _check_guard(out_dir: Path, have: object, manifest: Manifest) -> list[Difference]:
+    """config.json's quantization config: the layout guard stock loaders refuse, carrying at most one of the
+    source's quantization configs; ``hf_quant_config.json``'s as the renamed copy beside it holds it."""
+    want = layout_guard(manifest.layout)
+    originals = [key for key in (ORIGINAL_QUANTIZATION_KEY, ORIGINAL_HF_QUANT_KEY) if isinstance(have, dict)
+                 and key in have]
+    rest = {key: value for key, value in have.items() if key not in originals} if isinstance(have, dict) else have
+    if _json_text(rest) != _json_text(want) or len(originals) > 1:
+        return [Difference("config.json", f"{QUANTIZATION_KEY} is {_json_text(have)}; expected {_json_text(want)}, "
+                                          f"which stock loaders refuse, with at most one of {ORIGINAL_QUANTIZATION_KEY}"
+                                          f" and {ORIGINAL_HF_QUANT_KEY} (the source's)")]
+    if originals != [ORIGINAL_HF_QUANT_KEY]:
+        return []
+    copy_path = out_dir / prepared_file_name(HF_QUANT_CONFIG_NAME)
+    try:
+        kept = json.loads(copy_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return [Difference("config.json", f"{QUANTIZATION_KEY}.{ORIGINAL_HF_QUANT_KEY} is set but {copy_path.name} "
+                                          f"cannot be read as JSON ({exc})")]
+    if _json_text(kept) != _json_text(have[ORIGINAL_HF_QUANT_KEY]):
+        return [Difference("config.json", f"{QUANTIZATION_KEY}.{ORIGINAL_HF_QUANT_KEY} differs from {copy_path.name}, "
+                                          f"the source's {HF_QUANT_CONFIG_NAME}")]
+    return []
+
+
 def _check_config_marker(out_dir: Path, manifest: Manifest) -> list[Difference]:
     """config.json's layout marker, field by field, against the one the manifest's layout record implies."""
     path = out_dir / "config.json"
@@ -214,8 +255,8 @@ def _check_config_marker(out_dir: Path, manifest: Manifest) -> list[Difference]:
     if not isinstance(have, dict):
         return [Difference(path.name, f"has no {CONFIG_MARKER_KEY!r} marker of the prepared layout "
                                       f"(found {_json_text(have)})")]
+    diffs = _check_guard(out_dir, config.get(QUANTIZATION_KEY), manifest)
     want = marker(manifest.layout)
-    diffs = []
     for key in [*want, *(key for key in have if key not in want)]:
         field_name = f"{CONFIG_MARKER_KEY}.{key}"
         if key not in have:
@@ -232,7 +273,8 @@ def _check_config_marker(out_dir: Path, manifest: Manifest) -> list[Difference]:
 
 def _check_unaccounted(out_dir: Path, manifest: Manifest, source: Checkpoint) -> list[Difference]:
     """Entries of ``out_dir`` that are neither the manifest's shards, the manifest, the index nor a small file."""
-    expected = {MANIFEST_NAME, INDEX_NAME, *manifest.shards, *(path.name for path in source.auxiliary_files())}
+    expected = {MANIFEST_NAME, INDEX_NAME, *manifest.shards,
+                *(prepared_file_name(path.name) for path in source.auxiliary_files())}
     return [Difference(path.name, f"{'directory' if path.is_dir() else 'file'} in {out_dir} not accounted for "
                                   f"by {MANIFEST_NAME}")
             for path in sorted(out_dir.iterdir()) if path.name not in expected]
@@ -241,7 +283,7 @@ def _check_unaccounted(out_dir: Path, manifest: Manifest, source: Checkpoint) ->
 def _check_small_files(out_dir: Path, source: Checkpoint) -> list[Difference]:
     diffs = []
     for path in source.auxiliary_files():
-        target = out_dir / path.name
+        target = out_dir / prepared_file_name(path.name)
         if not target.is_file():
             diffs.append(Difference(path.name, "not copied from the source checkpoint"))
             continue
@@ -251,9 +293,15 @@ def _check_small_files(out_dir: Path, source: Checkpoint) -> list[Difference]:
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 diffs.append(Difference(path.name, f"not valid JSON ({exc})"))
                 continue
-            if isinstance(config, dict):  # the marker itself: _check_config_marker
-                config.pop(CONFIG_MARKER_KEY, None)
-            if config != json.loads(path.read_text(encoding="utf-8")):
+            source_config = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(config, dict) and isinstance(config.get(CONFIG_MARKER_KEY), dict):
+                try:
+                    config = original_config(config)  # the marker and guard themselves: _check_config_marker
+                except CheckpointInvalid:  # no guard of ours to restore from (reported there): compare the rest
+                    config = {key: value for key, value in config.items()
+                              if key not in (CONFIG_MARKER_KEY, QUANTIZATION_KEY)}
+                    source_config = {key: value for key, value in source_config.items() if key != QUANTIZATION_KEY}
+            if config != source_config:
                 diffs.append(Difference(path.name, "differs from the source's config.json beyond the marker"))
         elif target.read_bytes() != path.read_bytes():
             diffs.append(Difference(path.name, "differs from the source's copy"))
@@ -275,7 +323,7 @@ def verify_prepared(out_dir: str | os.PathLike, against: str | os.PathLike | Che
     with contextlib.ExitStack() as opened:  # a source passed in open stays open; those opened here are closed
         source = against if isinstance(against, Checkpoint) else opened.enter_context(open_checkpoint(against))
         try:
-            prepared = opened.enter_context(open_checkpoint(out_dir))
+            prepared = opened.enter_context(open_output(out_dir, source.format))  # config.json names nvfp4_prep
         except CheckpointError as exc:
             return [*diffs, Difference(str(out_dir), str(exc))]
         diffs += _check_manifest(prepared, manifest)

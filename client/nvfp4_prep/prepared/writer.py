@@ -2,7 +2,7 @@
 
 Layout of the output: ``model-NNNNN-of-MMMMM.safetensors`` shards (see
 ``shard_plan``), ``model.safetensors.index.json``, the source's config, tokenizer
-and other small files (config.json with the marker of ``prepared_config``), and
+and other small files (config.json guarded and marked by ``prepared_config``), and
 ``nvfp4_prep_manifest.json``. Every file is written under a temporary name and
 renamed when complete; the index is removed when a run starts and written only
 once every shard is done, so an interrupted run never looks like a finished
@@ -34,13 +34,19 @@ from nvfp4_prep.contract.tensor_bytes import byte_view
 from .atomic_file import partial_path, remove_partials, write_bytes_atomic
 from .checksum import crc32c_hex
 from .manifest import LAYOUT_METADATA_KEY, MANIFEST_NAME, Manifest, split_layout
-from .prepared_config import prepared_config_bytes
+from .prepared_config import HF_QUANT_CONFIG_NAME, prepared_config_bytes, prepared_file_name
 from .safetensors_writer import OutputTensor, write_safetensors
 from .shard_plan import DEFAULT_MAX_SHARD_BYTES, PlannedShard, plan_shards
 
 log = logging.getLogger(__name__)
 
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+
+def source_record(checkpoint: Checkpoint) -> dict:
+    """What a manifest (or a rank set's file) records of the source: path, format and file identity."""
+    return {"path": str(checkpoint.directory), "format": checkpoint.format,
+            "identity": checkpoint.source_identity()}
 
 
 def prepared_tensor_names() -> tuple[str, ...]:
@@ -152,8 +158,7 @@ class PreparedCheckpointWriter:
                 path.unlink()
 
     def _request_source(self) -> dict:
-        return {"path": str(self.checkpoint.directory), "format": self.checkpoint.format,
-                "identity": self.checkpoint.source_identity()}
+        return source_record(self.checkpoint)
 
     def _intact(self, shard: PlannedShard, entry: dict, previous: Manifest) -> bool:
         """True when a shard from an earlier run holds what the plan wants, byte for byte."""
@@ -261,13 +266,16 @@ class PreparedCheckpointWriter:
         log.info("wrote prepared checkpoint %s (%d shards)", self.out_dir, len(self.plan))
 
     def _copy_small_files(self) -> None:
-        for source in self.checkpoint.auxiliary_files():
+        files = {source.name: source for source in self.checkpoint.auxiliary_files()}
+        for source in files.values():
             if source.name == MANIFEST_NAME:
                 continue
             data = source.read_bytes()
             if source.name == "config.json":
-                data = prepared_config_bytes(data, self.manifest.layout)
-            write_bytes_atomic(self.out_dir / source.name, data)
+                hf_quant = files.get(HF_QUANT_CONFIG_NAME)
+                data = prepared_config_bytes(data, self.manifest.layout,
+                                             hf_quant.read_bytes() if hf_quant is not None else None)
+            write_bytes_atomic(self.out_dir / prepared_file_name(source.name), data)  # hf_quant_config renamed
 
     def close(self) -> None:
         if self._lock_fd >= 0:

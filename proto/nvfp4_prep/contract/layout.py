@@ -20,6 +20,14 @@ ALL_ACTIVATIONS = ("swiglu", "swigluoai", "swigluoai_uninterleave", "relu2")
 GATED_ACTIVATIONS = ("swiglu", "swigluoai", "swigluoai_uninterleave")
 INTERLEAVED_ACTIVATIONS = ("swigluoai",)
 INPUT_SCALE_POLICIES = ("max", "strict")
+# Recipes that quantize high-precision (BF16, FP16, FP32) experts to NVFP4 before preparing, each byte for byte
+# one tool's: NVIDIA ModelOpt 0.47 NVFP4_DEFAULT_CFG and llm-compressor 0.14 (compressed-tensors NVFP4); the
+# formulas are in nvfp4_prep.pipeline.quantize.recipes. The prepared bytes equal preparing that tool's checkpoint,
+# so the layout id does not name the recipe; the layout record does (``quantize_recipe``, ``quantized_from``).
+QUANTIZE_RECIPES = ("modelopt", "llm-compressor")
+# The layout record's keys that only a quantized layer has (absent otherwise): its recipe, and the torch dtype
+# name of the weights it quantized.
+QUANTIZED_LAYOUT_KEYS = ("quantize_recipe", "quantized_from")
 
 # The (backend -> activations) each profile runs; vLLM 0.33.0's TRT-LLM experts refuse interleaved swigluoai
 # (trtllm_nvfp4_moe.py _supports_activation).

@@ -12,9 +12,16 @@ class TensorForm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TENSOR_FORM_UNSPECIFIED: _ClassVar[TensorForm]
     TENSOR_FORM_STACKED: _ClassVar[TensorForm]
     TENSOR_FORM_PER_EXPERT: _ClassVar[TensorForm]
+
+class Delivery(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DELIVERY_STREAM: _ClassVar[Delivery]
+    DELIVERY_CUDA_IPC: _ClassVar[Delivery]
 TENSOR_FORM_UNSPECIFIED: TensorForm
 TENSOR_FORM_STACKED: TensorForm
 TENSOR_FORM_PER_EXPERT: TensorForm
+DELIVERY_STREAM: Delivery
+DELIVERY_CUDA_IPC: Delivery
 
 class TensorHeader(_message.Message):
     __slots__ = ("name", "dtype", "shape", "byte_length")
@@ -49,15 +56,17 @@ class TensorSet(_message.Message):
     def __init__(self, form: _Optional[_Union[TensorForm, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ...) -> None: ...
 
 class CheckpointRef(_message.Message):
-    __slots__ = ("location", "layer_prefix")
+    __slots__ = ("location", "layer_prefix", "activation_scales_location")
     LOCATION_FIELD_NUMBER: _ClassVar[int]
     LAYER_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_SCALES_LOCATION_FIELD_NUMBER: _ClassVar[int]
     location: str
     layer_prefix: str
-    def __init__(self, location: _Optional[str] = ..., layer_prefix: _Optional[str] = ...) -> None: ...
+    activation_scales_location: str
+    def __init__(self, location: _Optional[str] = ..., layer_prefix: _Optional[str] = ..., activation_scales_location: _Optional[str] = ...) -> None: ...
 
 class PrepareHeader(_message.Message):
-    __slots__ = ("backend", "activation", "input_scale_policy", "layout_version", "tensors", "ref", "resume_from", "profile", "gated_group_size", "shard")
+    __slots__ = ("backend", "activation", "input_scale_policy", "layout_version", "tensors", "ref", "resume_from", "profile", "gated_group_size", "shard", "quantize", "delivery", "node_id", "bulk")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SCALE_POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +77,10 @@ class PrepareHeader(_message.Message):
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     GATED_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    BULK_FIELD_NUMBER: _ClassVar[int]
     backend: str
     activation: str
     input_scale_policy: str
@@ -78,21 +91,87 @@ class PrepareHeader(_message.Message):
     profile: str
     gated_group_size: int
     shard: RankShard
-    def __init__(self, backend: _Optional[str] = ..., activation: _Optional[str] = ..., input_scale_policy: _Optional[str] = ..., layout_version: _Optional[str] = ..., tensors: _Optional[_Union[TensorSet, _Mapping]] = ..., ref: _Optional[_Union[CheckpointRef, _Mapping]] = ..., resume_from: _Optional[_Union[ResumePoint, _Mapping]] = ..., profile: _Optional[str] = ..., gated_group_size: _Optional[int] = ..., shard: _Optional[_Union[RankShard, _Mapping]] = ...) -> None: ...
+    quantize: str
+    delivery: Delivery
+    node_id: str
+    bulk: BulkRequest
+    def __init__(self, backend: _Optional[str] = ..., activation: _Optional[str] = ..., input_scale_policy: _Optional[str] = ..., layout_version: _Optional[str] = ..., tensors: _Optional[_Union[TensorSet, _Mapping]] = ..., ref: _Optional[_Union[CheckpointRef, _Mapping]] = ..., resume_from: _Optional[_Union[ResumePoint, _Mapping]] = ..., profile: _Optional[str] = ..., gated_group_size: _Optional[int] = ..., shard: _Optional[_Union[RankShard, _Mapping]] = ..., quantize: _Optional[str] = ..., delivery: _Optional[_Union[Delivery, str]] = ..., node_id: _Optional[str] = ..., bulk: _Optional[_Union[BulkRequest, _Mapping]] = ...) -> None: ...
+
+class BulkRequest(_message.Message):
+    __slots__ = ("streams",)
+    STREAMS_FIELD_NUMBER: _ClassVar[int]
+    streams: int
+    def __init__(self, streams: _Optional[int] = ...) -> None: ...
+
+class BulkOffer(_message.Message):
+    __slots__ = ("ticket", "port", "streams", "host")
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    STREAMS_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    ticket: bytes
+    port: int
+    streams: int
+    host: str
+    def __init__(self, ticket: _Optional[bytes] = ..., port: _Optional[int] = ..., streams: _Optional[int] = ..., host: _Optional[str] = ...) -> None: ...
 
 class RankShard(_message.Message):
-    __slots__ = ("tp_rank", "tp_size", "ep_rank", "ep_size", "expert_placement")
+    __slots__ = ("tp_rank", "tp_size", "ep_rank", "ep_size", "expert_placement", "inputs_are_shard")
     TP_RANK_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     EP_RANK_FIELD_NUMBER: _ClassVar[int]
     EP_SIZE_FIELD_NUMBER: _ClassVar[int]
     EXPERT_PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_ARE_SHARD_FIELD_NUMBER: _ClassVar[int]
     tp_rank: int
     tp_size: int
     ep_rank: int
     ep_size: int
     expert_placement: str
-    def __init__(self, tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., ep_rank: _Optional[int] = ..., ep_size: _Optional[int] = ..., expert_placement: _Optional[str] = ...) -> None: ...
+    inputs_are_shard: bool
+    def __init__(self, tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., ep_rank: _Optional[int] = ..., ep_size: _Optional[int] = ..., expert_placement: _Optional[str] = ..., inputs_are_shard: _Optional[bool] = ...) -> None: ...
+
+class CudaIpcTensor(_message.Message):
+    __slots__ = ("storage_handle", "storage_size_bytes", "storage_offset_bytes", "tensor_offset", "stride", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required")
+    STORAGE_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    storage_handle: bytes
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    tensor_offset: int
+    stride: _containers.RepeatedScalarFieldContainer[int]
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    def __init__(self, storage_handle: _Optional[bytes] = ..., storage_size_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., tensor_offset: _Optional[int] = ..., stride: _Optional[_Iterable[int]] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
+
+class IpcLayer(_message.Message):
+    __slots__ = ("lease_id", "device_index", "device_uuid", "lease_seconds", "tensors")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    device_index: int
+    device_uuid: str
+    lease_seconds: float
+    tensors: _containers.RepeatedCompositeFieldContainer[CudaIpcTensor]
+    def __init__(self, lease_id: _Optional[str] = ..., device_index: _Optional[int] = ..., device_uuid: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[CudaIpcTensor, _Mapping]]] = ...) -> None: ...
+
+class IpcTaken(_message.Message):
+    __slots__ = ("lease_id",)
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
 
 class ResumePoint(_message.Message):
     __slots__ = ("tensor_index", "offset")
@@ -103,15 +182,17 @@ class ResumePoint(_message.Message):
     def __init__(self, tensor_index: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "taken")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TAKEN_FIELD_NUMBER: _ClassVar[int]
     header: PrepareHeader
     chunk: TensorChunk
-    def __init__(self, header: _Optional[_Union[PrepareHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    taken: IpcTaken
+    def __init__(self, header: _Optional[_Union[PrepareHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., taken: _Optional[_Union[IpcTaken, _Mapping]] = ...) -> None: ...
 
 class Layout(_message.Message):
-    __slots__ = ("layout_id", "backend", "activation", "input_scale_policy", "pipeline_version", "flashinfer_layout_version", "epilogue_tile_m", "sf_vec_size", "num_experts", "hidden_dim", "hidden_dim_unpadded", "intermediate_dim", "intermediate_dim_unpadded", "profile", "flashinfer_release", "gated_group_size", "padding_fill_byte", "hidden_alignment", "intermediate_alignment", "tp_rank", "tp_size", "ep_rank", "ep_size", "expert_placement", "global_num_experts", "expert_ids", "engine_config")
+    __slots__ = ("layout_id", "backend", "activation", "input_scale_policy", "pipeline_version", "flashinfer_layout_version", "epilogue_tile_m", "sf_vec_size", "num_experts", "hidden_dim", "hidden_dim_unpadded", "intermediate_dim", "intermediate_dim_unpadded", "profile", "flashinfer_release", "gated_group_size", "padding_fill_byte", "hidden_alignment", "intermediate_alignment", "tp_rank", "tp_size", "ep_rank", "ep_size", "expert_placement", "global_num_experts", "expert_ids", "engine_config", "quantize_recipe", "quantized_from")
     LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +220,8 @@ class Layout(_message.Message):
     GLOBAL_NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_RECIPE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZED_FROM_FIELD_NUMBER: _ClassVar[int]
     layout_id: str
     backend: str
     activation: str
@@ -166,7 +249,9 @@ class Layout(_message.Message):
     global_num_experts: int
     expert_ids: _containers.RepeatedScalarFieldContainer[int]
     engine_config: EngineConfig
-    def __init__(self, layout_id: _Optional[str] = ..., backend: _Optional[str] = ..., activation: _Optional[str] = ..., input_scale_policy: _Optional[str] = ..., pipeline_version: _Optional[str] = ..., flashinfer_layout_version: _Optional[str] = ..., epilogue_tile_m: _Optional[int] = ..., sf_vec_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_dim: _Optional[int] = ..., hidden_dim_unpadded: _Optional[int] = ..., intermediate_dim: _Optional[int] = ..., intermediate_dim_unpadded: _Optional[int] = ..., profile: _Optional[str] = ..., flashinfer_release: _Optional[str] = ..., gated_group_size: _Optional[int] = ..., padding_fill_byte: _Optional[int] = ..., hidden_alignment: _Optional[int] = ..., intermediate_alignment: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., ep_rank: _Optional[int] = ..., ep_size: _Optional[int] = ..., expert_placement: _Optional[str] = ..., global_num_experts: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., engine_config: _Optional[_Union[EngineConfig, _Mapping]] = ...) -> None: ...
+    quantize_recipe: str
+    quantized_from: str
+    def __init__(self, layout_id: _Optional[str] = ..., backend: _Optional[str] = ..., activation: _Optional[str] = ..., input_scale_policy: _Optional[str] = ..., pipeline_version: _Optional[str] = ..., flashinfer_layout_version: _Optional[str] = ..., epilogue_tile_m: _Optional[int] = ..., sf_vec_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_dim: _Optional[int] = ..., hidden_dim_unpadded: _Optional[int] = ..., intermediate_dim: _Optional[int] = ..., intermediate_dim_unpadded: _Optional[int] = ..., profile: _Optional[str] = ..., flashinfer_release: _Optional[str] = ..., gated_group_size: _Optional[int] = ..., padding_fill_byte: _Optional[int] = ..., hidden_alignment: _Optional[int] = ..., intermediate_alignment: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., ep_rank: _Optional[int] = ..., ep_size: _Optional[int] = ..., expert_placement: _Optional[str] = ..., global_num_experts: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., engine_config: _Optional[_Union[EngineConfig, _Mapping]] = ..., quantize_recipe: _Optional[str] = ..., quantized_from: _Optional[str] = ...) -> None: ...
 
 class EngineConfig(_message.Message):
     __slots__ = ("hidden_dim", "hidden_dim_unpadded", "intermediate_size_per_partition")
@@ -209,12 +294,16 @@ class PreparedHeader(_message.Message):
     def __init__(self, layout: _Optional[_Union[Layout, _Mapping]] = ..., scalars: _Optional[_Union[DerivedScalars, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., cache_hit: _Optional[bool] = ...) -> None: ...
 
 class PrepareResponse(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "bulk", "ipc")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    BULK_FIELD_NUMBER: _ClassVar[int]
+    IPC_FIELD_NUMBER: _ClassVar[int]
     header: PreparedHeader
     chunk: TensorChunk
-    def __init__(self, header: _Optional[_Union[PreparedHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    bulk: BulkOffer
+    ipc: IpcLayer
+    def __init__(self, header: _Optional[_Union[PreparedHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., bulk: _Optional[_Union[BulkOffer, _Mapping]] = ..., ipc: _Optional[_Union[IpcLayer, _Mapping]] = ...) -> None: ...
 
 class GetCapabilitiesRequest(_message.Message):
     __slots__ = ()
@@ -281,7 +370,7 @@ class Limits(_message.Message):
     def __init__(self, chunk_size: _Optional[int] = ..., max_receive_message_bytes: _Optional[int] = ..., max_send_message_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., max_tensor_rank: _Optional[int] = ..., max_tensor_bytes: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., max_concurrent_per_client: _Optional[int] = ..., max_deadline_seconds: _Optional[float] = ...) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("api", "package_version", "torch_version", "flashinfer_version", "pipeline_version", "flashinfer_layout_version", "devices", "backends", "activations", "input_scale_policies", "tensor_forms", "checkpoint_refs", "limits")
+    __slots__ = ("api", "package_version", "torch_version", "flashinfer_version", "pipeline_version", "flashinfer_layout_version", "devices", "backends", "activations", "input_scale_policies", "tensor_forms", "checkpoint_refs", "limits", "quantize_recipes", "bulk_port")
     API_FIELD_NUMBER: _ClassVar[int]
     PACKAGE_VERSION_FIELD_NUMBER: _ClassVar[int]
     TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +384,8 @@ class Capabilities(_message.Message):
     TENSOR_FORMS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_REFS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_RECIPES_FIELD_NUMBER: _ClassVar[int]
+    BULK_PORT_FIELD_NUMBER: _ClassVar[int]
     api: str
     package_version: str
     torch_version: str
@@ -308,4 +399,6 @@ class Capabilities(_message.Message):
     tensor_forms: _containers.RepeatedScalarFieldContainer[TensorForm]
     checkpoint_refs: bool
     limits: Limits
-    def __init__(self, api: _Optional[str] = ..., package_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., flashinfer_version: _Optional[str] = ..., pipeline_version: _Optional[str] = ..., flashinfer_layout_version: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., backends: _Optional[_Iterable[_Union[BackendCapability, _Mapping]]] = ..., activations: _Optional[_Iterable[str]] = ..., input_scale_policies: _Optional[_Iterable[str]] = ..., tensor_forms: _Optional[_Iterable[_Union[TensorForm, str]]] = ..., checkpoint_refs: _Optional[bool] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    quantize_recipes: _containers.RepeatedScalarFieldContainer[str]
+    bulk_port: int
+    def __init__(self, api: _Optional[str] = ..., package_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., flashinfer_version: _Optional[str] = ..., pipeline_version: _Optional[str] = ..., flashinfer_layout_version: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., backends: _Optional[_Iterable[_Union[BackendCapability, _Mapping]]] = ..., activations: _Optional[_Iterable[str]] = ..., input_scale_policies: _Optional[_Iterable[str]] = ..., tensor_forms: _Optional[_Iterable[_Union[TensorForm, str]]] = ..., checkpoint_refs: _Optional[bool] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., quantize_recipes: _Optional[_Iterable[str]] = ..., bulk_port: _Optional[int] = ...) -> None: ...

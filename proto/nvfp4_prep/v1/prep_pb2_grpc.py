@@ -58,7 +58,9 @@ class PrepServicer:
         tensors) every chunk of every tensor, in header order, offsets ascending
         without gaps. Responses: one PrepareResponse.header (layout record,
         derived scalars, tensor headers), then every chunk of every prepared
-        tensor in the same order.
+        tensor in the same order. With PrepareHeader.delivery DELIVERY_CUDA_IPC on
+        the server's node, one PrepareResponse.ipc replaces the chunks and the
+        client ends its requests with PrepareRequest.taken (see Delivery).
 
         A client whose answer stream broke may call again with
         PrepareHeader.resume_from: the answer then starts at that byte.

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
+from nvfp4_prep.contract.layout import QUANTIZED_LAYOUT_KEYS
 from nvfp4_prep.v1 import prep_pb2 as pb
 
 from .errors import FramingError
@@ -22,10 +23,11 @@ ENGINE_FIELDS: tuple[str, ...] = tuple(field.name for field in pb.EngineConfig.D
 
 
 def layout_to_proto(layout: Mapping) -> pb.Layout:
-    missing = [name for name in LAYOUT_FIELDS if name not in layout]
+    """Every field but those of ``QUANTIZED_LAYOUT_KEYS`` must be in ``layout`` (those: only for a quantized layer)."""
+    missing = [name for name in LAYOUT_FIELDS if name not in layout and name not in QUANTIZED_LAYOUT_KEYS]
     if missing:
         raise KeyError(f"layout record lacks {missing}")
-    fields = {name: layout[name] for name in LAYOUT_FIELDS if name != "engine_config"}
+    fields = {name: layout[name] for name in LAYOUT_FIELDS if name != "engine_config" and name in layout}
     engine = layout["engine_config"]
     if engine is not None:  # None: the profile records nothing on the engine's layer
         fields["engine_config"] = pb.EngineConfig(**engine)
@@ -33,7 +35,8 @@ def layout_to_proto(layout: Mapping) -> pb.Layout:
 
 
 def layout_from_proto(message: pb.Layout) -> dict:
-    record = {name: getattr(message, name) for name in LAYOUT_FIELDS if name != "engine_config"}
+    record = {name: getattr(message, name) for name in LAYOUT_FIELDS
+              if name != "engine_config" and (name not in QUANTIZED_LAYOUT_KEYS or getattr(message, name))}
     record["expert_ids"] = list(message.expert_ids)
     record["engine_config"] = ({name: getattr(message.engine_config, name) for name in ENGINE_FIELDS}
                                if message.HasField("engine_config") else None)

@@ -15,15 +15,20 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .discovery import MoeLayer, discover_moe_layers
 from .errors import CheckpointInvalid, CheckpointNotFound, shown
 from .files import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, Identity, identity, parse_json, read_bounded
-from .formats import CONFIG, HF_QUANT_CONFIG, QuantFormat, detect_format
+from .formats import BF16, CONFIG, HF_QUANT_CONFIG, QuantFormat, detect_format
 from .location import Found, Opened, PathLike, Tree
+from .rank_read import RankReads, plan_rank_reads, read_rank_experts
 from .safetensors_file import MAX_HEADER_BYTES, Interrupt, SafetensorsFile, TensorEntry
+
+if TYPE_CHECKING:
+    from nvfp4_prep.pipeline.shard import Shard
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +113,21 @@ class Checkpoint:
         start = len(prefix) + 1
         return {name[start:]: self.read_tensor(name, interrupt=interrupt) for name in layer.tensor_names}
 
+    def rank_reads(self, prefix: str, shard: Shard) -> RankReads:
+        """What ``read_layer(prefix, shard=shard)`` reads, from the headers alone (for admission); PrepError
+        naming the shard coordinate (``tp_size``, ``ep_size``) that the layer cannot be cut by."""
+        return plan_rank_reads(self.layer(prefix), self.entry, shard)
+
+    @property
+    def bytes_read(self) -> int:
+        """Tensor bytes read from the shard files so far."""
+        return sum(shard.bytes_read for shard in self._shards.values())
+
     def read_layer(self, prefix: str, activation: str = "swiglu", pin_memory: bool = False, *,
-                   interrupt: Interrupt | None = None) -> dict[str, torch.Tensor]:
-        """The stacked form of a layer (SPEC section 2), ready for ``prepare``.
+                   interrupt: Interrupt | None = None, shard: Shard | None = None) -> dict[str, torch.Tensor]:
+        """The stacked form of a layer (SPEC section 2), ready for ``prepare``; with ``shard``, that rank's
+        input shard (SPEC section 11, see ``rank_read``), ready for ``prepare(..., inputs="shard")``, of which
+        only the rank's bytes are read.
 
         The per-expert tensors are read from the shards, then ``assemble_layer``
         copies them once into the stacked tensors. With ``pin_memory`` and CUDA
@@ -119,13 +136,32 @@ class Checkpoint:
         """
         from nvfp4_prep.pipeline import PrepError, assemble_layer
 
+        if self.format == BF16:
+            raise CheckpointInvalid(f"{shown(self.directory)}: layer {shown(prefix)} holds unquantized expert weights "
+                                    "(a bf16 checkpoint); quantize them first with a recipe (modelopt or "
+                                    "llm-compressor) and their activation scales (read_bf16_layer)")
+        scales: dict[str, torch.Tensor] = {}
+        if shard is None:
+            tensors = self.read_expert_tensors(prefix, interrupt=interrupt)
+        else:
+            tensors, scales = read_rank_experts(self.layer(prefix), self.rank_reads(prefix, shard), self.shard_of,
+                                                self.quant.name, activation, interrupt)
         try:
-            stacked = assemble_layer(self.read_expert_tensors(prefix, interrupt=interrupt), activation=activation)
+            stacked = {**assemble_layer(tensors, activation=activation), **scales}
         except PrepError as exc:
             raise CheckpointInvalid(f"{shown(prefix)}: {exc}") from None
         if pin_memory and torch.cuda.is_available():
             stacked = {name: tensor.pin_memory() for name, tensor in stacked.items()}
         return stacked
+
+    def read_bf16_layer(self, prefix: str, *, interrupt: Interrupt | None = None) -> dict[str, torch.Tensor]:
+        """The unquantized (bf16, fp16 or fp32) per-expert weights of a layer of a ``bf16`` checkpoint, keyed
+        ``"3.up_proj.weight"``: what ``pipeline.quantize.quantize_layer`` takes. CheckpointInvalid for an NVFP4
+        checkpoint (``read_layer`` reads those). ``interrupt``: see ``read_expert_tensors``."""
+        if self.format != BF16:
+            raise CheckpointInvalid(f"{shown(self.directory)}: is a {self.format} checkpoint, NVFP4 already; "
+                                    "expected an unquantized (BF16, FP16 or FP32) checkpoint to quantize")
+        return self.read_expert_tensors(prefix, interrupt=interrupt)
 
     def shard_files(self, prefix: str | None = None) -> list[SafetensorsFile]:
         """The shards holding a layer's tensors, or every shard."""

@@ -4,7 +4,8 @@ Two naming schemes exist in the wild (SPEC section 2): ``<p>.mlp.experts.<e>.
 {gate_proj,up_proj,down_proj}`` (Qwen-MoE, DeepSeek) and ``<p>.block_sparse_moe.
 experts.<e>.{w1,w3,w2}`` (Mixtral). Shared experts (``mlp.shared_experts``) and
 dense MLPs do not match either and stay untouched, as do layers the quantization
-config excludes and layers whose experts carry no NVFP4 tensors.
+config excludes and layers whose experts carry no NVFP4 tensors (in a ``bf16``
+checkpoint, every layer whose experts have weights).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def _check_layer(prefix: str, found: dict[int, dict[str, set[str]]], quant: Quan
             for suffix in quant.suffixes:
                 if suffix not in present:
                     raise CheckpointInvalid(
-                        f"{shown(prefix)}.{expert}.{proj}.{suffix}: tensor missing; an NVFP4 projection needs "
+                        f"{shown(prefix)}.{expert}.{proj}.{suffix}: tensor missing; a {quant.name} projection needs "
                         f"{', '.join(quant.suffixes)}")
                 names.append(f"{prefix}.{expert}.{proj}.{suffix}")
     return MoeLayer(prefix, projections, len(experts), quant.suffixes, names)
@@ -101,7 +102,8 @@ def discover_moe_layers(tensor_names: Iterable[str], quant: QuantFormat) -> list
     for prefix, found in grouped.items():
         if quant.excludes(prefix):
             continue
-        quantized = any(quant.suffixes[1] in suffixes and quant.suffixes[0] in suffixes
+        # A weight and its block scale (a bf16 format's one tensor, the weight) mark a layer of this format.
+        quantized = any(all(suffix in suffixes for suffix in quant.suffixes[:2])
                         for projs in found.values() for suffixes in projs.values())
         modules = [f"{prefix}.{e}.{p}" for e, projs in found.items() for p in projs]
         if not quantized or all(quant.excludes(module) for module in modules):

@@ -3,7 +3,9 @@
 ModelOpt is recognised by ``hf_quant_config.json`` (``quantization.quant_algo ==
 "NVFP4"``) or by a ``config.json`` quantization_config whose ``quant_method``
 starts with ``modelopt``; compressed-tensors by ``quant_method ==
-"compressed-tensors"`` with the ``nvfp4-pack-quantized`` format. The format
+"compressed-tensors"`` with the ``nvfp4-pack-quantized`` format. A ``config.json``
+without any quantization config is an unquantized (BF16, FP16 or FP32) checkpoint,
+format ``bf16``, whose experts are quantized before they are prepared. The format
 decides the per-projection tensor names.
 """
 
@@ -16,11 +18,13 @@ from .exclusions import Exclusions
 
 MODELOPT = "modelopt"
 COMPRESSED_TENSORS = "compressed-tensors"
+BF16 = "bf16"
 
 # Per-projection tensor suffixes, in the order weight, block scale, global weight scale, input scale.
 PROJECTION_SUFFIXES = {
     MODELOPT: ("weight", "weight_scale", "weight_scale_2", "input_scale"),
     COMPRESSED_TENSORS: ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale"),
+    BF16: ("weight",),
 }
 
 CT_NVFP4_FORMAT = "nvfp4-pack-quantized"
@@ -81,6 +85,8 @@ def detect_format(configs: dict[str, dict | None], directory: str) -> QuantForma
             raise CheckpointInvalid(
                 f"{directory}/{HF_QUANT_CONFIG}: quantization.quant_algo is {shown(repr(algo))}, expected 'NVFP4'")
 
+    if hf_quant is None and "quantization_config" not in config:
+        return QuantFormat(BF16, Exclusions([], f"{directory}/{CONFIG}"))
     qconfig = config.get("quantization_config") if config is not None else None
     where = f"{directory}/{CONFIG} quantization_config"
     if not isinstance(qconfig, dict):

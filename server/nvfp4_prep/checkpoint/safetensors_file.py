@@ -8,7 +8,8 @@ tensors, in bounded chunks, from the descriptor whose header was checked; nothin
 is memory-mapped, because a mapped file that shrinks under a reader (``cp`` over a
 shard) kills the whole process with SIGBUS. A file that shrinks, or whose identity
 (size, mtime, ctime) changes between the header and the end of a tensor's read, is
-a CheckpointInvalid saying it changed while being read.
+a CheckpointInvalid saying it changed while being read. A block of a 2-D tensor (a rank's rows or columns) is
+read the same way, range by range, so that only its bytes are read.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,6 +110,9 @@ class SafetensorsFile:
         if fd is None:
             fd = self._open()
         self._fd = fd
+        # Tensor bytes read so far (headers not counted), for tests and metrics.
+        self.bytes_read = 0
+        self._count_lock = threading.Lock()
         self._closer = weakref.finalize(self, os.close, fd)
         try:
             stat = require_regular(fd, str(path))
@@ -188,43 +193,80 @@ class SafetensorsFile:
         except KeyError:
             raise CheckpointNotFound(f"{self._display}: no tensor named {shown(name)!r}") from None
 
-    def _read_into(self, out: torch.Tensor, start: int, interrupt: Interrupt | None) -> None:
-        """Fills the flat uint8 tensor ``out`` with the file's bytes from ``start``, chunk by chunk."""
+    def _read_into(self, out: torch.Tensor, ranges: list[tuple[int, int]], interrupt: Interrupt | None) -> None:
+        """Fills the flat uint8 tensor ``out`` with the file's byte ranges ``(start, length)``, one after another,
+        in bounded chunks; ``interrupt`` is called before the first and after every ``READ_CHUNK_BYTES``."""
         fd = self._descriptor()
         view = memoryview(out.numpy()) if out.numel() else memoryview(b"")
         self.check_unchanged()
-        done = 0
-        while done < len(view):
-            if interrupt is not None:
-                interrupt()
-            want = min(READ_CHUNK_BYTES, len(view) - done)
-            try:
-                got = os.preadv(fd, [view[done:done + want]], start + done)
-            except OSError as exc:
-                raise os_error(exc, "safetensors file", str(self.path)) from None
-            if got == 0:
-                raise self._changed(f"it ended at byte {start + done}, before the tensor's end at {start + len(view)}")
-            done += got
+        done, unchecked = 0, READ_CHUNK_BYTES
+        try:
+            for start, length in ranges:
+                end, offset = done + length, start - done  # view[i] holds the file's byte i + offset
+                while done < end:
+                    if interrupt is not None and unchecked >= READ_CHUNK_BYTES:
+                        interrupt()
+                        unchecked = 0
+                    got = os.preadv(fd, [view[done:min(end, done + READ_CHUNK_BYTES)]], done + offset)
+                    if got == 0:
+                        raise self._changed(f"it ended at byte {done + offset}, before the tensor's end at "
+                                            f"{end + offset}")
+                    done += got
+                    unchecked += got
+        except OSError as exc:
+            raise os_error(exc, "safetensors file", str(self.path)) from None
+        finally:
+            with self._count_lock:
+                self.bytes_read += done
         self.check_unchanged()
+
+    def _torch_dtype(self, entry: TensorEntry) -> torch.dtype:
+        dtype = TORCH_DTYPES.get(entry.dtype)
+        if dtype is None:
+            raise CheckpointInvalid(
+                f"{self._display}: tensor {shown(entry.name)!r} has dtype {entry.dtype}, which torch cannot hold")
+        return dtype
 
     def raw(self, name: str, *, pin_memory: bool = False, interrupt: Interrupt | None = None) -> torch.Tensor:
         """The tensor's bytes as a flat uint8 tensor of its own (page-locked with ``pin_memory`` and CUDA)."""
         entry = self.entry(name)
         out = torch.empty(entry.nbytes, dtype=torch.uint8,
                           pin_memory=pin_memory and entry.nbytes > 0 and torch.cuda.is_available())
-        self._read_into(out, entry.start, interrupt)
+        self._read_into(out, [(entry.start, entry.nbytes)], interrupt)
         return out
 
     def tensor(self, name: str, *, pin_memory: bool = False, interrupt: Interrupt | None = None) -> torch.Tensor:
         """The tensor with its dtype and shape, read into memory of its own."""
         entry = self.entry(name)
-        dtype = TORCH_DTYPES.get(entry.dtype)
-        if dtype is None:
-            raise CheckpointInvalid(
-                f"{self._display}: tensor {shown(name)!r} has dtype {entry.dtype}, which torch cannot hold")
+        dtype = self._torch_dtype(entry)
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=dtype)
         return self.raw(name, pin_memory=pin_memory, interrupt=interrupt).view(dtype).reshape(entry.shape)
+
+    def block(self, name: str, rows: tuple[int, int], cols: tuple[int, int], *,
+              interrupt: Interrupt | None = None) -> torch.Tensor:
+        """Rows ``[r, r + n)`` and columns ``[c, c + m)`` (``rows = (r, n)``, ``cols = (c, m)``) of a 2-D tensor,
+        reading only their bytes: one range when whole rows are asked for, else one range per row."""
+        entry = self.entry(name)
+        dtype = self._torch_dtype(entry)
+        bits = DTYPE_BITS[entry.dtype]
+        (first, count), (col, width) = rows, cols
+        if (len(entry.shape) != 2 or not 0 <= first <= first + count <= entry.shape[0]
+                or not 0 <= col <= col + width <= entry.shape[1] or (col * bits) % 8 or (width * bits) % 8):
+            raise CheckpointInvalid(
+                f"{self._display}: tensor {shown(name)!r} has shape {list(entry.shape)} (dtype {entry.dtype}); "
+                f"expected a 2-D tensor holding rows {first}..{first + count - 1} and whole bytes of columns "
+                f"{col}..{col + width - 1}")
+        row_bytes, skip, take = entry.shape[1] * bits // 8, col * bits // 8, width * bits // 8
+        base = entry.start + first * row_bytes
+        if take == row_bytes:
+            ranges = [(base, count * row_bytes)]
+        else:
+            ranges = [(base + row * row_bytes + skip, take) for row in range(count)]
+        out = torch.empty(count * take, dtype=torch.uint8)
+        if out.numel():
+            self._read_into(out, ranges, interrupt)
+        return out.view(dtype).reshape(count, width)
 
     def close(self) -> None:
         """Closes the descriptor (also done when the object is collected)."""

@@ -23,7 +23,7 @@ def _words(tensor: torch.Tensor, plan: GatherPlan, rows: int, cols: int) -> torc
 def apply(plan: GatherPlan, source: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Write the prepared bytes of ``source`` ([E, ...], any byte dtype) into ``out``.
 
-    On CUDA a Triton kernel gathers every output word once. The torch path
+    On CUDA a Triton kernel gathers every output word once (``triton_gather``). The torch path
     scatters each input word once to its destination (the maps are
     injective), then zeroes only the padding. Neither makes an intermediate
     copy of the tensor.
@@ -32,7 +32,7 @@ def apply(plan: GatherPlan, source: torch.Tensor, out: torch.Tensor) -> torch.Te
     src = _words(source, plan, plan.in_rows, plan.in_cols)
     dst = _words(out, plan, plan.out_rows, plan.out_cols)
     if _KERNEL != "torch" and triton_gather.available(source):
-        triton_gather.gather(src_map, src, dst)
+        triton_gather.gather(plan, src_map, src, dst)
         return out
     data = dst if plan.out_cols == plan.in_cols else dst.narrow(2, 0, plan.in_cols)
     data.index_copy_(1, inverse, src)

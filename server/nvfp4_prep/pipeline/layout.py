@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from nvfp4_prep.contract.layout import (
     EPILOGUE_TILE_M,
     FLASHINFER_LAYOUT_VERSION,
@@ -126,3 +128,10 @@ def layout_record(backend: str, activation: str, policy: str, dims: LayerDims, *
     })
     record["engine_config"] = engine_config(backend, profile, dims)
     return record
+
+
+def quantized_record(record: dict, recipe: str, source_dtype: torch.dtype) -> dict:
+    """``record`` of a layer quantized by ``recipe`` from ``source_dtype`` weights before it was prepared: the same
+    record (the bytes, and so the layout id, are those of preparing the recipe's tool's checkpoint) with
+    ``quantize_recipe`` and ``quantized_from`` (the dtype's torch name, e.g. ``"bfloat16"``) added."""
+    return {**record, "quantize_recipe": recipe, "quantized_from": str(source_dtype).removeprefix("torch.")}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,19 @@ WEIGHT_WORD = torch.int64
 SCALE_WORDS = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 
+@dataclass(frozen=True, eq=False)
+class ScaleTiles:
+    """The row gather and 128x4 tiling that a flat scale map folds together, kept apart for a tiled kernel.
+
+    One word is a quad of scales (four columns of one row), so tile column ``k`` of row band ``b`` holds,
+    for rows ``32 i + j`` of the band, words at ``j * 4 + i`` of its 128 (SPEC P4).
+    """
+
+    rows: torch.Tensor  # source row of each output row, -1 for padding, padded to whole 128-row tiles
+    words_per_row: int  # quads per source row
+    col_tiles: int  # tile columns per row band (padding included)
+
+
 @dataclass(eq=False)
 class GatherPlan:
     """``out[:, r, :in_cols] = in[:, src[r], :]``; rows with ``src < 0`` and columns past ``in_cols`` are zero."""
@@ -34,6 +48,7 @@ class GatherPlan:
     out_rows: int
     out_cols: int
     src: torch.Tensor
+    tiles: ScaleTiles | None = None
     inverse: torch.Tensor = field(init=False)
     padding: torch.Tensor = field(init=False)
     _on_device: dict = field(init=False, default_factory=dict, repr=False)
@@ -47,10 +62,17 @@ class GatherPlan:
 
     def maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(src, inverse, padding) on ``device``, copied there once."""
-        key = str(device)
+        return self._cached(device, "maps", lambda: tuple(m.to(device) for m in (self.src, self.inverse, self.padding)))
+
+    def tile_rows(self, device: torch.device) -> torch.Tensor:
+        """``tiles.rows`` on ``device``, copied there once (tiled plans only)."""
+        return self._cached(device, "tile_rows", lambda: self.tiles.rows.to(device))
+
+    def _cached(self, device: torch.device, what: str, make: Callable[[], object]):
+        key = (str(device), what)
         with self._lock:
             if key not in self._on_device:
-                self._on_device[key] = tuple(m.to(device) for m in (self.src, self.inverse, self.padding))
+                self._on_device[key] = make()
             return self._on_device[key]
 
 
@@ -110,7 +132,12 @@ def _scale_plan(rows: torch.Tensor, in_rows: int, in_cols: int, out_cols: int) -
     valid = (rows >= 0).unsqueeze(1).expand_as(dest)
     flat = torch.full((tiled_rows * tiled_cols // width,), -1, dtype=torch.long)
     flat[dest[valid]] = source[valid]
-    plan = GatherPlan(SCALE_WORDS[width], in_rows * words_per_row, 1, len(flat), 1, flat)
+    tiles = None
+    if width == 4:
+        band_rows = torch.full((tiled_rows,), -1, dtype=torch.long)
+        band_rows[:len(rows)] = rows
+        tiles = ScaleTiles(band_rows, words_per_row, tiled_cols // 4)
+    plan = GatherPlan(SCALE_WORDS[width], in_rows * words_per_row, 1, len(flat), 1, flat, tiles)
     return plan, (tiled_rows, tiled_cols)
 
 

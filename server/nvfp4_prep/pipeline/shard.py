@@ -1,4 +1,4 @@
-"""SPEC section 11: what one engine rank holds of a MoE layer, and those input bytes cut out of the whole layer.
+"""SPEC section 11: what one engine rank holds of a MoE layer, and its input shard cut out of the whole layer.
 
 The rank's experts (vLLM's ``linear`` or ``round_robin`` placement) and its slice of the intermediate
 dimension (vLLM's FusedMoE weight loader) are taken before any gather, so that a rank never pays for the
@@ -7,15 +7,19 @@ whole layer: contiguous experts are views, and each tensor is copied at most onc
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from nvfp4_prep.contract.errors import PrepError
-from nvfp4_prep.contract.layout import EXPERT_PLACEMENTS
+from nvfp4_prep.contract.layout import EXPERT_PLACEMENTS, STACKED_NAMES
 
 # Byte columns of W2 per 16 intermediate values, and block-scale columns.
 _W2_BYTES_PER_16, _S2_COLS_PER_16 = 8, 1
+_WEIGHTS = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
+# What ``prepare(inputs=...)`` is given: the whole layer, or a rank's input shard (SPEC section 11).
+INPUT_FORMS = ("layer", "shard")
 
 
 def _is_int(value: object) -> bool:
@@ -100,16 +104,21 @@ def take_rows(tensor: torch.Tensor, ids: tuple[int, ...], ranges: list[tuple[int
     return tensor[experts.unsqueeze(1), rows.unsqueeze(0)]
 
 
-def rank_inputs(tensors: dict[str, torch.Tensor], shard: Shard, ids: tuple[int, ...], inter: int, gated: bool,
+def rank_inputs(tensors: Mapping[str, torch.Tensor], shard: Shard, ids: tuple[int, ...], inter: int, gated: bool,
                 interleaved: bool) -> dict[str, torch.Tensor]:
-    """The rank's W13, S13, W2 and S2 bytes (uint8), cut by SPEC section 11 from the whole layer's."""
+    """The rank's input shard cut by SPEC section 11 from the whole layer's tensors (dtypes kept): W13, S13, W2,
+    S2 and the global weight scales of its experts, and the input scales of every expert (the reductions of the
+    FlashInfer backends run over all of them)."""
     if shard.tp_size == 1:
-        return {name: take_rows(tensors[name], ids, None)
-                for name in ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")}
-    ranges = shard.gemm1_row_ranges(inter, gated, interleaved)
-    local = inter // shard.tp_size
-    out = {name: take_rows(tensors[name], ids, ranges) for name in ("w13_weight", "w13_weight_scale")}
-    for name, per_16 in (("w2_weight", _W2_BYTES_PER_16), ("w2_weight_scale", _S2_COLS_PER_16)):
-        width = local // 16 * per_16
-        out[name] = select_experts(tensors[name].view(torch.uint8).narrow(2, shard.tp_rank * width, width), ids)
-    return out
+        out = {name: take_rows(tensors[name], ids, None) for name in _WEIGHTS}
+    else:
+        ranges = shard.gemm1_row_ranges(inter, gated, interleaved)
+        local = inter // shard.tp_size
+        out = {name: take_rows(tensors[name], ids, ranges) for name in ("w13_weight", "w13_weight_scale")}
+        for name, per_16 in (("w2_weight", _W2_BYTES_PER_16), ("w2_weight_scale", _S2_COLS_PER_16)):
+            width = local // 16 * per_16
+            out[name] = select_experts(tensors[name].view(torch.uint8).narrow(2, shard.tp_rank * width, width), ids)
+    out = {name: value.view(tensors[name].dtype) for name, value in out.items()}
+    out.update({name: select_experts(tensors[name], ids) for name in ("w13_weight_scale_2", "w2_weight_scale_2")})
+    out.update({name: tensors[name] for name in ("w13_input_scale", "w2_input_scale")})
+    return {name: out[name] for name in STACKED_NAMES}

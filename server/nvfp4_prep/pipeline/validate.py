@@ -19,6 +19,10 @@ from nvfp4_prep.contract.layout import (
 )
 
 from .layout import LayerDims
+from .shard import Shard
+
+# The per-expert scale tensors of the stacked form, in the order their values are checked.
+SCALE_NAMES = ("w13_weight_scale_2", "w13_input_scale", "w2_weight_scale_2", "w2_input_scale")
 
 BLOCK_SCALE_DTYPES = (torch.float8_e4m3fn, torch.uint8)
 
@@ -48,20 +52,29 @@ def _dtype(name: str, tensor: torch.Tensor, allowed: tuple[torch.dtype, ...]) ->
         raise PrepError(name, f"has dtype {str(tensor.dtype).removeprefix('torch.')}", names)
 
 
-def _scale_values(name: str, tensor: torch.Tensor) -> None:
-    _dtype(name, tensor, (torch.float32,))
-    bad = ~torch.isfinite(tensor) | (tensor <= 0)
-    if bool(bad.any()):
-        index = tuple(int(i) for i in bad.nonzero()[0])
-        value = float(tensor[index])
-        raise PrepError(name, f"holds {value} at index {list(index)}", "finite values > 0")
-
-
 def _global_scale(name: str, tensor: torch.Tensor, experts: int, pair_allowed: bool) -> None:
     shapes = [(experts,)] + ([(experts, 2)] if pair_allowed else [])
     if tuple(tensor.shape) not in shapes:
         raise PrepError(name, f"has shape {list(tensor.shape)}", " or ".join(str(list(s)) for s in shapes))
-    _scale_values(name, tensor)
+    _dtype(name, tensor, (torch.float32,))
+
+
+def host_scales(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The four per-expert scale tensors (checked by ``check_layer``) on the host, each checked finite and > 0.
+
+    They are a few floats per expert: checking and reducing them on the host costs one wait for the device
+    (on the first copy) instead of one per check, and ``prepare`` makes these copies after its gathers are
+    queued, so that the wait overlaps them.
+    """
+    host = {}
+    for name in SCALE_NAMES:
+        tensor = tensors[name].detach().cpu()
+        bad = ~torch.isfinite(tensor) | (tensor <= 0)
+        if bool(bad.any()):
+            index = tuple(int(i) for i in bad.nonzero()[0])
+            raise PrepError(name, f"holds {float(tensor[index])} at index {list(index)}", "finite values > 0")
+        host[name] = tensor
+    return host
 
 
 def check_options(backend: str, activation: str, policy: str, profile: str, gated_group_size: int,
@@ -105,26 +118,55 @@ def check_alignment(backend: str, dims: LayerDims, *, profile: str = "seed", gat
 
 
 def validate(tensors: Mapping[str, torch.Tensor], backend: str, activation: str, policy: str, *,
-             profile: str = "seed", gated_group_size: int = 64) -> LayerDims:
-    """Check the options and a stacked layer; return the layer's dimensions, unpadded.
+             profile: str = "seed", gated_group_size: int = 64, shard: Shard | None = None) -> LayerDims:
+    """Check the options and a stacked layer (or, with ``shard``, that rank's input shard: see ``check_layer``);
+    return the dimensions of what the tensors hold, unpadded.
 
     The backend's paddings and alignment needs apply to what a rank holds: see ``check_alignment``.
     """
     check_options(backend, activation, policy, profile, gated_group_size)
+    return check_layer(tensors, activation in GATED_ACTIVATIONS, shard)
+
+
+def _held_experts(tensors: Mapping[str, torch.Tensor], shard: Shard) -> tuple[int, str]:
+    """How many experts the rank's input shard holds, and the words that say why, from the layer's expert count
+    (the length of ``w2_input_scale``, which an input shard carries for every expert of the layer)."""
+    shard.check()
+    a2 = _tensor(tensors, "w2_input_scale")
+    if a2.dim() != 1 or a2.shape[0] == 0:
+        raise PrepError("w2_input_scale", f"has shape {list(a2.shape)}",
+                        "[E] with E >= 1: the input scales of every expert of the layer, which an input shard "
+                        "carries (SPEC section 11)")
+    ids = shard.expert_ids(a2.shape[0])
+    why = (f"the {len(ids)} experts that ep_rank {shard.ep_rank} of ep_size {shard.ep_size} "
+           f"({shard.expert_placement}) holds of the E = {a2.shape[0]} experts that w2_input_scale gives")
+    return len(ids), why
+
+
+def check_layer(tensors: Mapping[str, torch.Tensor], gated: bool, shard: Shard | None = None) -> LayerDims:
+    """Check the names, dtypes, shapes and devices of a stacked layer's tensors; return its dimensions, unpadded.
+    Nothing here reads tensor data (the values of the scales: ``host_scales``).
+
+    With ``shard`` they are that rank's input shard (SPEC section 11): weights, block scales and global weight
+    scales of the rank's experts only, its intermediate slice (``I`` is then the rank's ``I / tp_size``), and
+    the input scales of every expert of the layer; ``num_experts`` is then the rank's count.
+    """
     unknown = sorted(str(name) for name in tensors if name not in STACKED_NAMES)
     if unknown:
         raise PrepError(unknown[0], "is not a tensor of the stacked form",
                         "only " + ", ".join(STACKED_NAMES) + " (SPEC section 2)")
-    gated = activation in GATED_ACTIVATIONS
     devices = {t.device for name in STACKED_NAMES if isinstance(t := tensors.get(name), torch.Tensor)}
     if len(devices) > 1:
         raise PrepError("tensors", f"live on devices {sorted(map(str, devices))}", "one device")
+    held, why = _held_experts(tensors, shard) if shard is not None else (None, "")
 
     w13 = _tensor(tensors, "w13_weight")
     _dtype("w13_weight", w13, (torch.uint8,))
     if w13.dim() != 3:
         raise PrepError("w13_weight", f"has {w13.dim()} dimensions", "3: [E, N1, H/2]")
     experts, n1, half_hidden = w13.shape
+    if held is not None and experts != held:
+        raise PrepError("w13_weight", f"has shape {list(w13.shape)}", f"[{held}, N1, H/2]: {why}")
     if experts == 0:
         raise PrepError("w13_weight", "has E = 0 experts", "at least one expert")
     if gated and n1 % 2:
@@ -147,9 +189,10 @@ def validate(tensors: Mapping[str, torch.Tensor], backend: str, activation: str,
     _dtype("w2_weight_scale", s2, BLOCK_SCALE_DTYPES)
     _shape("w2_weight_scale", s2, (experts, hidden, inter // 16), "[E, H, I/16]")
 
+    layer_experts = tensors["w2_input_scale"].shape[0] if held is not None else experts
     _global_scale("w13_weight_scale_2", _tensor(tensors, "w13_weight_scale_2"), experts, True)
-    _global_scale("w13_input_scale", _tensor(tensors, "w13_input_scale"), experts, True)
+    _global_scale("w13_input_scale", _tensor(tensors, "w13_input_scale"), layer_experts, True)
     _global_scale("w2_weight_scale_2", _tensor(tensors, "w2_weight_scale_2"), experts, False)
-    _global_scale("w2_input_scale", _tensor(tensors, "w2_input_scale"), experts, False)
+    _global_scale("w2_input_scale", _tensor(tensors, "w2_input_scale"), layer_experts, False)
 
     return LayerDims(experts, hidden, inter, gated, hidden, inter)

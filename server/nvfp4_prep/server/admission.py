@@ -32,14 +32,19 @@ class Admission:
         """A worker and the reservation for streamed tensors: inputs, assembly copy and outputs."""
         self.limits.check_tensors(specs)
         worker = self.pick_worker()
-        need = reservation_bytes(specs, per_expert, params.backend, params.activation)
+        need = reservation_bytes(specs, per_expert, params.backend, params.activation, params.profile,
+                                 quantize=bool(params.quantize))
         return worker, worker.budget.reserve(need, deadline, cancelled)
 
     def admit_referenced(self, specs: Sequence[TensorSpec], params: Params, deadline: float,
                          cancelled: Callable[[], bool]) -> tuple[DeviceWorker, Reservation]:
-        """A worker and the reservation for a layer read from a checkpoint: the stacked inputs and outputs."""
+        """A worker and the reservation for a layer read from a checkpoint: the stacked inputs and outputs (a layer
+        to quantize: its per-expert weights, what quantizing holds, and outputs)."""
         self.limits.check_tensors(specs, "header.ref")
-        inputs = sum(spec.byte_length for spec in specs)
-        outputs = prepared_bytes(specs, True, params.backend, params.activation) or inputs
         worker = self.pick_worker()
+        if params.quantize:
+            need = reservation_bytes(specs, True, params.backend, params.activation, params.profile, quantize=True)
+            return worker, worker.budget.reserve(need, deadline, cancelled)
+        inputs = sum(spec.byte_length for spec in specs)
+        outputs = prepared_bytes(specs, True, params.backend, params.activation, params.profile) or inputs
         return worker, worker.budget.reserve(inputs + outputs, deadline, cancelled)

@@ -36,7 +36,8 @@ def _backend(backend: str) -> pb.BackendCapability:
     return pb.BackendCapability(backend=backend, layout_versions=ids, profiles=profiles)
 
 
-def build_capabilities(workers: Sequence[DeviceWorker], limits: pb.Limits, checkpoint_refs: bool) -> pb.Capabilities:
+def build_capabilities(workers: Sequence[DeviceWorker], limits: pb.Limits, checkpoint_refs: bool,
+                       bulk_port: int = 0) -> pb.Capabilities:
     return pb.Capabilities(
         api=API,
         package_version=_version("nvfp4-prep"),
@@ -51,4 +52,6 @@ def build_capabilities(workers: Sequence[DeviceWorker], limits: pb.Limits, check
         tensor_forms=[pb.TENSOR_FORM_STACKED, pb.TENSOR_FORM_PER_EXPERT],
         checkpoint_refs=checkpoint_refs,
         limits=limits,
+        quantize_recipes=list(layout.QUANTIZE_RECIPES),
+        bulk_port=bulk_port,
     )

@@ -62,6 +62,15 @@ def _port(text: str) -> int:
     return number
 
 
+def _bulk_address(text: str | None) -> tuple[str, int] | None:
+    if text is None or not str(text).strip():
+        return None
+    host, colon, port = str(text).strip().rpartition(":")
+    if not colon or not host.strip("[]"):
+        raise ValueError("expected HOST:PORT")
+    return host, _port(port)
+
+
 def _optional_host(text: str | None) -> str | None:
     return None if text is None else _host(text)
 
@@ -279,6 +288,21 @@ FLAGS = (
     _Flag("max-connection-age", "300", _seconds, "seconds >= 0, 0 disables",
           "seconds after which the server asks a client to reconnect, so that round_robin clients spread over new "
           "replicas; running calls get --max-deadline to finish (0 disables)"),
+    _Flag("ipc-lease-timeout", "30", _seconds, "seconds >= 0, 0 disables",
+          "seconds a client on this node that asked for CUDA IPC delivery may take to copy a layer out of the "
+          "server's GPU memory and say so; the layer's memory (and budget) is freed then at the latest, and the "
+          "call fails with DEADLINE_EXCEEDED (0: never hand out CUDA IPC handles, always stream)"),
+    _Flag("bulk-address", None, _bulk_address, "HOST:PORT, e.g. 0.0.0.0:50052 (port 0 picks a free one)",
+          "address of the bulk transport: calls that ask for it move their tensor chunks over TCP connections to "
+          "this port instead of the gRPC stream, with TLS (and client certificates) as the gRPC port has them and "
+          "a one-time ticket per call (default: off, every byte travels over gRPC)"),
+    _Flag("bulk-advertise-host", None, _optional_host, "a host name or address",
+          "address clients dial for the bulk port, e.g. the pod's IP, so that a bulk connection reaches the replica "
+          "whose call handed out the ticket even behind a load-balanced Service (default: the host the client's "
+          "channel targets)"),
+    _Flag("bulk-ticket-timeout", "30", _positive_seconds, "seconds > 0",
+          "seconds a bulk ticket admits connections after its call handed it out (and after the call ended, a "
+          "refusal still says why)"),
 )
 _DEFAULTS = {flag.attribute: flag.parse(flag.default) for flag in FLAGS}
 
@@ -331,6 +355,10 @@ class ServeConfig:
     keepalive_timeout: float = _DEFAULTS["keepalive_timeout"]
     keepalive_permit_time: float = _DEFAULTS["keepalive_permit_time"]
     max_connection_age: float = _DEFAULTS["max_connection_age"]
+    bulk_address: tuple[str, int] | None = _DEFAULTS["bulk_address"]  # None: no bulk transport
+    bulk_advertise_host: str | None = _DEFAULTS["bulk_advertise_host"]
+    bulk_ticket_timeout: float = _DEFAULTS["bulk_ticket_timeout"]
+    ipc_lease_timeout: float = _DEFAULTS["ipc_lease_timeout"]  # 0: no CUDA IPC delivery
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServeConfig:
@@ -361,4 +389,8 @@ class ServeConfig:
         if self.health_port and self.health_port in (self.port, self.metrics_port):
             raise ConfigError(f"--health-port: {self.health_port} is already the gRPC or the metrics port "
                               "(expected a port of its own, or 0)")
+        if self.bulk_address is not None and self.bulk_address[1] and \
+                self.bulk_address[1] in (self.port, self.metrics_port, self.health_port):
+            raise ConfigError(f"--bulk-address: port {self.bulk_address[1]} is already the gRPC, metrics or health "
+                              "port (expected a port of its own, or 0)")
         return self

@@ -126,12 +126,14 @@ class Metrics:
     status name; ``request_seconds`` (method, backend) their duration;
     ``stage_seconds`` (stage, backend) the time of each stage in ``STAGES``;
     ``received_bytes`` (backend, source) and ``sent_bytes`` (backend) tensor
-    payload bytes; ``inflight`` (method) RPCs being served; ``queue_depth``
+    payload bytes; ``checkpoint_read_bytes`` (backend) tensor bytes read from
+    checkpoint files; ``inflight`` (method) RPCs being served; ``queue_depth``
     (device) requests waiting for memory budget; ``memory_budget_bytes`` and
     ``memory_in_use_bytes`` (device) the budget and how much of it is held;
     ``cache_hits``, ``cache_misses`` and ``cache_bytes`` the prepared-layer
-    cache. GPU memory is read at scrape time (``GpuMemoryCollector``), and so
-    are refused calls (``watch_refusals``). ``page`` is what ``/metrics`` serves:
+    cache; ``bulk_refused`` (reason) refused bulk connections. GPU memory is
+    read at scrape time (``GpuMemoryCollector``), and so are refused calls
+    (``watch_refusals``). ``page`` is what ``/metrics`` serves:
     the registry without ``_created`` series.
     """
 
@@ -152,6 +154,9 @@ class Metrics:
         self.received_bytes = Counter(
             "received_bytes", "Tensor bytes taken in, from the request stream or a checkpoint.",
             ["backend", "source"], namespace=NAMESPACE, registry=registry)
+        self.checkpoint_read_bytes = Counter(
+            "checkpoint_read_bytes", "Tensor bytes read from checkpoint files (for a rank shard, the rank's only).",
+            ["backend"], namespace=NAMESPACE, registry=registry)
         self.sent_bytes = Counter(
             "sent_bytes", "Prepared tensor bytes sent to clients.",
             ["backend"], namespace=NAMESPACE, registry=registry)
@@ -167,6 +172,10 @@ class Metrics:
         self.memory_in_use_bytes = Gauge(
             "memory_budget_in_use_bytes", "Bytes of the memory budget held by running requests.",
             ["device"], namespace=NAMESPACE, registry=registry)
+        self.bulk_refused = Counter(
+            "bulk_refused", "Bulk connections refused, by reason: unknown, replayed, expired or revoked ticket, "
+            "malformed hello, failed handshake (TLS, or no hello in time), busy (too many handshakes at once).",
+            ["reason"], namespace=NAMESPACE, registry=registry)
         self.cache_hits = Counter(
             "cache_hits", "Prepare requests answered from the prepared-layer cache.",
             namespace=NAMESPACE, registry=registry)

@@ -2,7 +2,9 @@
 
 proto3 cannot tell an omitted field from its zero value, so each omitted field means its documented default
 (grpcurl users send such headers): an empty activation is "swiglu", an empty policy "max", an empty profile
-"seed", a gated group size of 0 is 64 and an unset shard is the whole layer.
+"seed", a gated group size of 0 is 64, an unset shard is the whole layer, streamed whole
+(``inputs_are_shard`` false), an empty ``quantize`` means the source is NVFP4 already, and an unset ``delivery``
+streams the answer.
 """
 
 from __future__ import annotations
@@ -18,13 +20,20 @@ from nvfp4_prep.contract.layout import (
     INPUT_SCALE_POLICIES,
     PIPELINE_VERSION,
     PROFILES,
+    QUANTIZE_RECIPES,
     backend_activations,
     layout_id,
 )
+from nvfp4_prep.pipeline.shard import Shard
 from nvfp4_prep.v1 import prep_pb2 as pb
 
 from .cache import CacheKey
 from .errors import LayoutUnavailable, invalid
+
+# header.delivery's values, by the names the server logs.
+STREAM, CUDA_IPC = "stream", "cuda_ipc"
+DELIVERIES = {pb.DELIVERY_STREAM: STREAM, pb.DELIVERY_CUDA_IPC: CUDA_IPC}
+MAX_NODE_ID_CHARS = 512
 
 
 @dataclass(frozen=True)
@@ -40,17 +49,33 @@ class Params:
     ep_rank: int = 0
     ep_size: int = 1
     expert_placement: str = "linear"
+    # What the source gives the pipeline: "layer" (the whole layer) or "shard" (the rank's input shard: streamed
+    # with ``inputs_are_shard``, or read by the server from a checkpoint reference with a shard).
+    inputs: str = "layer"
+    # The recipe that quantizes a high-precision source first (``header.quantize``); empty: the source is NVFP4.
+    quantize: str = ""
+    # How the answer travels (``header.delivery``), and the client's node for CUDA IPC; neither changes its bytes.
+    delivery: str = STREAM
+    node_id: str = ""
+
+    @property
+    def shard(self) -> Shard:
+        return Shard(self.tp_rank, self.tp_size, self.ep_rank, self.ep_size, self.expert_placement)
 
     def cache_key(self, source: str) -> CacheKey:
         """The cache key of this layout of the layer whose identity is ``source`` (the layout id names the
-        profile, release, options and shard)."""
+        profile, release, options and shard; the same streamed bytes cut differently as an input shard)."""
+        if self.inputs == "shard":
+            source = f"{source}|inputs=shard"
+        if self.quantize:  # the same weights quantized by another recipe give other bytes
+            source = f"{source}|quantize={self.quantize}"
         return CacheKey(source, self.backend, self.activation, self.policy, self.layout_id, PIPELINE_VERSION)
 
     def options(self) -> dict:
         """The keyword arguments of ``nvfp4_prep.pipeline.prepare`` beyond backend, activation and policy."""
         return {"profile": self.profile, "gated_group_size": self.gated_group_size, "tp_rank": self.tp_rank,
                 "tp_size": self.tp_size, "ep_rank": self.ep_rank, "ep_size": self.ep_size,
-                "expert_placement": self.expert_placement}
+                "expert_placement": self.expert_placement, "inputs": self.inputs}
 
 
 def _choice(field: str, value: str, choices: tuple[str, ...]) -> None:
@@ -69,6 +94,45 @@ def _shard(shard: pb.RankShard) -> dict:
     return values
 
 
+def _inputs(header: pb.PrepareHeader, shard: dict) -> str:
+    """"shard" when the source gives the rank's input shard (SPEC section 11), else "layer"."""
+    source = header.WhichOneof("source")
+    if header.quantize:
+        if header.shard.inputs_are_shard:
+            raise invalid("header.shard.inputs_are_shard", "is true with header.quantize",
+                          "false: the whole high-precision layer, which the server quantizes (an expert's global "
+                          "scale is over all its rows) before it cuts the rank's shard")
+        return "layer"  # read or received whole, quantized, then cut by prepare
+    if header.shard.inputs_are_shard:
+        if source == "ref":
+            raise invalid("header.shard.inputs_are_shard", "is true for a checkpoint reference",
+                          "false: the server reads the rank's bytes of a referenced layer itself")
+        if header.tensors.form == pb.TENSOR_FORM_PER_EXPERT:
+            raise invalid("header.shard.inputs_are_shard", "is true for TENSOR_FORM_PER_EXPERT tensors",
+                          "TENSOR_FORM_STACKED: an input shard is sent stacked, with the input scales of every "
+                          "expert of the layer")
+        return "shard"
+    whole = shard["tp_size"] == 1 and shard["ep_size"] == 1
+    return "shard" if source == "ref" and not whole else "layer"
+
+
+def _delivery(header: pb.PrepareHeader) -> tuple[str, str]:
+    """(delivery, node id): "stream", or "cuda_ipc" with the client's node id (``nvfp4_prep.contract.node``)."""
+    if header.delivery not in DELIVERIES:
+        raise invalid("header.delivery", f"is {header.delivery}", "DELIVERY_STREAM (0) or DELIVERY_CUDA_IPC (1)")
+    delivery = DELIVERIES[header.delivery]
+    if len(header.node_id) > MAX_NODE_ID_CHARS:
+        raise invalid("header.node_id", f"is {len(header.node_id)} characters long",
+                      f"at most {MAX_NODE_ID_CHARS}: a boot id, '/' and a hostname")
+    if delivery == CUDA_IPC and not header.node_id:
+        raise invalid("header.node_id", "is empty with DELIVERY_CUDA_IPC",
+                      "the client's node: its boot id, '/' and its hostname (nvfp4_prep.contract.node)")
+    if delivery == STREAM and header.node_id:
+        raise invalid("header.node_id", "is set without DELIVERY_CUDA_IPC",
+                      "empty, or header.delivery DELIVERY_CUDA_IPC")
+    return delivery, header.node_id
+
+
 def read_params(header: pb.PrepareHeader) -> Params:
     """The header's parameters, checked; a profile or layout version this server cannot produce is
     LayoutUnavailable (FAILED_PRECONDITION)."""
@@ -81,6 +145,8 @@ def read_params(header: pb.PrepareHeader) -> Params:
     _choice("header.activation", activation, backend_activations(profile, header.backend))
     policy = header.input_scale_policy or "max"
     _choice("header.input_scale_policy", policy, INPUT_SCALE_POLICIES)
+    if header.quantize:
+        _choice("header.quantize", header.quantize, QUANTIZE_RECIPES)
     group = header.gated_group_size or DEFAULT_GATED_GROUP_SIZE
     if group not in GATED_GROUP_SIZES:
         raise invalid("header.gated_group_size", f"is {group}", "64 or 16 (0 means 64)")
@@ -91,4 +157,6 @@ def read_params(header: pb.PrepareHeader) -> Params:
         raise LayoutUnavailable(
             f"header.layout_version: this server produces {produced!r} for this request, "
             f"not {header.layout_version!r}", "header.layout_version")
-    return Params(header.backend, activation, policy, produced, profile, group, **shard)
+    delivery, node = _delivery(header)
+    return Params(header.backend, activation, policy, produced, profile, group, **shard,
+                  inputs=_inputs(header, shard), quantize=header.quantize, delivery=delivery, node_id=node)

@@ -1,8 +1,9 @@
 """One Prepare stream, from its header to its last response chunk.
 
 The call reads its parameters, lets its source admit and bring in the layer, prepares it and has the
-responder stream it back (or replay it from the cache). Everything it allocates is local to the call, so
-a client that goes away (or an error) frees it when the generator closes.
+responder stream it back (or replay it from the cache), or, for a client on this node that asked for CUDA IPC,
+hands it over as device memory handles (``ipc``). Everything it allocates is local to the call, so a client that
+goes away (or an error) frees it when the generator closes.
 """
 
 from __future__ import annotations
@@ -13,22 +14,31 @@ from collections.abc import Iterator
 import grpc
 
 from nvfp4_prep.v1 import prep_pb2 as pb
+from nvfp4_prep.wire import chunk_of
 
+from .bulk.connection import BulkHub, BulkSession
 from .cache import CachedLayer
+from .config import ServeConfig
 from .deadline import CallClock
 from .errors import CallCancelled, invalid
-from .params import Params, read_params
+from .ipc import IpcLease, stream_reason
+from .params import CUDA_IPC, Params, read_params
 from .resources import CallResources
 from .responder import Responder
 from .sources import LayerOnDevice, ReferencedSource, StreamedSource
+from .status import end_from_another_thread, status_of
 
 
 class PrepareCall:
-    """A call whose ``header`` arrived (and was admitted); ``requests`` are the messages after it."""
+    """A call whose ``header`` arrived (and was admitted); ``requests`` are the messages after it.
+    ``ipc_lease_seconds``: --ipc-lease-timeout."""
 
     def __init__(self, resources: CallResources, header: pb.PrepareHeader, requests: Iterator,
-                 context: grpc.ServicerContext, clock: CallClock, summary: dict[str, object]) -> None:
+                 context: grpc.ServicerContext, clock: CallClock, summary: dict[str, object],
+                 bulk: BulkHub | None = None, ipc_lease_seconds: float = ServeConfig.ipc_lease_timeout) -> None:
         self._resources = resources
+        self._ipc_lease_seconds = ipc_lease_seconds
+        self._bulk = bulk
         self._header = header
         self._requests = requests
         self._context = context
@@ -42,23 +52,39 @@ class PrepareCall:
         header = self._header
         params = read_params(header)
         self.summary.update(backend=params.backend, activation=params.activation, policy=params.policy)
+        if params.quantize:
+            self.summary["quantize"] = params.quantize
         kind = header.WhichOneof("source")
         self.summary["source"] = kind
         if kind == "tensors":
-            source = StreamedSource(header.tensors, self._requests, self._resources, params, self._clock,
-                                    self._cancelled)
+            # A client that asked for CUDA IPC keeps its stream open after its chunks, for PrepareRequest.taken.
+            requests = _announced(self._requests, header.tensors) if params.delivery == CUDA_IPC else self._requests
+            source = StreamedSource(header.tensors, requests, self._resources, params, self._clock, self._cancelled)
         elif kind == "ref":
             source = ReferencedSource(header.ref, self._resources, params, self._clock, self._cancelled)
         else:
             raise invalid("header.source", "is not set", "header.tensors or header.ref")
         responder = Responder(header, self._resources, self.summary)
+        session = None
         try:
+            if header.HasField("bulk"):  # the offer comes first, then the client's choice
+                session = BulkSession(self._bulk, header.bulk, self._context, self._clock, self._cancelled)
+                yield session.offer()
+                requests, responder.bulk = session.choose(self._requests)
+                if isinstance(source, StreamedSource):
+                    source.requests, source.bulk = requests, responder.bulk
+                if responder.bulk is not None:
+                    self.summary["bulk_streams"] = responder.bulk.streams
             with source.layer() as layer:
                 if isinstance(layer, CachedLayer):
+                    if params.delivery == CUDA_IPC:
+                        self.summary["delivery"] = "stream (a cached answer: the cache holds encoded chunks)"
                     yield from responder.replay(layer)
                 else:
                     yield from self._compute_and_send(layer, params, responder)
         finally:
+            if session is not None:
+                session.close()
             if source.inputs:
                 self.summary["bytes_in"] = source.inputs
 
@@ -71,7 +97,52 @@ class PrepareCall:
         started = time.perf_counter()
         with self._resources.metrics.stage_timer("prepare", params.backend), self._clock.doing("preparing the layer"):
             prepared = layer.worker.prepare(layer.tensors.pop(), layer.per_expert, params.backend, params.activation,
-                                            params.policy, self._clock.deadline, params.options())
+                                            params.policy, self._clock.deadline, params.options(), params.quantize)
         self.summary["compute_s"] = round(time.perf_counter() - started, 4)
-        layer.reservation.shrink(layer.inputs * (2 if layer.per_expert else 1))
+        if params.quantize:  # inputs, their NVFP4 form and the temporaries are gone: only the outputs remain
+            outputs = sum(tensor.numel() * tensor.element_size() for tensor in prepared.tensors.values())
+            layer.reservation.shrink(layer.reservation.nbytes - outputs)
+        else:
+            layer.reservation.shrink(layer.inputs * (2 if layer.per_expert else 1))
+        reason = stream_reason(params, layer.worker, self._ipc_lease_seconds, self._header.HasField("resume_from"))
+        if params.delivery == CUDA_IPC and not reason:
+            lease = IpcLease(layer.worker, prepared, self._ipc_lease_seconds, self._end)
+            del prepared  # the lease holds the only references: ending it frees the memory
+            yield from self._hand_over(lease)
+            return
+        if reason:
+            self.summary["delivery"] = f"stream ({reason})"
         yield from responder.send(layer.worker, prepared, layer.ring, layer.key, params.backend)
+
+    def _hand_over(self, lease: IpcLease) -> Iterator[pb.PrepareResponse]:
+        """Sends the header and the CUDA IPC handles, then holds the tensors (and the call's memory budget)
+        until the client takes them, the call ends, or the lease runs out (see ``ipc``). Not cached: the cache
+        holds encoded chunks, which this answer never makes."""
+        self.summary.update(delivery="cuda_ipc", bytes_out=lease.nbytes)
+        try:
+            yield pb.PrepareResponse(header=lease.header)
+            yield pb.PrepareResponse(ipc=lease.message)
+            handed = time.perf_counter()
+            with self._clock.doing("waiting for its client to copy the layer handed over by CUDA IPC", client=True):
+                lease.wait_taken(self._requests)
+            self.summary["handover_s"] = round(time.perf_counter() - handed, 4)  # the client's open, copy and take
+        finally:
+            lease.release()
+
+    def _end(self, error: Exception) -> None:
+        """Ends the call from another thread (its handler waits inside gRPC for the client)."""
+        end_from_another_thread(self._context, status_of(error))
+
+
+def _announced(requests: Iterator, tensors: pb.TensorSet) -> Iterator:
+    """``requests`` up to the last byte the header announced, leaving the stream open behind them (a client
+    that asked for CUDA IPC ends it with PrepareRequest.taken, not after its chunks)."""
+    total = sum(tensor.byte_length for tensor in tensors.tensors)
+    received = 0
+    while received < total:
+        request = next(requests, None)
+        if request is None:
+            return
+        chunk = chunk_of(request)
+        received += len(chunk.data) if chunk is not None else 0  # anything else: the source refuses it
+        yield request

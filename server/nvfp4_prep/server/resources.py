@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .admission import Admission
+from .bounded_runner import BoundedRunner
 from .cache import PreparedCache
-from .deadline import BoundedRunner
 from .metrics import Metrics
 
 

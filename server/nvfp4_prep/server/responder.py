@@ -14,6 +14,7 @@ from nvfp4_prep.pipeline import PreparedLayer
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import Prefetch, encode_chunk, header_for, layout_to_proto, scalars_to_proto
 
+from .bulk.connection import BulkChannel
 from .cache import CachedLayer, CacheKey
 from .resources import CallResources
 from .resume import START, ResumePoint, bytes_before, read_resume, remaining, renumbered, replay_from
@@ -22,10 +23,14 @@ from .worker import DeviceWorker
 
 
 class Responder:
+    """Sends the answer: its header on the gRPC stream, its chunks there too or, when ``bulk`` is set, over the
+    call's bulk connections (the stream then ends once every chunk was written)."""
+
     def __init__(self, header: pb.PrepareHeader, resources: CallResources, summary: dict) -> None:
         self._header = header
         self._resources = resources
         self._summary = summary
+        self.bulk: BulkChannel | None = None
 
     def send(self, worker: DeviceWorker, prepared: PreparedLayer, ring: PinnedRing | None, key: CacheKey | None,
              backend: str) -> Iterator[pb.PrepareResponse | bytes]:
@@ -50,10 +55,11 @@ class Responder:
         encoded = Prefetch(encode_chunk(index, offset, data) for index, offset, data in copied)
         try:
             with metrics.stage_timer("send", backend):
-                for message in encoded:
-                    if kept is not None:
-                        kept.append(message)
-                    yield message
+                messages = _keeping(encoded, kept)
+                if self.bulk is not None:
+                    self.bulk.send(messages)
+                else:
+                    yield from messages
         finally:
             encoded.close()
             metrics.stage_seconds.labels("device_to_host", backend).observe(copied.seconds)
@@ -70,7 +76,10 @@ class Responder:
         sizes = [tensor.byte_length for tensor in header.tensors]
         point = self._resume_point(sizes)
         yield pb.PrepareResponse(header=header)
-        yield from replay_from(cached.chunks, point)
+        if self.bulk is not None:
+            self.bulk.send(replay_from(cached.chunks, point))
+        else:
+            yield from replay_from(cached.chunks, point)
         self._summary["bytes_sent"] = cached.nbytes - bytes_before(point, sizes)
 
     def _resume_point(self, sizes: list[int]) -> ResumePoint:
@@ -79,6 +88,14 @@ class Responder:
         if point != START:
             self._summary["resume_from"] = f"{point.tensor_index}:{point.offset}"
         return point
+
+
+def _keeping(messages: Iterator[bytes], kept: list[bytes] | None) -> Iterator[bytes]:
+    """``messages``, each also appended to ``kept`` (for the cache) unless it is None."""
+    for message in messages:
+        if kept is not None:
+            kept.append(message)
+        yield message
 
 
 class _Timed:

@@ -27,22 +27,28 @@ from nvfp4_prep.wire import MESSAGE_OVERHEAD
 
 from . import logs
 from .auth import TokenAuthInterceptor
+from .bulk.connection import BulkHub
+from .bulk.listener import BulkListener
+from .bulk.tickets import TicketBook
 from .cache import PreparedCache
 from .capabilities import build_capabilities
 from .config import ConfigError, ServeConfig
 from .deadline import Ceiling
+from .device_probe import LIVENESS_NAME, DeviceProbe, device_checks
 from .limits import RequestLimits
 from .metrics import Metrics
 from .metrics_http import MetricsHttpServer, serve_metrics
 from .refusals import RefusalLog
 from .service import PrepService, add_to_server
+from .tls import https_context
 from .transport import HealthPort, channel_options, interceptors, listen
 from .worker import DeviceWorker, auto_budget, resolve_devices
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Prep"].full_name
-HEALTH_NAMES = ("", SERVICE_NAME)
+# "" is the whole server (start-up probe), the Prep service readiness, LIVENESS_NAME liveness (the device probe).
+HEALTH_NAMES = ("", SERVICE_NAME, LIVENESS_NAME)
 # Request chunks up to this size are always accepted, whatever --chunk-size says.
 MIN_ACCEPTED_CHUNK = 4 << 20
 # Threads beyond --max-concurrent in the pool that Prepare streams, health checks, capabilities and
@@ -83,14 +89,24 @@ class PrepServer:
             max_concurrent_per_client=config.max_concurrent_per_client,
             max_deadline_seconds=config.max_deadline,
         )
-        capabilities = build_capabilities(self.workers, limits, bool(config.allowed_roots))
         self.metrics = Metrics([str(worker.device) for worker in self.workers])
         self.metrics.watch(self.workers, self.cache)
         self.metrics_server: MetricsHttpServer | None = None
         self.ceiling = Ceiling(config.max_deadline, config.header_timeout, config.idle_timeout)
+        self.bulk = bulk_listener(config, self.metrics)
+        hub = None
+        if self.bulk is not None:
+            hub = BulkHub(self.bulk.book, self.bulk.port, advertised_bulk_host(config), self.ceiling.idle_seconds,
+                          receive_limit)
+        capabilities = build_capabilities(self.workers, limits, bool(config.allowed_roots),
+                                          self.bulk.port if self.bulk is not None else 0)
         self.service = PrepService(self.workers, self.cache, config.chunk_size, config.allowed_roots, capabilities,
-                                   self.metrics, request_limits, self.ceiling)
+                                   self.metrics, request_limits, self.ceiling, hub,
+                                   ipc_lease_seconds=config.ipc_lease_timeout)
         self.health = health.HealthServicer(experimental_non_blocking=True)
+        # A wedged device turns liveness (and readiness) NOT_SERVING; on the CPU it stays SERVING.
+        self.device_probe = DeviceProbe(self.health, device_checks(w.device for w in self.workers),
+                                        (LIVENESS_NAME, SERVICE_NAME))
         auth = interceptors(config)
         # One refusal log for the gRPC port and /metrics: refused calls are counted and logged together.
         self.refusals = next((i.refusals for i in auth if isinstance(i, TokenAuthInterceptor)), RefusalLog())
@@ -138,17 +154,22 @@ class PrepServer:
                 self.stop(grace=0)
                 raise
         self._server.start()
+        if self.bulk is not None:
+            self.bulk.start()
         if self.health_port is not None:
             self.health_port.start()
         for name in HEALTH_NAMES:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.device_probe.start()
         config = self.config
-        log.info("serving %s on %s:%d (%s%s%s) with %s", SERVICE_NAME, config.host, self.port,
+        log.info("serving %s on %s:%d (%s%s%s%s) with %s", SERVICE_NAME, config.host, self.port,
                  "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext",
                  ", bearer token" if config.auth_token_file else "",
                  f", health also on plaintext port {self.health_port.port}" if self.health_port else "",
+                 f", bulk transport on port {self.bulk.port}" if self.bulk is not None else "",
                  ", ".join(f"{w.device} (budget {w.budget.capacity} bytes)" for w in self.workers),
-                 extra={"port": self.port, "health_port": self.health_port.port if self.health_port else 0})
+                 extra={"port": self.port, "health_port": self.health_port.port if self.health_port else 0,
+                        "bulk_port": self.bulk.port if self.bulk is not None else 0})
         return self
 
     def drain(self, timeout: float | None = None) -> bool:
@@ -167,6 +188,8 @@ class PrepServer:
     def stop(self, grace: float | None = None) -> bool:
         """Stops serving and ends every thread the server started (its pools, the watchdog, /metrics); False if a
         Prepare handler had still not returned ``STOP_MARGIN`` seconds after its call was cancelled."""
+        if self.bulk is not None:  # first: a call blocked on a bulk connection then fails at once
+            self.bulk.stop()
         self._server.stop(grace).wait()
         self._rpc_pool.shutdown(wait=False, cancel_futures=True)
         returned = self.service.wait_handlers(STOP_MARGIN)
@@ -175,6 +198,7 @@ class PrepServer:
                       self.service.in_flight, STOP_MARGIN)
         if self.health_port is not None:
             self.health_port.stop(grace)
+        self.device_probe.stop()
         self.service.close()
         self.ceiling.stop()
         if self.metrics_server is not None:
@@ -192,6 +216,27 @@ def admissible_request_bytes(max_request_bytes: int, workers: list[DeviceWorker]
     the largest memory budget, since a request holds its inputs and its prepared outputs at once."""
     admissible = max(worker.budget.capacity for worker in workers) // 2
     return min(max_request_bytes, admissible) if max_request_bytes else admissible
+
+
+def bulk_listener(config: ServeConfig, metrics: Metrics) -> BulkListener | None:
+    """The bulk port of --bulk-address (None when it is off), TLS with the gRPC port's certificate and client CA
+    when the gRPC port runs TLS."""
+    if config.bulk_address is None:
+        return None
+    context = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        context = https_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+    host, port = config.bulk_address
+    return BulkListener(host, port, TicketBook(config.bulk_ticket_timeout), metrics, context)
+
+
+def advertised_bulk_host(config: ServeConfig) -> str:
+    """The host a BulkOffer names: --bulk-advertise-host, else the bulk address's own host unless it is a
+    wildcard, else "" (the client dials the host its channel targets)."""
+    if config.bulk_advertise_host:
+        return config.bulk_advertise_host
+    host = config.bulk_address[0] if config.bulk_address is not None else ""
+    return "" if host in ("0.0.0.0", "::", "[::]", "") else host.removeprefix("[").removesuffix("]")
 
 
 def run(config: ServeConfig) -> int:

@@ -29,8 +29,11 @@ from nvfp4_prep.wire import (
 )
 
 from .admission import Admission
+from .bounded_runner import BoundedRunner
+from .bulk.connection import BulkHub
 from .cache import PreparedCache
-from .deadline import BoundedRunner, CallClock, Ceiling
+from .config import ServeConfig
+from .deadline import CallClock, Ceiling
 from .decode import decode_request_or_malformed, reject_malformed
 from .errors import ServerDraining, invalid
 from .limits import ConcurrencyGate, RequestLimits
@@ -51,7 +54,7 @@ REFUSAL_FIELDS = (MAX_CONCURRENT_FIELD, MAX_CONCURRENT_PER_CLIENT_FIELD)
 
 
 class PrepService(prep_pb2_grpc.PrepServicer):
-    """Shared state of the Prepare calls: workers, cache, draining.
+    """Shared state of the Prepare calls: workers, cache, the bulk transport (None: off), draining.
 
     ``in_flight`` (Prepare handlers running, those still waiting for their header included; ``gate`` counts
     the admitted ones) and ``outcomes`` (finished calls by status name, "OK" for success) are plain
@@ -60,8 +63,11 @@ class PrepService(prep_pb2_grpc.PrepServicer):
 
     def __init__(self, workers: Sequence[DeviceWorker], cache: PreparedCache, chunk_size: int,
                  allowed_roots: Sequence[Path], capabilities: pb.Capabilities, metrics: Metrics,
-                 limits: RequestLimits, ceiling: Ceiling) -> None:
+                 limits: RequestLimits, ceiling: Ceiling, bulk: BulkHub | None = None,
+                 ipc_lease_seconds: float = ServeConfig.ipc_lease_timeout) -> None:
         self.workers = list(workers)
+        self.bulk = bulk
+        self.ipc_lease_seconds = ipc_lease_seconds
         self.capabilities = capabilities
         self.metrics = metrics
         self.ceiling = ceiling
@@ -103,7 +109,8 @@ class PrepService(prep_pb2_grpc.PrepServicer):
                 slot = _Slot(self.gate, client, self._idle)
                 clock.on_end(slot.release)  # a call the watchdog ends gives its slot back at once
                 self.metrics.inflight.labels("Prepare").inc()
-                yield from clock.sent(PrepareCall(self.resources, header, requests, context, clock, summary).run())
+                yield from clock.sent(PrepareCall(self.resources, header, requests, context, clock, summary,
+                                                       self.bulk, self.ipc_lease_seconds).run())
                 finished = True
         except Exception as err:
             failure = status_of(err)

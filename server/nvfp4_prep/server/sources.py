@@ -22,11 +22,15 @@ from typing import TypeVar
 import torch
 
 from nvfp4_prep import checkpoint as ckpt
+from nvfp4_prep.checkpoint.formats import BF16
 from nvfp4_prep.checkpoint.safetensors_file import TORCH_DTYPES
+from nvfp4_prep.pipeline.shard import Shard
 from nvfp4_prep.v1 import prep_pb2 as pb
-from nvfp4_prep.wire import TensorReceiver, TensorSpec, chunk_of, read_headers
+from nvfp4_prep.wire import Chunk, TensorReceiver, TensorSpec, chunk_of, read_headers
 
+from .activation_scales import ActivationScales, read_activation_scales
 from .budget import Reservation
+from .bulk.connection import BulkChannel
 from .cache import CachedLayer, CacheKey
 from .deadline import CallClock
 from .errors import CallCancelled, ReferencesRefused, invalid
@@ -52,7 +56,8 @@ class LayerOnDevice:
 
 
 class StreamedSource:
-    """The tensors announced in ``header.tensors`` and sent as chunks after the header."""
+    """The tensors announced in ``header.tensors`` and sent as chunks after the header: on the request stream
+    (``requests``), or over the call's bulk connections when ``bulk`` is set."""
 
     def __init__(self, tensor_set: pb.TensorSet, requests: Iterator, resources: CallResources, params: Params,
                  clock: CallClock, cancelled: Callable[[], bool]) -> None:
@@ -61,7 +66,8 @@ class StreamedSource:
                           "TENSOR_FORM_STACKED or TENSOR_FORM_PER_EXPERT")
         self._form = tensor_set.form
         self._specs = read_headers(tensor_set.tensors, "header.tensors.tensors")
-        self._requests = requests
+        self.requests = requests
+        self.bulk: BulkChannel | None = None
         self._resources = resources
         self._params = params
         self._clock = clock
@@ -95,13 +101,13 @@ class StreamedSource:
             cache_on = self._resources.cache.enabled
             hasher = ContentHasher(self._resources.hash_pool, self._specs, self._form) if cache_on else None
             receiver = TensorReceiver(self._specs, sink, "tensors")
-            for request in self._requests:
-                chunk = chunk_of(request)
-                if chunk is None:
-                    raise invalid("request.header", "arrived again", "only chunks after the first header")
-                data = receiver.add(chunk)
-                if hasher is not None:
-                    hasher.add(data)
+            # The hasher reads a chunk's bytes after the next chunk came: bulk frames then get buffers of their own.
+            chunks = self._inline() if self.bulk is None else self.bulk.chunks(reuse=hasher is None)
+            with contextlib.closing(chunks):  # stops the bulk readers at once on an error
+                for chunk in chunks:
+                    data = receiver.add(chunk)
+                    if hasher is not None:
+                        hasher.add(data)
             receiver.finish()
             with self._clock.doing("hashing the received tensors"):
                 return [sink.tensors()], hasher.hexdigest() if hasher is not None else None
@@ -109,6 +115,13 @@ class StreamedSource:
             close = getattr(sink, "close", None)
             if close is not None:
                 close()
+
+    def _inline(self) -> Iterator[Chunk | pb.TensorChunk]:
+        for request in self.requests:
+            chunk = chunk_of(request)
+            if chunk is None:
+                raise invalid("request.header", "arrived again", "only chunks after the first header")
+            yield chunk
 
 
 class ReferencedSource:
@@ -123,6 +136,7 @@ class ReferencedSource:
             raise invalid("header.ref.location", "is empty", "a checkpoint directory or file under an allowed root")
         if not ref.layer_prefix:
             raise invalid("header.ref.layer_prefix", "is empty", "an experts prefix such as model.layers.3.mlp.experts")
+        check_scales_location(ref, params)
         self._ref = ref
         self._resources = resources
         self._params = params
@@ -139,28 +153,51 @@ class ReferencedSource:
             checkpoint = self._bounded(lambda _interrupt: ckpt.open_checkpoint(location, roots),
                                        f"opening checkpoint {location}", owned, ckpt.Checkpoint.close)
             owned.callback(checkpoint.close)
+            scales = self._activation_scales(checkpoint, owned)
             key = None
             if self._resources.cache.enabled:
-                key = self._params.cache_key(f"ref:{checkpoint.source_identity(prefix)}|{prefix}")
+                identity = f"ref:{checkpoint.source_identity(prefix)}|{prefix}"
+                key = self._params.cache_key(identity if scales is None else f"{identity}|scales:{scales.identity}")
                 cached = lookup(self._resources, key)
                 if cached is not None:
                     yield cached
                     return
-            specs = entry_specs(checkpoint, prefix)
+            shard = self._params.shard if self._params.inputs == "shard" else None
+            specs = entry_specs(checkpoint, prefix, shard)
             self.inputs = sum(spec.byte_length for spec in specs)
             with self._clock.doing("waiting for device memory"):
                 worker, reservation = self._resources.admission.admit_referenced(
                     specs, self._params, self._clock.deadline, self._cancelled)
             owned.enter_context(reservation)
             activation, pin = self._params.activation, worker.is_cuda
-            with metrics.stage_timer("read", backend):
-                stacked = self._bounded(
-                    lambda interrupt: checkpoint.read_layer(prefix, activation, pin_memory=pin, interrupt=interrupt),
-                    f"reading layer {prefix} of checkpoint {location}", owned)
+            try:
+                with metrics.stage_timer("read", backend):
+                    stacked = self._bounded(
+                        lambda interrupt: read_layer(checkpoint, prefix, activation, pin, interrupt, shard, scales),
+                        f"reading layer {prefix} of checkpoint {location}", owned)
+            finally:
+                metrics.checkpoint_read_bytes.labels(backend).inc(checkpoint.bytes_read)
             with metrics.stage_timer("host_to_device", backend):
                 received = [worker.to_device(stacked) if worker.is_cuda else stacked]
             del stacked
-            yield LayerOnDevice(worker, reservation, received, self.inputs, False, worker.ring(), key)
+            yield LayerOnDevice(worker, reservation, received, self.inputs, scales is not None, worker.ring(), key)
+
+    def _activation_scales(self, checkpoint: ckpt.Checkpoint, owned: contextlib.ExitStack
+                           ) -> ActivationScales | None:
+        """The scales to quantize a BF16 layer with (None for an NVFP4 checkpoint); a recipe and a checkpoint
+        format that do not go together are refused naming ``header.quantize``."""
+        quantize, prefix = self._params.quantize, self._ref.layer_prefix
+        if checkpoint.format == BF16 and not quantize:
+            raise invalid("header.quantize", "the checkpoint is BF16; name a recipe (modelopt or llm-compressor)")
+        if quantize and checkpoint.format != BF16:
+            raise invalid("header.quantize", f"is {quantize!r} for a {checkpoint.format} checkpoint, NVFP4 already",
+                          "empty: an NVFP4 checkpoint is prepared as it is")
+        if not quantize:
+            return None
+        where = self._ref.activation_scales_location
+        return self._bounded(
+            lambda interrupt: read_activation_scales(where, prefix, self._resources.allowed_roots, interrupt),
+            f"reading the activation scales of {prefix} from {where}", owned)
 
     def _bounded(self, work: Callable[[Callable[[], None]], T], what: str, owned: contextlib.ExitStack,
                  discard: Callable[[T], object] | None = None) -> T:
@@ -176,6 +213,25 @@ class ReferencedSource:
             return self._resources.reads.run(work, check, owned, discard)
 
 
+def read_layer(checkpoint: ckpt.Checkpoint, prefix: str, activation: str, pin: bool, interrupt: Callable[[], None],
+               shard: Shard | None, scales: ActivationScales | None) -> dict[str, torch.Tensor]:
+    """The stacked NVFP4 layer (or the rank's input shard), or, for a layer to quantize (``scales`` given), its
+    per-expert high-precision weights and activation scales."""
+    if scales is None:
+        return checkpoint.read_layer(prefix, activation, pin_memory=pin, interrupt=interrupt, shard=shard)
+    return {**checkpoint.read_bf16_layer(prefix, interrupt=interrupt), **scales.tensors}
+
+
+def check_scales_location(ref: pb.CheckpointRef, params: Params) -> None:
+    """``activation_scales_location`` is given exactly when the referenced layer is quantized first."""
+    field = "header.ref.activation_scales_location"
+    if params.quantize and not ref.activation_scales_location:
+        raise invalid(field, "is empty with header.quantize",
+                      "an NVFP4 checkpoint of the same model or a calibration .safetensors file, under an allowed root")
+    if ref.activation_scales_location and not params.quantize:
+        raise invalid(field, "is set without header.quantize", "empty, or a recipe in header.quantize")
+
+
 def lookup(resources: CallResources, key: CacheKey | None) -> CachedLayer | None:
     """The cache's entry for ``key``, counted as a hit or a miss; None when uncacheable."""
     if key is None:
@@ -185,10 +241,14 @@ def lookup(resources: CallResources, key: CacheKey | None) -> CachedLayer | None
     return cached
 
 
-def entry_specs(checkpoint: ckpt.Checkpoint, prefix: str) -> list[TensorSpec]:
-    """The layer's per-expert tensors as the shard headers describe them, named relative to ``prefix``
-    (``"0.gate_proj.weight"``), so that limits and the budget apply before any byte is read; a dtype torch
-    cannot hold counts as bytes (reading it fails later)."""
+def entry_specs(checkpoint: ckpt.Checkpoint, prefix: str, shard: Shard | None = None) -> list[TensorSpec]:
+    """The per-expert tensors that reading the layer (or with ``shard``, that rank's input shard) takes in, as
+    the shard headers describe them, named relative to ``prefix`` (``"0.gate_proj.weight"``), so that limits
+    and the budget apply before any byte is read; a dtype torch cannot hold counts as bytes (reading it fails
+    later). A rank's experts are named by their place on the rank, and their shapes are the blocks it reads."""
+    if shard is not None:
+        return [TensorSpec(read.key, TORCH_DTYPES.get(read.entry.dtype, torch.uint8), read.shape, read.nbytes)
+                for read in checkpoint.rank_reads(prefix, shard).all()]
     start = len(prefix) + 1
     specs = []
     for name in checkpoint.layer(prefix).tensor_names:

@@ -108,23 +108,30 @@ class DeviceWorker:
         return moved
 
     def prepare(self, tensors: Mapping[str, torch.Tensor], per_expert: bool, backend: str, activation: str,
-                policy: str, deadline: float | None = None, options: Mapping | None = None) -> pipeline.PreparedLayer:
+                policy: str, deadline: float | None = None, options: Mapping | None = None,
+                quantize: str = "") -> pipeline.PreparedLayer:
         """Runs the pipeline on this device once the layer before it is done, waiting for that no later than
         ``deadline`` (a ``time.monotonic()`` instant); ``options`` are ``pipeline.prepare``'s profile and shard
-        keywords; raises PrepError for bad input."""
+        keywords; ``quantize`` names the recipe that quantizes high-precision ``tensors`` (weights and activation
+        scales) here first, in the same pass; raises PrepError for bad input."""
         wait = -1 if deadline is None else max(deadline - time.monotonic(), 0.0)
         if not self._compute.acquire(timeout=wait):
             raise DeadlinePassed(f"deadline passed while waiting for {self.device} to finish the layer before")
         try:
-            return self._prepare(tensors, per_expert, backend, activation, policy, options or {})
+            return self._prepare(tensors, per_expert, backend, activation, policy, options or {}, quantize)
         finally:
             self._compute.release()
 
     def _prepare(self, tensors: Mapping[str, torch.Tensor], per_expert: bool, backend: str, activation: str,
-                 policy: str, options: Mapping) -> pipeline.PreparedLayer:
+                 policy: str, options: Mapping, quantize: str) -> pipeline.PreparedLayer:
         with self._device_context():
-            stacked = pipeline.assemble_layer(tensors, activation) if per_expert else tensors
-            prepared = pipeline.prepare(stacked, backend, activation, policy, **options)
+            if quantize:
+                weights, scales = pipeline.split_quantize_inputs(tensors)
+                prepared = pipeline.prepare_quantized(weights, quantize, scales, backend, activation, policy,
+                                                      **options)
+            else:
+                stacked = pipeline.assemble_layer(tensors, activation) if per_expert else tensors
+                prepared = pipeline.prepare(stacked, backend, activation, policy, **options)
             if self.is_cuda:  # so the compute time logged is the kernels', not their launch's
                 torch.cuda.current_stream(self.device).synchronize()
             for tensor in prepared.tensors.values():

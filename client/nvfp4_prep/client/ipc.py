@@ -1,0 +1,129 @@
+"""Same-node delivery on the client: a layer handed over as CUDA IPC handles, copied into the client's own memory.
+
+A client beside the server (a sidecar on the engine's host) asks with ``delivery="cuda_ipc"``; when the server can,
+it answers with ``PrepareResponse.ipc`` instead of chunks. The client maps each tensor (torch's
+``UntypedStorage._new_shared_cuda``), copies it whole into the landing (``device=`` or ``out=``; a peer copy when
+the server's GPU is another one), waits for the copies, closes the mappings and only then sends
+``PrepareRequest.taken``; the call's OK status after that confirms the server held the memory throughout. Otherwise
+the answer streams as usual: asking is always safe.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from nvfp4_prep.contract.node import node_id
+from nvfp4_prep.contract.tensor_bytes import row_major_strides
+from nvfp4_prep.v1 import prep_pb2 as pb
+from nvfp4_prep.wire import TensorSpec
+
+from .errors import PrepInvalidArgument, PrepProtocolError
+from .landing import Landing, Placement
+
+STREAM, CUDA_IPC = "stream", "cuda_ipc"
+DELIVERIES = (STREAM, CUDA_IPC)
+_END = object()
+
+
+def delivery_fields(delivery: str, where: Placement) -> dict:
+    """The ``PrepareHeader`` fields of ``prepare_layer``'s ``delivery`` keyword, checked against where the answer
+    lands: CUDA IPC needs CUDA on this host and a GPU (``device=``) or the caller's tensors (``out=``) to land on."""
+    if delivery not in DELIVERIES:
+        raise PrepInvalidArgument(f"delivery: is {delivery!r}, expected 'stream' or 'cuda_ipc'", field="delivery")
+    if delivery == STREAM:
+        return {}
+    if not torch.cuda.is_available():
+        raise PrepInvalidArgument("delivery: is 'cuda_ipc', but CUDA is not available on this host (expected "
+                                  "'stream')", field="delivery")
+    if where.out is None and (where.device is None or where.device.type != "cuda"):
+        raise PrepInvalidArgument(f"delivery: is 'cuda_ipc' with device={where.device}; expected device='cuda' or "
+                                  "'cuda:N' (or out=...) for the answer to land on", field="delivery")
+    node = node_id()
+    if not node:
+        raise PrepInvalidArgument("delivery: is 'cuda_ipc', but this host has no boot id to name its node "
+                                  "(/proc/sys/kernel/random/boot_id); expected 'stream'", field="delivery")
+    return {"delivery": pb.DELIVERY_CUDA_IPC, "node_id": node}
+
+
+class HeldRequests:
+    """The request stream of a call that asked for CUDA IPC: the requests, then held open until ``take`` sends
+    PrepareRequest.taken (or ``close``, when the call ends, lets it end)."""
+
+    def __init__(self, requests: Iterator) -> None:
+        self._requests = requests
+        self._last: queue.SimpleQueue = queue.SimpleQueue()
+        self._sent = False
+
+    def __iter__(self) -> HeldRequests:
+        return self
+
+    def __next__(self):
+        if not self._sent:
+            item = next(self._requests, _END)
+            if item is not _END:
+                return item
+            self._sent = True
+        last = self._last.get()
+        if last is None:
+            raise StopIteration
+        self._last.put(None)  # nothing after it
+        return last
+
+    def take(self, lease_id: str) -> None:
+        self._last.put(pb.PrepareRequest(taken=pb.IpcTaken(lease_id=lease_id)))
+
+    def close(self) -> None:
+        self._last.put(None)
+        close = getattr(self._requests, "close", None)
+        if close is not None:
+            close()
+
+
+def land(message: pb.IpcLayer, specs: Sequence[TensorSpec], sink: Landing, landing_device: torch.device | None
+         ) -> None:
+    """Copies every tensor of ``message`` into ``sink``, waits for the copies and closes the mappings."""
+    field = "response.ipc.tensors"
+    if len(message.tensors) != len(specs):
+        raise PrepProtocolError(f"{field}: holds {len(message.tensors)} tensors, the header announces {len(specs)}",
+                                field=field)
+    torch.cuda.init()  # _new_shared_cuda needs CUDA set up, which out= CPU tensors alone never did
+    device = _local_device(message.device_uuid, landing_device)
+    storages: dict[tuple[bytes, int], torch.UntypedStorage] = {}
+    with torch.cuda.device(device):
+        for index, (spec, shared) in enumerate(zip(specs, message.tensors, strict=True)):
+            if spec.byte_length == 0:
+                continue
+            where = f"{field}[{index}] ({spec.name})"
+            if tuple(shared.stride) != row_major_strides(spec.shape):
+                raise PrepProtocolError(f"{where}.stride: is {list(shared.stride)}, expected the row-major "
+                                        f"{list(row_major_strides(spec.shape))}", field=f"{field}.stride")
+            start = shared.tensor_offset * spec.dtype.itemsize
+            if not shared.storage_handle or start + spec.byte_length > shared.storage_size_bytes:
+                raise PrepProtocolError(f"{where}: bytes {start} to {start + spec.byte_length} lie outside its "
+                                        f"storage of {shared.storage_size_bytes} bytes", field=f"{field}.storage")
+            key = (shared.storage_handle, shared.storage_offset_bytes)
+            if key not in storages:
+                storages[key] = torch.UntypedStorage._new_shared_cuda(
+                    device, shared.storage_handle, shared.storage_size_bytes, shared.storage_offset_bytes,
+                    shared.ref_counter_handle, shared.ref_counter_offset, shared.event_handle,
+                    shared.event_sync_required)
+            source = torch.empty(0, dtype=torch.uint8, device=device).set_(
+                storages[key], start, (spec.byte_length,), (1,))
+            sink.copy_in(index, source)
+            del source
+        sink.tensors()  # every copy landed: the server's memory may go
+    storages.clear()  # closes the mappings (torch counts them down for the server)
+
+
+def _local_device(uuid: str, landing_device: torch.device | None) -> int:
+    """This process's index of the server's GPU, found by its UUID; else (not visible here) the device the
+    answer lands on, which then maps it as a peer."""
+    for index in range(torch.cuda.device_count()):
+        if str(torch.cuda.get_device_properties(index).uuid) == uuid:
+            return index
+    if landing_device is not None and landing_device.type == "cuda":
+        return landing_device.index
+    return torch.cuda.current_device()

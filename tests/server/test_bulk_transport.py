@@ -1,0 +1,377 @@
+"""The bulk transport, spoken by hand over raw sockets against a real server: offers, tickets refused when
+wrong, replayed, expired or revoked (and counted), frames checked like inline chunks, TLS on the bulk port,
+resumed answers, and connections that drop or stall."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import struct
+import threading
+import time
+from types import SimpleNamespace
+
+import grpc
+import pytest
+import torch
+
+from nvfp4_prep import pipeline
+from nvfp4_prep.v1 import prep_pb2 as pb
+from nvfp4_prep.v1 import prep_pb2_grpc
+from nvfp4_prep.wire import encode_chunk, header_for, iter_pieces
+from tests.helpers.certificates import issue, make_ca
+from tests.helpers.layer_factory import random_layer
+from tests.helpers.server_state import idle, wait_for
+
+BACKEND = "flashinfer_cutlass"
+CHUNK = 64 << 10
+BULK = {"bulk_address": ("127.0.0.1", 0)}
+CODES = {"accepted": 0, "unknown": 1, "replayed": 2, "expired": 3, "revoked": 4, "malformed": 5}
+
+
+@pytest.fixture(scope="module")
+def layer():
+    return random_layer(2, 256, 128)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    d = tmp_path_factory.mktemp("bulk-pki")
+    ca = make_ca(d)
+    return SimpleNamespace(ca=ca, server=issue(ca, d, "server", server=True),
+                           client=issue(ca, d, "loader", server=False))
+
+
+def header_of(layer, streams: int = 1, **fields) -> pb.PrepareHeader:
+    return pb.PrepareHeader(backend=BACKEND, activation="swiglu", input_scale_policy="max",
+                            bulk=pb.BulkRequest(streams=streams),
+                            tensors=pb.TensorSet(form=pb.TENSOR_FORM_STACKED,
+                                                 tensors=[header_for(n, t) for n, t in layer.items()]), **fields)
+
+
+def messages_of(layer) -> list[bytes]:
+    return [encode_chunk(index, offset, data) for index, offset, data in iter_pieces(list(layer.values()), CHUNK)]
+
+
+class RawCall:
+    """A Prepare call with the bulk header: its offer is read at once; ``end(inline)`` then ends the request
+    stream (after sending ``inline`` messages on it)."""
+
+    def __init__(self, address: str, header: pb.PrepareHeader, channel_credentials=None) -> None:
+        target = address
+        self.channel = (grpc.secure_channel(target, channel_credentials) if channel_credentials is not None
+                        else grpc.insecure_channel(target))
+        self._go = threading.Event()
+        self._inline: list[pb.PrepareRequest] = []
+
+        def requests():
+            yield pb.PrepareRequest(header=header)
+            self._go.wait(60)
+            yield from self._inline
+
+        self.call = prep_pb2_grpc.PrepStub(self.channel).Prepare(requests(), timeout=60)
+        self.offer = next(self.call).bulk
+
+    def end(self, inline: list[pb.PrepareRequest] = ()) -> None:
+        self._inline = list(inline)
+        self._go.set()
+
+    def rest(self) -> list[pb.PrepareResponse] | grpc.RpcError:
+        try:
+            return list(self.call)
+        except grpc.RpcError as err:
+            return err
+
+    def close(self) -> None:
+        self._go.set()
+        self.call.cancel()
+        self.channel.close()
+
+
+@pytest.fixture
+def raw_calls():
+    calls: list[RawCall] = []
+
+    def make(*args, **kwargs) -> RawCall:
+        calls.append(RawCall(*args, **kwargs))
+        return calls[-1]
+
+    yield make
+    for call in calls:
+        call.close()
+
+
+def dial(port: int, ticket: bytes, index: int, context: ssl.SSLContext | None = None) -> tuple[socket.socket, bytes]:
+    """A connection that sent its hello, and the server's one-byte answer (b"" when it closed without one)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    if context is not None:
+        sock = context.wrap_socket(sock, server_hostname="localhost")
+    sock.sendall(ticket + bytes((index,)))
+    try:
+        return sock, sock.recv(1)
+    except ConnectionResetError:  # closed with our bytes unread: refused all the same
+        return sock, b""
+
+
+def send_frames(sock: socket.socket, messages: list[bytes]) -> None:
+    for message in messages:
+        sock.sendall(struct.pack("!I", len(message)) + message)
+    sock.sendall(struct.pack("!I", 0))
+
+
+def read_frames(sock: socket.socket) -> list[pb.TensorChunk]:
+    chunks = []
+    while True:
+        (length,) = struct.unpack("!I", _exact(sock, 4))
+        if length == 0:
+            return chunks
+        chunks.append(pb.PrepareResponse.FromString(_exact(sock, length)).chunk)
+
+
+def _exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        part = sock.recv(size - len(data))
+        assert part, "the server closed the bulk connection early"
+        data += part
+    return data
+
+
+def assemble(header: pb.PreparedHeader, chunks: list[pb.TensorChunk]) -> dict[str, bytes]:
+    out = {t.name: bytearray() for t in header.tensors}
+    names = [t.name for t in header.tensors]
+    for chunk in chunks:
+        out[names[chunk.tensor_index]] += chunk.data
+    return {name: bytes(data) for name, data in out.items()}
+
+
+def refused(server, reason: str) -> float:
+    return server.metrics.registry.get_sample_value("nvfp4_prep_bulk_refused_total", {"reason": reason}) or 0.0
+
+
+def want_bytes(layer) -> dict[str, bytes]:
+    return {name: t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            for name, t in pipeline.prepare(layer, BACKEND).tensors.items()}
+
+
+# -- offers and the happy path by hand ----------------------------------------------------------------
+
+def test_a_server_without_bulk_offers_port_0_and_answers_inline(start_server, raw_calls, layer):
+    server = start_server()
+    assert server.service.capabilities.bulk_port == 0
+    call = raw_calls(server.address, header_of(layer))
+    assert call.offer.port == 0 and not call.offer.ticket
+    call.end([pb.PrepareRequest.FromString(m) for m in messages_of(layer)])
+    responses = call.rest()
+    assert not isinstance(responses, grpc.RpcError), responses
+    header, chunks = responses[0].header, [r.chunk for r in responses[1:]]
+    assert assemble(header, chunks) == want_bytes(layer)
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_chunks_both_ways_over_the_bulk_connections(start_server, raw_calls, layer, streams):
+    server = start_server(**BULK)
+    assert server.service.capabilities.bulk_port == server.bulk.port > 0
+    call = raw_calls(server.address, header_of(layer, streams))
+    offer = call.offer
+    assert offer.port == server.bulk.port and offer.streams == streams and len(offer.ticket) == 32
+    sockets = []
+    for index in range(streams):
+        sock, answer = dial(offer.port, offer.ticket, index)
+        assert answer == b"\x00"
+        sockets.append(sock)
+    call.end()  # nothing inline: the upload goes over the connections, chunk k on stream k % streams
+    messages = messages_of(layer)
+    for index, sock in enumerate(sockets):
+        send_frames(sock, messages[index::streams])
+    per_stream = [read_frames(sock) for sock in sockets]
+    responses = call.rest()
+    assert not isinstance(responses, grpc.RpcError), responses
+    assert len(responses) == 1, "only the header travels on the gRPC stream"
+    chunks = [per_stream[k % streams][k // streams] for k in range(sum(map(len, per_stream)))]
+    assert assemble(responses[0].header, chunks) == want_bytes(layer)
+    wait_for(lambda: idle(server), 30)
+
+
+def test_a_resumed_answer_starts_at_its_resume_point(start_server, raw_calls, layer):
+    server = start_server(**BULK)
+    want = want_bytes(layer)
+    first = next(iter(want))
+    call = raw_calls(server.address, header_of(layer, 1, resume_from=pb.ResumePoint(tensor_index=0, offset=1000)))
+    sock, answer = dial(call.offer.port, call.offer.ticket, 0)
+    assert answer == b"\x00"
+    call.end()
+    send_frames(sock, messages_of(layer))
+    chunks = read_frames(sock)
+    assert chunks[0].tensor_index == 0 and chunks[0].offset == 1000
+    got = assemble(call.rest()[0].header, chunks)
+    assert got[first] == want[first][1000:]
+    assert {k: v for k, v in got.items() if k != first} == {k: v for k, v in want.items() if k != first}
+
+
+def test_a_cached_answer_is_replayed_over_bulk(start_server, raw_calls, layer):
+    server = start_server(cache_bytes=64 << 20, **BULK)
+    for attempt in range(2):
+        call = raw_calls(server.address, header_of(layer, 2))
+        sockets = [dial(call.offer.port, call.offer.ticket, i)[0] for i in range(2)]
+        call.end()
+        messages = messages_of(layer)
+        for index, sock in enumerate(sockets):
+            send_frames(sock, messages[index::2])
+        per_stream = [read_frames(sock) for sock in sockets]
+        header = call.rest()[0].header
+        assert header.cache_hit == (attempt == 1)
+        chunks = [per_stream[k % 2][k // 2] for k in range(sum(map(len, per_stream)))]
+        assert assemble(header, chunks) == want_bytes(layer)
+
+
+def test_a_client_that_sends_inline_gets_an_inline_answer(start_server, raw_calls, layer):
+    server = start_server(**BULK)
+    call = raw_calls(server.address, header_of(layer, 2))
+    call.end([pb.PrepareRequest.FromString(m) for m in messages_of(layer)])  # never connected
+    responses = call.rest()
+    assert assemble(responses[0].header, [r.chunk for r in responses[1:]]) == want_bytes(layer)
+
+
+def test_streams_out_of_range_are_refused_naming_the_field(start_server, raw_calls, layer):
+    server = start_server(**BULK)
+    channel = grpc.insecure_channel(server.address)
+    stub = prep_pb2_grpc.PrepStub(channel)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Prepare(iter([pb.PrepareRequest(header=header_of(layer, 9))]), timeout=30))
+    channel.close()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "header.bulk.streams" in caught.value.details()
+
+
+# -- tickets -------------------------------------------------------------------------------------------
+
+def test_a_wrong_ticket_is_refused_and_counted(start_server):
+    server = start_server(**BULK)
+    sock, answer = dial(server.bulk.port, os.urandom(32), 0)
+    assert answer == bytes((CODES["unknown"],))
+    assert sock.recv(1) == b"", "closed after the refusal"
+    sock.close()
+    wait_for(lambda: refused(server, "unknown") == 1)
+
+
+def test_a_replayed_slot_an_index_out_of_range_and_a_revoked_ticket_are_refused(start_server, raw_calls, layer):
+    server = start_server(**BULK)
+    call = raw_calls(server.address, header_of(layer, 2))
+    first, answer = dial(call.offer.port, call.offer.ticket, 0)
+    assert answer == b"\x00"
+    again, answer = dial(call.offer.port, call.offer.ticket, 0)
+    assert answer == bytes((CODES["replayed"],))
+    beyond, answer = dial(call.offer.port, call.offer.ticket, 5)
+    assert answer == bytes((CODES["malformed"],))
+    call.close()  # the call ends: its ticket is revoked, its connection closed
+    wait_for(lambda: idle(server), 30)
+    first.settimeout(30)
+    assert first.recv(1) == b"", "the accepted connection closes with its call"
+    late, answer = dial(call.offer.port, call.offer.ticket, 1)
+    assert answer == bytes((CODES["revoked"],))
+    for sock in (first, again, beyond, late):
+        sock.close()
+    wait_for(lambda: (refused(server, "replayed"), refused(server, "malformed"), refused(server, "revoked"))
+             == (1, 1, 1))
+
+
+def test_an_expired_ticket_is_refused(start_server, raw_calls, layer):
+    server = start_server(bulk_ticket_timeout=0.5, **BULK)
+    call = raw_calls(server.address, header_of(layer, 1))
+    time.sleep(1.0)
+    sock, answer = dial(call.offer.port, call.offer.ticket, 0)
+    assert answer == bytes((CODES["expired"],))
+    sock.close()
+    call.end([pb.PrepareRequest.FromString(m) for m in messages_of(layer)])  # the call itself goes on inline
+    responses = call.rest()
+    assert assemble(responses[0].header, [r.chunk for r in responses[1:]]) == want_bytes(layer)
+    assert refused(server, "expired") == 1
+
+
+# -- frames ---------------------------------------------------------------------------------------------
+
+def test_a_corrupted_frame_is_refused_naming_the_tensor(start_server, raw_calls, layer):
+    server = start_server(**BULK)
+    call = raw_calls(server.address, header_of(layer, 1))
+    sock, _ = dial(call.offer.port, call.offer.ticket, 0)
+    call.end()
+    messages = messages_of(layer)
+    bad = bytearray(messages[1])
+    bad[len(bad) // 2] ^= 0xFF  # a data byte: the chunk's CRC32C no longer matches
+    send_frames(sock, [messages[0], bytes(bad), *messages[2:]])
+    error = call.rest()
+    assert isinstance(error, grpc.RpcError)
+    assert error.code() == grpc.StatusCode.DATA_LOSS
+    index = pb.PrepareRequest.FromString(messages[1]).chunk.tensor_index
+    assert f"tensors[{index}] ({list(layer)[index]}).chunk.crc32c" in error.details()
+    wait_for(lambda: idle(server), 30)
+
+
+def test_a_frame_larger_than_the_server_takes_is_refused(start_server, raw_calls, layer):
+    server = start_server(**BULK)
+    call = raw_calls(server.address, header_of(layer, 1))
+    sock, _ = dial(call.offer.port, call.offer.ticket, 0)
+    call.end()
+    sock.sendall(struct.pack("!I", 1 << 30))
+    error = call.rest()
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "bulk.stream[0]" in error.details()
+    wait_for(lambda: idle(server), 30)
+
+
+def test_a_connection_dropping_mid_upload_fails_the_call_and_frees_everything(start_server, raw_calls, layer):
+    server = start_server(**BULK)
+    call = raw_calls(server.address, header_of(layer, 2))
+    sockets = [dial(call.offer.port, call.offer.ticket, i)[0] for i in range(2)]
+    call.end()
+    messages = messages_of(layer)
+    for message in messages[:2]:
+        sockets[messages.index(message) % 2].sendall(struct.pack("!I", len(message)) + message)
+    wait_for(lambda: server.workers[0].budget.in_use > 0, 30)
+    sockets[1].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sockets[1].close()  # a reset, as when the client's host goes away
+    error = call.rest()
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and "bulk.stream[1]" in error.details()
+    wait_for(lambda: idle(server), 30)
+
+
+# -- TLS ------------------------------------------------------------------------------------------------
+
+def test_the_bulk_port_speaks_tls_when_the_server_does(start_server, raw_calls, pki, layer):
+    server = start_server(tls_cert=pki.server.cert_path, tls_key=pki.server.key_path, **BULK)
+    credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca.cert_pem)
+    call = raw_calls(f"localhost:{server.port}", header_of(layer, 1), credentials)
+    plain, answer = dial(call.offer.port, call.offer.ticket, 0)  # plaintext to a TLS port
+    assert answer != b"\x00"
+    plain.close()
+    context = ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
+    sock, answer = dial(call.offer.port, call.offer.ticket, 0, context)
+    assert answer == b"\x00", "the plaintext attempt did not use up the slot"
+    assert sock.version() is not None
+    call.end()
+    send_frames(sock, messages_of(layer))
+    chunks = read_frames(sock)
+    assert assemble(call.rest()[0].header, chunks) == want_bytes(layer)
+    wait_for(lambda: refused(server, "handshake") == 1)
+
+
+def test_a_mutual_tls_bulk_port_wants_the_client_certificate(start_server, raw_calls, pki, layer):
+    server = start_server(tls_cert=pki.server.cert_path, tls_key=pki.server.key_path,
+                          tls_client_ca=pki.ca.cert_path, **BULK)
+    credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca.cert_pem, private_key=pki.client.key_pem,
+                                               certificate_chain=pki.client.cert_pem)
+    call = raw_calls(f"localhost:{server.port}", header_of(layer, 1), credentials)
+    anonymous = ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
+    try:
+        _, answer = dial(call.offer.port, call.offer.ticket, 0, anonymous)
+    except (ssl.SSLError, OSError):  # the server's refusal of the handshake, seen here or at the first read
+        answer = b""
+    assert answer == b"", "no client certificate: no answer to the hello"
+    identified = ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
+    identified.load_cert_chain(pki.client.cert_path, pki.client.key_path)
+    sock, answer = dial(call.offer.port, call.offer.ticket, 0, identified)
+    assert answer == b"\x00"
+    call.end()
+    send_frames(sock, messages_of(layer))
+    assert assemble(call.rest()[0].header, read_frames(sock)) == want_bytes(layer)
