@@ -30,6 +30,22 @@ SHARED_LAYOUT_KEYS = ("layout_id", "backend", "activation", "input_scale_policy"
                       "tp_rank", "tp_size", "ep_rank", "ep_size", "expert_placement")
 
 
+def read_versioned_json(path: Path, format_name: str, version: int) -> dict | None:
+    """One of our JSON records (manifest, ranks file), None when absent; CheckpointInvalid when it is not valid
+    JSON or names another format or version."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointInvalid(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != format_name:
+        raise CheckpointInvalid(f"{path}: format is not {format_name!r}")
+    if data.get("version") != version:
+        raise CheckpointInvalid(f"{path}: version {data.get('version')!r}, expected {version}")
+    return data
+
+
 def split_layout(layout: dict) -> tuple[dict, dict]:
     """A layer's layout record as (fields shared by all layers, this layer's sizes); the fields of a quantized
     layer (``QUANTIZED_LAYOUT_KEYS``) are shared too, and present only when the layer was quantized."""
@@ -72,16 +88,9 @@ class Manifest:
     def load(cls, directory: Path) -> Manifest | None:
         """The manifest in ``directory``, None when there is none; CheckpointInvalid when malformed."""
         path = directory / MANIFEST_NAME
-        if not path.is_file():
+        data = read_versioned_json(path, MANIFEST_FORMAT, MANIFEST_VERSION)
+        if data is None:
             return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointInvalid(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-            raise CheckpointInvalid(f"{path}: format is not {MANIFEST_FORMAT!r}")
-        if data.get("version") != MANIFEST_VERSION:
-            raise CheckpointInvalid(f"{path}: version {data.get('version')!r}, expected {MANIFEST_VERSION}")
         parts = {key: data.get(key) for key in ("source", "request", "layout", "shards")}
         for key, value in parts.items():
             if not isinstance(value, dict):

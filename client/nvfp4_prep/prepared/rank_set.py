@@ -23,7 +23,7 @@ from nvfp4_prep.checkpoint.errors import CheckpointError, CheckpointInvalid
 from nvfp4_prep.contract.layout import layout_id
 
 from .atomic_file import partial_path, remove_partials, write_bytes_atomic
-from .manifest import MANIFEST_NAME
+from .manifest import MANIFEST_NAME, read_versioned_json
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +96,9 @@ class RankSet:
     def load(cls, directory: Path) -> RankSet | None:
         """The ranks file in ``directory``, None when there is none; CheckpointInvalid naming the bad field."""
         path = Path(directory) / RANKS_NAME
-        if not path.is_file():
+        data = read_versioned_json(path, RANKS_FORMAT, RANKS_VERSION)
+        if data is None:
             return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointInvalid(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(data, dict) or data.get("format") != RANKS_FORMAT:
-            raise CheckpointInvalid(f"{path}: format is not {RANKS_FORMAT!r}")
-        if data.get("version") != RANKS_VERSION:
-            raise CheckpointInvalid(f"{path}: version {data.get('version')!r}, expected {RANKS_VERSION}")
         for key in ("source", "request"):
             if not isinstance(data.get(key), dict):
                 raise CheckpointInvalid(f"{path}: {key} is not an object")

@@ -96,17 +96,25 @@ def _stack_rows(name: str, parts: list[list[torch.Tensor]], interleave: bool) ->
     return out
 
 
-def assemble_layer(expert_tensors: Mapping[str, torch.Tensor], activation: str = "swiglu") -> dict[str, torch.Tensor]:
-    """Stack per-expert tensors; W13 rows are ``[gate; up]`` (interleaved for ``swigluoai``)."""
-    check_choice("activation", activation, ALL_ACTIVATIONS)
-    experts = _parse(expert_tensors)
-    names = _format_of(experts)
-    # Compared by position, so that a client-chosen index such as 4000000000 costs nothing.
+def check_expert_indices(experts: Mapping[int, object]) -> int:
+    """The expert count, once every index 0..E-1 is present; PrepError naming the first one missing.
+
+    Compared by position, so that a client-chosen index such as 4000000000 costs nothing.
+    """
     count = len(experts)
     for position, index in enumerate(sorted(experts)):
         if position != index:
             raise PrepError("experts", f"expert {position} is missing (found {count} experts, up to {max(experts)})",
                             f"experts 0..{count - 1} all present")
+    return count
+
+
+def assemble_layer(expert_tensors: Mapping[str, torch.Tensor], activation: str = "swiglu") -> dict[str, torch.Tensor]:
+    """Stack per-expert tensors; W13 rows are ``[gate; up]`` (interleaved for ``swigluoai``)."""
+    check_choice("activation", activation, ALL_ACTIVATIONS)
+    experts = _parse(expert_tensors)
+    names = _format_of(experts)
+    count = check_expert_indices(experts)
     gated = activation in GATED_ACTIVATIONS
     first = [("gate",), ("up",)] if gated else [("up", "gate")]
     w13 = [[_projection(experts, e, roles, names) for roles in first] for e in range(count)]

@@ -17,6 +17,7 @@ from nvfp4_prep.contract.errors import PrepError
 from nvfp4_prep.contract.expert_keys import looks_per_expert, parse_expert_key
 from nvfp4_prep.contract.layout import ALL_ACTIVATIONS, GATED_ACTIVATIONS, INTERLEAVED_ACTIVATIONS
 
+from ..assemble import check_expert_indices
 from ..validate import check_choice
 from .recipes import BLOCK
 
@@ -103,11 +104,7 @@ def _per_expert(weights: Mapping[str, torch.Tensor], activation: str) -> ExpertW
         names.setdefault(role, parsed.projection)
     if not experts:
         raise PrepError("weights", "no expert weights were given", "w13_weight and w2_weight, or per-expert weights")
-    count = len(experts)
-    for position, index in enumerate(sorted(experts)):
-        if position != index:
-            raise PrepError("experts", f"expert {position} is missing (found {count} experts, up to {max(experts)})",
-                            f"experts 0..{count - 1} all present")
+    count = check_expert_indices(experts)
     gated = activation in GATED_ACTIVATIONS
     roles = ("gate", "up") if gated else (("up",) if "up" in names else ("gate",))
     for e in range(count):
