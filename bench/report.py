@@ -51,9 +51,9 @@ def row(name: str, gbps: float, baseline: str, baseline_gbps: float) -> Row:
 
 
 def print_rows(rows: list[Row]) -> None:
-    print(f"{'row':<28} {'GB/s':>9} {'ratio':>7}  {'baseline':<28} {'peak RSS':>10} {'peak dev':>10}")
+    print(f"{'row':<32} {'GB/s':>9} {'ratio':>7}  {'baseline':<28} {'peak RSS':>10} {'peak dev':>10}")
     for r in rows:
-        print(f"{r.name:<28} {r.gbps:9.2f} {r.ratio:7.3f}  {r.baseline:<28} {r.peak_rss_bytes / 1e9:8.2f}GB "
+        print(f"{r.name:<32} {r.gbps:9.2f} {r.ratio:7.3f}  {r.baseline:<28} {r.peak_rss_bytes / 1e9:8.2f}GB "
               f"{r.peak_device_bytes / 1e9:8.2f}GB")
 
 
