@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from nvfp4_prep.cli import checkpoint_commands
 from nvfp4_prep.contract import layout
@@ -21,6 +22,7 @@ from tests.helpers.checkpoint_cli import cli
 from tests.helpers.checkpoint_factory import (
     FORMATS,
     kill_after_shards,
+    load_all,
     moe_checkpoint,
     moe_layer_tensors,
     write_checkpoint,
@@ -92,13 +94,22 @@ def test_layers_spread_across_servers_and_match_the_embedded_output(tmp_path: Pa
 
 
 def test_prepare_defaults_to_the_bundled_sample(tmp_path: Path, monkeypatch, capsys, ct_checkpoint: Path) -> None:
+    """The sample is the shared llm-compressor checkpoint less its embedding and lm_head (PROVENANCE.md): every
+    tensor it holds is the tool's, byte for byte."""
     sample = checkpoint_commands.sample_checkpoint()
-    assert (sample / "model.safetensors").read_bytes() == (ct_checkpoint / "model.safetensors").read_bytes()
+    bundled, shared = load_all(sample / "model.safetensors"), load_all(ct_checkpoint / "model.safetensors")
+    assert set(shared) - set(bundled) == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert set(bundled) <= set(shared)
+    for name, tensor in bundled.items():
+        assert tensor.dtype == shared[name].dtype
+        assert torch.equal(tensor.reshape(-1).view(torch.uint8), shared[name].reshape(-1).view(torch.uint8)), name
+    for name in ("config.json", "recipe.yaml", "tokenizer.json"):
+        assert (sample / name).read_bytes() == (ct_checkpoint / name).read_bytes(), name
     monkeypatch.chdir(tmp_path)
     assert cli("prepare", "--verify", "--quiet") == 0
     assert (tmp_path / "prepared" / INDEX).is_file()
     assert "2 layers prepared" in capsys.readouterr().out
-    assert verify_prepared(tmp_path / "prepared", ct_checkpoint) == []
+    assert verify_prepared(tmp_path / "prepared", sample) == []
 
 
 def test_flags_come_from_the_environment(tmp_path: Path, monkeypatch, modelopt_checkpoint: Path) -> None:
