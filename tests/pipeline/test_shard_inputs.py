@@ -14,51 +14,7 @@ from nvfp4_prep.contract.layout import BACKENDS, STACKED_NAMES, backend_activati
 from nvfp4_prep.pipeline import PrepError, cut_shard, prepare
 from tests.helpers.layer_factory import random_layer
 from tests.helpers.pipeline_reference import GATED, as_bytes, assert_same_tensors
-
-
-def spec_ids(experts: int, ep_rank: int, ep_size: int, placement: str) -> list[int]:
-    if placement == "round_robin":
-        return [e for e in range(experts) if e % ep_size == ep_rank]
-    base, rem = divmod(experts, ep_size)
-    start = ep_rank * base + min(ep_rank, rem)
-    return list(range(start, start + base + (1 if ep_rank < rem else 0)))
-
-
-def spec_cut(layer: dict, activation: str, tp_rank: int, tp_size: int, ids: list[int]) -> dict:
-    """SPEC section 11's input shard: experts first, then the intermediate slice; every expert's input scales."""
-    inter = layer["w2_weight"].shape[2] * 2
-    il, r = inter // tp_size, tp_rank
-    if activation == "swigluoai":
-        rows = list(range(2 * r * il, 2 * (r + 1) * il))
-    elif GATED[activation]:
-        rows = list(range(r * il, (r + 1) * il)) + list(range(inter + r * il, inter + (r + 1) * il))
-    else:
-        rows = list(range(r * il, (r + 1) * il))
-    pick = torch.tensor(ids)
-
-    def u8(name: str) -> torch.Tensor:
-        return layer[name].view(torch.uint8)[pick]
-
-    return {
-        "w13_weight": u8("w13_weight")[:, rows].clone(),
-        "w13_weight_scale": u8("w13_weight_scale")[:, rows].clone().view(torch.float8_e4m3fn),
-        "w13_weight_scale_2": layer["w13_weight_scale_2"][pick].clone(),
-        "w13_input_scale": layer["w13_input_scale"].clone(),
-        "w2_weight": u8("w2_weight")[:, :, r * il // 2:(r + 1) * il // 2].clone(),
-        "w2_weight_scale": u8("w2_weight_scale")[:, :, r * il // 16:(r + 1) * il // 16].clone()
-        .view(torch.float8_e4m3fn),
-        "w2_weight_scale_2": layer["w2_weight_scale_2"][pick].clone(),
-        "w2_input_scale": layer["w2_input_scale"].clone(),
-    }
-
-
-def local_multiple(backend: str, activation: str, profile: str) -> int:
-    """What each rank's I must be a multiple of for the backend to accept it."""
-    if backend == "flashinfer_cutedsl" and GATED[activation] and profile == "seed":
-        return 64
-    if backend in ("flashinfer_cutlass", "vllm_cutlass") and GATED[activation]:
-        return 64
-    return 16
+from tests.helpers.spec_shards import local_multiple, spec_expert_ids, spec_input_shard
 
 
 @st.composite
@@ -90,8 +46,8 @@ def test_prepare_from_the_input_shard_equals_prepare_of_the_whole_layer(case):
     shard = {"tp_rank": tp_rank, "tp_size": tp_size, "ep_rank": ep_rank, "ep_size": ep_size,
              "expert_placement": placement}
     options = {"profile": profile, "gated_group_size": group, **shard}
-    piece = spec_cut(layer, activation, tp_rank, tp_size, spec_ids(len(layer["w2_input_scale"]), ep_rank, ep_size,
-                                                                   placement))
+    ids = spec_expert_ids(len(layer["w2_input_scale"]), ep_rank, ep_size, placement)
+    piece = spec_input_shard(layer, activation, tp_rank, tp_size, ids)
     want = prepare(layer, backend, activation, policy, **options)
     got = prepare(piece, backend, activation, policy, inputs="shard", **options)
     assert_same_tensors(got.tensors, want.tensors)
@@ -106,8 +62,8 @@ def test_prepare_from_the_input_shard_equals_prepare_of_the_whole_layer(case):
 
 def test_flashinfer_ranks_reduce_over_every_expert_vllm_cutlass_keeps_its_own():
     layer = random_layer(6, 64, 128, seed=5, shared_gate_up_scales=False)
-    ids = spec_ids(6, 1, 3, "round_robin")
-    piece = spec_cut(layer, "swiglu", 0, 1, ids)
+    ids = spec_expert_ids(6, 1, 3, "round_robin")
+    piece = spec_input_shard(layer, "swiglu", 0, 1, ids)
     a13, a2 = layer["w13_input_scale"], layer["w2_input_scale"]
     shard = {"ep_rank": 1, "ep_size": 3, "expert_placement": "round_robin"}
     got = prepare(piece, "flashinfer_trtllm", inputs="shard", **shard).tensors
@@ -129,7 +85,7 @@ SHARD = {"tp_rank": 1, "tp_size": 2, "ep_rank": 1, "ep_size": 2}
 
 def _piece() -> dict[str, torch.Tensor]:
     """The input shard of rank (tp 1 of 2, ep 1 of 2) of a 4-expert layer with H = 64, I = 256 (Il = 128)."""
-    return spec_cut(random_layer(4, 64, 256, seed=9), "swiglu", 1, 2, spec_ids(4, 1, 2, "linear"))
+    return spec_input_shard(random_layer(4, 64, 256, seed=9), "swiglu", 1, 2, spec_expert_ids(4, 1, 2, "linear"))
 
 
 def _bad(name: str, change) -> dict[str, torch.Tensor]:
@@ -140,7 +96,7 @@ def _bad(name: str, change) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("piece, field, expected", [
     # The whole layer's weights sent as the input shard of ep_rank 1 of 2: four experts, not two.
-    (spec_cut(random_layer(4, 64, 256, seed=9), "swiglu", 0, 1, [0, 1, 2, 3]), "w13_weight",
+    (spec_input_shard(random_layer(4, 64, 256, seed=9), "swiglu", 0, 1, [0, 1, 2, 3]), "w13_weight",
      "[2, N1, H/2]: the 2 experts that ep_rank 1 of ep_size 2"),
     (_bad("w2_weight", lambda t: torch.cat([t, t], dim=2)), "w2_weight", "[2, 64, 64]"),
     (_bad("w13_weight_scale", lambda t: t[:, :-16]), "w13_weight_scale", "[2, 256, 4]"),
@@ -171,7 +127,7 @@ def test_unknown_inputs_and_bad_coordinates_are_refused_by_name():
         cut_shard(random_layer(4, 64, 256), tp_size=3)
     assert caught.value.field == "tp_size"
     # The rank's I / tp_size must meet the backend's alignment: Il = 32 breaks the seed CuteDSL I % 64.
-    piece = spec_cut(random_layer(2, 64, 64), "swiglu", 0, 2, [0, 1])
+    piece = spec_input_shard(random_layer(2, 64, 64), "swiglu", 0, 2, [0, 1])
     with pytest.raises(PrepError) as caught:
         prepare(piece, "flashinfer_cutedsl", inputs="shard", tp_size=2)
     assert caught.value.field == "tp_size"

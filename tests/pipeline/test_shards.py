@@ -13,55 +13,24 @@ from nvfp4_prep.contract.layout import ACTIVATIONS, BACKENDS, STACKED_NAMES, bac
 from nvfp4_prep.pipeline import PrepError, merge_shards, prepare, unprepare
 from tests.helpers.layer_factory import random_layer
 from tests.helpers.pipeline_reference import GATED, as_bytes, assert_same_tensors, reference_prepare
+from tests.helpers.spec_shards import local_multiple, spec_expert_ids, spec_input_shard
 
 FLASHINFER = ("flashinfer_cutedsl", "flashinfer_cutlass", "flashinfer_trtllm")
 
 
-def spec_expert_ids(experts: int, ep_rank: int, ep_size: int, placement: str) -> list[int]:
-    if placement == "round_robin":
-        return [e for e in range(experts) if e % ep_size == ep_rank]
-    base, rem = experts // ep_size, experts % ep_size
-    count = base + 1 if ep_rank < rem else base
-    start = ep_rank * base + min(ep_rank, rem)
-    return list(range(start, start + count))
-
-
-def spec_input_shard(layer: dict, backend: str, activation: str, tp_rank: int, tp_size: int, ids: list[int]) -> dict:
-    """SPEC section 11 by its words: experts first, then the intermediate slice; layer-wide input scales."""
-    gated = GATED[activation]
-    inter = layer["w2_weight"].shape[2] * 2
-    il, r = inter // tp_size, tp_rank
-    pick = torch.tensor(ids)
-    w13, s13 = layer["w13_weight"][pick], layer["w13_weight_scale"].view(torch.uint8)[pick]
-    if activation == "swigluoai":
-        rows = list(range(2 * r * il, 2 * (r + 1) * il))
-    elif gated:
-        rows = list(range(r * il, (r + 1) * il)) + list(range(inter + r * il, inter + (r + 1) * il))
-    else:
-        rows = list(range(r * il, (r + 1) * il))
+def spec_reduced_shard(layer: dict, backend: str, activation: str, tp_rank: int, tp_size: int,
+                       ids: list[int]) -> dict:
+    """The input shard with the input scales each rank quantizes with: the whole layer's maximum for the
+    FlashInfer backends, the rank's own for vllm_cutlass."""
+    piece = spec_input_shard(layer, activation, tp_rank, tp_size, ids)
     a13, a2 = layer["w13_input_scale"], layer["w2_input_scale"]
     if backend in FLASHINFER:  # every rank quantizes with the whole layer's maximum
-        a13_l = torch.full((len(ids), *a13.shape[1:]), float(a13.max()))
-        a2_l = torch.full((len(ids),), float(a2.max()))
+        piece["w13_input_scale"] = torch.full((len(ids), *a13.shape[1:]), float(a13.max()))
+        piece["w2_input_scale"] = torch.full((len(ids),), float(a2.max()))
     else:
-        a13_l, a2_l = a13[pick], a2[pick]
-    return {
-        "w13_weight": w13[:, rows], "w13_weight_scale": s13[:, rows].view(torch.float8_e4m3fn),
-        "w13_weight_scale_2": layer["w13_weight_scale_2"][pick], "w13_input_scale": a13_l,
-        "w2_weight": layer["w2_weight"][pick][:, :, r * il // 2:(r + 1) * il // 2],
-        "w2_weight_scale": layer["w2_weight_scale"].view(torch.uint8)[pick][:, :, r * il // 16:(r + 1) * il // 16]
-        .view(torch.float8_e4m3fn),
-        "w2_weight_scale_2": layer["w2_weight_scale_2"][pick], "w2_input_scale": a2_l,
-    }
-
-
-def local_multiple(backend: str, activation: str, profile: str) -> int:
-    """What each rank's I must be a multiple of for the backend to accept it."""
-    if backend == "flashinfer_cutedsl" and GATED[activation] and profile == "seed":
-        return 64
-    if backend in ("flashinfer_cutlass", "vllm_cutlass") and GATED[activation]:
-        return 64
-    return 16
+        pick = torch.tensor(ids)
+        piece["w13_input_scale"], piece["w2_input_scale"] = a13[pick], a2[pick]
+    return piece
 
 
 @st.composite
@@ -98,7 +67,7 @@ def check_every_rank(profile: str, backend: str, activation: str, tp_size: int, 
             assert (shard.layout["tp_rank"], shard.layout["ep_rank"]) == (tp_rank, ep_rank)
             assert shard.layout["profile"] == profile
             assert shard.layout["num_experts"] == len(ids)
-            piece = spec_input_shard(layer, backend, activation, tp_rank, tp_size, ids)
+            piece = spec_reduced_shard(layer, backend, activation, tp_rank, tp_size, ids)
             direct = prepare(piece, backend, activation, profile=profile)
             if profile == "seed":
                 assert_same_tensors(shard.tensors, direct.tensors)

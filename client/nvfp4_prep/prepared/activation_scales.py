@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 
 from nvfp4_prep.checkpoint import CheckpointInvalid, CheckpointNotFound, open_checkpoint
+from nvfp4_prep.checkpoint.activation_scales import INPUT_LEAVES, NO_SCALES_IN_BF16
 from nvfp4_prep.checkpoint.formats import BF16
 from nvfp4_prep.checkpoint.safetensors_file import SafetensorsFile
-
-INPUT_LEAVES = (".input_scale", ".input_global_scale")
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -35,8 +34,7 @@ def load_activation_scales(source: str | os.PathLike) -> dict[str, torch.Tensor]
     if _is_checkpoint(path):
         with open_checkpoint(path) as checkpoint:
             if checkpoint.format == BF16:
-                raise CheckpointInvalid(f"{path}: an unquantized checkpoint holds no activation scales; expected an "
-                                        "NVFP4 checkpoint of the same model or a calibration .safetensors file")
+                raise CheckpointInvalid(f"{path}: {NO_SCALES_IN_BF16}")
             names = [name for name in checkpoint.tensor_names() if name.endswith(INPUT_LEAVES)]
             return {name: checkpoint.read_tensor(name) for name in names}
     if path.suffix != ".safetensors" or not path.is_file():

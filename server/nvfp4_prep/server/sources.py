@@ -22,13 +22,13 @@ from typing import TypeVar
 import torch
 
 from nvfp4_prep import checkpoint as ckpt
+from nvfp4_prep.checkpoint.activation_scales import ActivationScales, read_activation_scales
 from nvfp4_prep.checkpoint.formats import BF16
 from nvfp4_prep.checkpoint.safetensors_file import TORCH_DTYPES
 from nvfp4_prep.pipeline.shard import Shard
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import Chunk, TensorReceiver, TensorSpec, chunk_of, read_headers
 
-from .activation_scales import ActivationScales, read_activation_scales
 from .budget import Reservation
 from .bulk.connection import BulkChannel
 from .cache import CachedLayer, CacheKey

@@ -1,4 +1,5 @@
-"""The activation scales of a referenced layer to quantize, read by the server from under its allowed roots.
+"""The activation scales of a layer to quantize, read from where calibration left them (for the server, from
+under its allowed roots).
 
 Calibration, which needs the model's forward pass, is not ours to run, so ``CheckpointRef.activation_scales_location``
 names where it left them: an NVFP4 checkpoint of the same model (only its input scales are read), or a calibration
@@ -16,15 +17,16 @@ from pathlib import Path
 
 import torch
 
-from nvfp4_prep.checkpoint import CheckpointError, CheckpointInvalid, CheckpointNotFound, open_checkpoint
-from nvfp4_prep.checkpoint.checkpoint import CONFIG_FILES
-from nvfp4_prep.checkpoint.errors import shown
-from nvfp4_prep.checkpoint.formats import BF16
-from nvfp4_prep.checkpoint.location import Found, Tree
-from nvfp4_prep.checkpoint.safetensors_file import Interrupt, SafetensorsFile
+from .checkpoint import CONFIG_FILES, open_checkpoint
+from .errors import CheckpointError, CheckpointInvalid, CheckpointNotFound, shown
+from .formats import BF16
+from .location import Found, Tree
+from .safetensors_file import Interrupt, SafetensorsFile
 
 FIELD = "activation_scales_location"
 INPUT_LEAVES = (".input_scale", ".input_global_scale")
+NO_SCALES_IN_BF16 = ("an unquantized checkpoint holds no activation scales; expected an NVFP4 checkpoint of the same "
+                     "model or a calibration .safetensors file")
 # An input scale is a float32 scalar (0-d or [1]); a larger entry under such a name is refused unread.
 MAX_SCALE_BYTES = 4
 
@@ -75,9 +77,7 @@ def _nvfp4_checkpoint(location: str, prefix: str, roots: Sequence[str], interrup
                       ) -> ActivationScales:
     with open_checkpoint(location, roots) as checkpoint:
         if checkpoint.format == BF16:
-            raise CheckpointInvalid(f"{shown(checkpoint.directory)}: an unquantized checkpoint holds no activation "
-                                    "scales; expected an NVFP4 checkpoint of the same model or a calibration "
-                                    ".safetensors file")
+            raise CheckpointInvalid(f"{shown(checkpoint.directory)}: {NO_SCALES_IN_BF16}")
         tensors = _read(checkpoint.tensor_names(), lambda name: checkpoint.entry(name).nbytes,
                         lambda name: checkpoint.read_tensor(name, interrupt=interrupt), prefix,
                         shown(checkpoint.directory))
