@@ -2,8 +2,9 @@
 
     python bench/service.py --experts 256 --hidden 7168 --inter 2048 --device cuda:0 --streams 1,2,4
 
-Starts ``nvfp4-prep serve`` as a subprocess on 127.0.0.1 and a raw TCP peer as
-another process, then, for one random layer of the given size:
+Starts ``nvfp4-prep serve`` as a subprocess on 127.0.0.1 (its metrics on a free
+port) and a raw TCP peer as another process, then, for one random layer of the
+given size:
 
 - raw TCP: the layer's bytes sent up one connection and as many bytes as the
   prepared layer has sent back (the peer receives into and sends from one
@@ -16,12 +17,15 @@ another process, then, for one random layer of the given size:
 - reference: ``PrepClient.prepare_reference`` of the same layer written as a
   checkpoint under the server's ``--allowed-root`` (hot page cache): the server
   reads it and only prepared bytes travel, so this row's rate counts bytes down
-  over wall time, against one raw TCP stream carrying as many bytes one way.
+  over wall time, against one raw TCP stream carrying as many bytes one way;
+  ``reference x1 (bulk)`` the same through the bulk client, the answer over the
+  bulk transport (skipped, saying why, when the server's log shows an answer
+  that went inline);
 - cuda_ipc: the same reference with ``delivery="cuda_ipc"`` into this process's memory on the server's GPU
   (client and server share the node): the prepared bytes over the hand-over time, against ``clone()`` of as many
   bytes on that device (skipped, saying why, without a GPU).
 
-Rates count bytes up plus bytes down over wall time (the reference row: down only). ``vs tcp1`` divides by the
+Rates count bytes up plus bytes down over wall time (the reference rows: down only). ``vs tcp1`` divides by the
 single raw TCP stream, ``vs tcpN`` by N raw streams side by side. ``overlap``
 is end-to-end time over pure transfer time, the latter being the client's
 upload phase plus its download phase: 1.00 means that staging, host-to-device,
@@ -29,6 +33,15 @@ compute and device-to-host all hid behind the network. ``compute`` is the
 server's own compute time (from its JSON log); ``cli cores`` and ``srv cores``
 the CPU time the client and server processes used over wall time. Each row is
 the best of --repeat runs.
+
+``srv RSS`` and ``srv dev`` (GB) are the server process's peaks over each row's runs
+(the JSON's ``peak_rss_bytes`` and ``peak_device_bytes``; the raw TCP rows,
+which the server takes no part in, have none): its resident set's high-water
+mark (VmHWM, reset before the row by writing "5" to its /proc clear_refs), and
+the device memory its CUDA allocator holds in tensors beyond what it held before
+the row (the ``nvfp4_prep_gpu_memory_allocated_bytes`` gauge of its metrics
+page, sampled every 50 ms, so a peak shorter than that can be missed). Without
+a GPU the server reports no device memory: ``-`` in the table, 0 in the JSON.
 """
 
 from __future__ import annotations
@@ -45,18 +58,22 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save_file
 
 from nvfp4_prep.client import PrepClient, Progress
 from nvfp4_prep.server.config import parse_size
 from report import Row as ReportRow
-from report import add_json_flag, peak_device_bytes, reset_device_peak, write_json
+from report import add_json_flag, write_json
 
 _TCP_BUFFER = 8 << 20
 
@@ -177,8 +194,10 @@ def tcp_transfer(port: int, tensors: dict[str, torch.Tensor], down: int, sink: m
 class Server:
     process: subprocess.Popen
     address: str
+    metrics_port: int
     compute_s: list[float] = field(default_factory=list)
     handover_s: list[float] = field(default_factory=list)  # CUDA IPC hand-overs (see run_cuda_ipc)
+    bulk_streams: dict[str, int] = field(default_factory=dict)  # by request id: its bulk connections, 0 inline
 
     def read_log(self) -> None:
         for line in self.process.stderr:
@@ -186,10 +205,33 @@ class Server:
                 record = json.loads(line)
                 if "compute_s" in record:
                     self.compute_s.append(record["compute_s"])
+                if "request_id" in record:
+                    self.bulk_streams[record["request_id"]] = record.get("bulk_streams", 0)
                 if "handover_s" in record:
                     self.handover_s.append(record["handover_s"])
             else:
                 sys.stderr.write(line)
+
+    @staticmethod
+    def wait_for(logged: Callable[[], bool]) -> bool:
+        """Whether ``logged`` comes true within 30 s: a call's log line comes a little after its end."""
+        end = time.monotonic() + 30
+        while not logged() and time.monotonic() < end:
+            time.sleep(0.05)
+        return logged()
+
+    def answered_over_bulk(self, request_ids: set[str]) -> bool:
+        """Whether the server's log says that it answered each of these calls over its bulk transport."""
+        return (self.wait_for(lambda: request_ids <= self.bulk_streams.keys())
+                and all(self.bulk_streams[request_id] for request_id in request_ids))
+
+    def reset_peak_rss(self) -> bool:
+        """Sets the server's VmHWM back to its resident set now ("5" into clear_refs); False where refused."""
+        try:
+            Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+        except OSError:
+            return False
+        return True
 
     def peak_rss(self) -> int:
         """The server process's peak resident set (VmHWM), in bytes."""
@@ -201,21 +243,87 @@ class Server:
 
 
 def start_server(device: str, chunk_size: str, budget: str, allowed_root: Path) -> Server:
-    """``nvfp4-prep serve`` on 127.0.0.1 with a bulk port on any free port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    """``nvfp4-prep serve`` on 127.0.0.1 with its metrics on another free port and a bulk port on any."""
+    with socket.socket() as grpc_probe, socket.socket() as metrics_probe:  # both held: two different ports
+        grpc_probe.bind(("127.0.0.1", 0))
+        metrics_probe.bind(("127.0.0.1", 0))
+        port, metrics_port = grpc_probe.getsockname()[1], metrics_probe.getsockname()[1]
     command = [sys.executable, "-m", "nvfp4_prep.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--device", device, "--chunk-size", chunk_size, "--memory-budget", budget, "--cache-bytes", "0",
-               "--log-format", "json", "--metrics-port", "0", "--allowed-root", str(allowed_root),
+               "--log-format", "json", "--metrics-port", str(metrics_port), "--allowed-root", str(allowed_root),
                "--bulk-address", "127.0.0.1:0"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    server = Server(process, f"127.0.0.1:{port}")
+    server = Server(process, f"127.0.0.1:{port}", metrics_port)
     threading.Thread(target=server.read_log, daemon=True).start()
     with grpc.insecure_channel(server.address) as channel:
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="nvfp4_prep.v1.Prep"),
                                                   wait_for_ready=True, timeout=300)
     return server
+
+
+# -- the server's memory, per row -------------------------------------------------------------------
+
+_DEVICE_GAUGE = "nvfp4_prep_gpu_memory_allocated_bytes"  # metrics.GpuMemoryCollector, read at each scrape
+
+
+def device_allocated(metrics_port: int) -> int | None:
+    """Bytes the server's CUDA allocator holds in tensors, its devices together, from its metrics page; None
+    where the page has no such samples (a server on the CPU, no GPU) or does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as page:
+            text = page.read().decode()
+        values = [sample.value for family in text_string_to_metric_families(text) if family.name == _DEVICE_GAUGE
+                  for sample in family.samples]
+    except (OSError, ValueError):
+        return None
+    return int(sum(values)) if values else None
+
+
+@dataclass
+class Peaks:
+    """One row's peaks in the server process, in bytes; None where they could not be read."""
+
+    rss: int | None = None
+    device: int | None = None
+
+
+@contextmanager
+def server_peaks(server: Server) -> Iterator[Peaks]:
+    """Measures the ``with`` block: the server's peak resident set (VmHWM, reset first) and its peak extra
+    device memory (its allocator's bytes sampled every 50 ms during the block, less their value before it).
+    The sampler runs only where the server reports device memory, so a CPU run is not disturbed by it."""
+    peaks = Peaks()
+    reset = server.reset_peak_rss()
+    idle = device_allocated(server.metrics_port)
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            value = device_allocated(server.metrics_port)
+            if value is not None:
+                samples.append(value)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if idle is not None:
+        sampler.start()
+    try:
+        yield peaks
+    finally:
+        stop.set()
+        if idle is not None:
+            sampler.join()
+            peaks.device = max(0, max(samples, default=idle) - idle)
+        peaks.rss = server.peak_rss() if reset else None
+
+
+def gigabytes(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1e9:.2f}"
+
+
+def peaks_text(peaks: Peaks) -> str:
+    return ", ".join(f"{name} {'-' if value is None else f'{value / 1e9:.2f} GB'}"
+                     for name, value in (("srv RSS", peaks.rss), ("srv dev", peaks.device)))
 
 
 # -- runs --------------------------------------------------------------------------------------------
@@ -236,6 +344,7 @@ class Row:
     compute: float | None = None
     client_cores: float | None = None
     server_cores: float | None = None
+    peaks: Peaks = field(default_factory=Peaks)  # the server's; none for raw TCP, which it takes no part in
 
     @property
     def rate(self) -> float:
@@ -283,13 +392,13 @@ def run_grpc(client: PrepClient, layer: dict[str, torch.Tensor], streams: int, b
     return time.perf_counter() - started, sum(overlaps) / streams
 
 
-def timed_reference(client: PrepClient, location: str, backend: str, activation: str) -> float:
-    """Wall seconds of one ``prepare_reference`` of the layer the server reads from ``location``."""
+def timed_reference(client: PrepClient, location: str, backend: str, activation: str) -> tuple[float, str]:
+    """Wall seconds of one ``prepare_reference`` of the layer the server reads from ``location``, and the
+    call's request id (which its line in the server's log carries)."""
     started = time.perf_counter()
     result = client.prepare_reference(location, PREFIX, backend, activation)
     seconds = time.perf_counter() - started
-    del result
-    return seconds
+    return seconds, result.request_id
 
 
 def run_cuda_ipc(client: PrepClient, location: str, backend: str, activation: str, device: str, down: int,
@@ -297,8 +406,8 @@ def run_cuda_ipc(client: PrepClient, location: str, backend: str, activation: st
     """The ``cuda_ipc x1`` row: the referenced layer handed over as CUDA IPC handles and copied into this
     process's memory on ``device`` (the server's GPU), against ``clone()`` of as many bytes there. Its rate is the
     prepared bytes over the hand-over (the server's ``handover_s``: this client opening, copying and taking them);
-    the whole call, reading and compute included, is printed beside it. None, with the reason printed, without
-    a GPU or when the server streamed instead."""
+    the whole call, reading and compute included, is printed beside it, and so are the server's peaks during the
+    calls. None, with the reason printed, without a GPU or when the server streamed instead."""
     if not device.startswith("cuda") or not torch.cuda.is_available():
         print(f"cuda_ipc x1: skipped (the server runs on {device}; CUDA IPC needs it on a GPU of this node)")
         return None
@@ -314,24 +423,23 @@ def run_cuda_ipc(client: PrepClient, location: str, backend: str, activation: st
     del flat
     clone_rate = down / min(clones[1:])
     server.handover_s.clear()
-    reset_device_peak()
     walls = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        result = client.prepare_reference(location, PREFIX, backend, activation, delivery="cuda_ipc", device=device)
-        walls.append(time.perf_counter() - started)
-        del result
-    end = time.monotonic() + 30  # the server's log line comes a little after its call's end
-    while len(server.handover_s) < repeat and time.monotonic() < end:
-        time.sleep(0.05)
-    if len(server.handover_s) < repeat:
+    with server_peaks(server) as peaks:
+        for _ in range(repeat):
+            started = time.perf_counter()
+            result = client.prepare_reference(location, PREFIX, backend, activation, delivery="cuda_ipc",
+                                              device=device)
+            walls.append(time.perf_counter() - started)
+            del result
+    if not server.wait_for(lambda: len(server.handover_s) >= repeat):
         print("cuda_ipc x1: skipped (the server streamed the answer; its log says why)")
         return None
     rate = down / min(server.handover_s)
     print(f"cuda_ipc x1: {down / 1e9:.2f} GB handed over in {min(server.handover_s):.4f}s, {rate / 1e9:.1f} GB/s, "
-          f"{rate / clone_rate:.2f} of clone() ({clone_rate / 1e9:.1f} GB/s); whole call {min(walls):.2f}s", flush=True)
-    return ReportRow("cuda_ipc x1", rate / 1e9, rate / clone_rate, "clone() on the device", server.peak_rss(),
-                     peak_device_bytes())
+          f"{rate / clone_rate:.2f} of clone() ({clone_rate / 1e9:.1f} GB/s); whole call {min(walls):.2f}s; "
+          f"{peaks_text(peaks)}", flush=True)
+    return ReportRow("cuda_ipc x1", rate / 1e9, rate / clone_rate, "clone() on the device", peaks.rss or 0,
+                     peaks.device or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -393,29 +501,38 @@ def main(argv: list[str] | None = None) -> int:
             for mode, via in (("gRPC prepare", client), ("bulk prepare", bulk_client)):
                 for count in streams:
                     runs = []
-                    for _ in range(args.repeat):
-                        server.compute_s.clear()
-                        client_cpu, server_cpu = cpu_seconds(os.getpid()), cpu_seconds(server.process.pid)
-                        seconds, overlap = run_grpc(via, layer, count, args.backend, args.activation)
-                        client_cpu = cpu_seconds(os.getpid()) - client_cpu
-                        server_cpu = cpu_seconds(server.process.pid) - server_cpu
-                        runs.append((seconds, overlap, max(server.compute_s, default=float("nan")),
-                                     client_cpu / seconds, server_cpu / seconds))
+                    with server_peaks(server) as peaks:
+                        for _ in range(args.repeat):
+                            server.compute_s.clear()
+                            client_cpu, server_cpu = cpu_seconds(os.getpid()), cpu_seconds(server.process.pid)
+                            seconds, overlap = run_grpc(via, layer, count, args.backend, args.activation)
+                            client_cpu = cpu_seconds(os.getpid()) - client_cpu
+                            server_cpu = cpu_seconds(server.process.pid) - server_cpu
+                            runs.append((seconds, overlap, max(server.compute_s, default=float("nan")),
+                                         client_cpu / seconds, server_cpu / seconds))
                     seconds, overlap, compute, client_cores, server_cores = min(runs)
                     rows.append(Row(mode, count, count * (up + down), seconds, overlap, compute,
-                                    client_cores, server_cores))
+                                    client_cores, server_cores, peaks))
                     print(f"{mode} x{count}: {seconds:.2f}s", flush=True)
             # One direction: the server reads the layer, only the prepared bytes come down.
             sink = [memoryview(torch.zeros(down, dtype=torch.uint8).numpy())]
             tcp_down = min(run_tcp(tcp_port, {}, down, 1, sink) for _ in range(args.repeat))
             sink.clear()
             client.prepare_reference(str(location), PREFIX, args.backend, args.activation)  # the page cache, warm
-            reference = min(timed_reference(client, str(location), args.backend, args.activation)
-                            for _ in range(args.repeat))
-            print(f"raw TCP x1 down: {tcp_down:.2f}s, reference x1: {reference:.2f}s", flush=True)
+            references: dict[str, tuple[float, Peaks]] = {}
+            for name, via in (("reference x1", client), ("reference x1 (bulk)", bulk_client)):
+                with server_peaks(server) as peaks:
+                    runs = [timed_reference(via, str(location), args.backend, args.activation)
+                            for _ in range(args.repeat)]
+                if via is bulk_client and not server.answered_over_bulk({request_id for _, request_id in runs}):
+                    print(f"{name}: skipped (the server answered inline; its log says why)")
+                    continue
+                seconds = min(wall for wall, _ in runs)
+                references[name] = seconds, peaks
+                print(f"{name}: {seconds:.2f}s", flush=True)
+            print(f"raw TCP x1 down: {tcp_down:.2f}s", flush=True)
             ipc_row = run_cuda_ipc(client, str(location), args.backend, args.activation, args.device, down, server,
                                    args.repeat)
-        server_peak = server.peak_rss()
     finally:
         server.process.terminate()
         server.process.wait(timeout=60)
@@ -425,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     tcp = {row.streams: row.rate for row in rows if row.mode == "raw TCP"}
     print()
     print(f"{'mode':<13} {'streams':>7} {'GB moved':>9} {'seconds':>8} {'GB/s':>6} {'vs tcp1':>8} {'vs tcpN':>8} "
-          f"{'overlap':>8} {'compute':>8} {'cli cores':>9} {'srv cores':>9}")
+          f"{'overlap':>8} {'compute':>8} {'cli cores':>9} {'srv cores':>9} {'srv RSS':>8} {'srv dev':>8}")
 
     def optional(value: float | None, digits: int) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
@@ -433,19 +550,22 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"{row.mode:<13} {row.streams:>7} {row.bytes / 1e9:>9.2f} {row.seconds:>8.2f} {row.rate / 1e9:>6.2f} "
               f"{row.rate / tcp[1]:>8.2f} {row.rate / tcp[row.streams]:>8.2f} {optional(row.overlap, 2):>8} "
-              f"{optional(row.compute, 3):>8} {optional(row.client_cores, 1):>9} {optional(row.server_cores, 1):>9}")
-    reference_rate, tcp_down_rate = down / reference, down / tcp_down
-    print(f"reference x1: {down / 1e9:.2f} GB down in {reference:.2f}s, {reference_rate / 1e9:.2f} GB/s, "
-          f"{reference_rate / tcp_down_rate:.2f} of one raw TCP stream one way ({tcp_down_rate / 1e9:.2f} GB/s)")
+              f"{optional(row.compute, 3):>8} {optional(row.client_cores, 1):>9} {optional(row.server_cores, 1):>9} "
+              f"{gigabytes(row.peaks.rss):>8} {gigabytes(row.peaks.device):>8}")
+    tcp_down_rate = down / tcp_down
+    for name, (seconds, peaks) in references.items():
+        print(f"{name}: {down / 1e9:.2f} GB down in {seconds:.2f}s, {down / seconds / 1e9:.2f} GB/s, "
+              f"{down / seconds / tcp_down_rate:.2f} of one raw TCP stream one way ({tcp_down_rate / 1e9:.2f} GB/s); "
+              f"{peaks_text(peaks)}")
     print(f"chunk size {args.chunk_size}, backend {args.backend}, activation {args.activation}, "
           f"{args.bulk_streams} bulk connections per call in the bulk rows")
-    # The JSON rows: each gRPC row against as many raw TCP streams; its memory is the server process's peak.
+    # The JSON rows: each gRPC row against as many raw TCP streams; its memory is the server process's, that row's.
     suffixes = {"gRPC prepare": "", "bulk prepare": " (bulk)"}
     json_rows = [ReportRow(f"stream x{row.streams}{suffixes[row.mode]}", row.rate / 1e9, row.rate / tcp[row.streams],
-                           f"raw TCP x{row.streams}", server_peak, 0)
+                           f"raw TCP x{row.streams}", row.peaks.rss or 0, row.peaks.device or 0)
                  for row in rows if row.mode in suffixes]
-    json_rows.append(ReportRow("reference x1", reference_rate / 1e9, reference_rate / tcp_down_rate,
-                               "raw TCP x1 down", server_peak, 0))
+    json_rows += [ReportRow(name, down / seconds / 1e9, down / seconds / tcp_down_rate, "raw TCP x1 down",
+                            peaks.rss or 0, peaks.device or 0) for name, (seconds, peaks) in references.items()]
     if ipc_row is not None:
         json_rows.append(ipc_row)
     write_json(args.json, json_rows)

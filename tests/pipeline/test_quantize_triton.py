@@ -16,7 +16,7 @@ import torch
 
 from nvfp4_prep.pipeline import PrepError
 from nvfp4_prep.pipeline.quantize import RECIPES, layer, quantize_layer, quantize_weights, triton_quantize
-from nvfp4_prep.pipeline.quantize.recipes import MODELOPT
+from nvfp4_prep.pipeline.quantize.recipes import MODELOPT, global_scales
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +54,69 @@ def _edges(dtype: torch.dtype) -> torch.Tensor:
     for row, scale in enumerate((1.0, 2.0**-3, 2.0**5, 3.0)):
         weights[2, row] = (ties * scale).repeat(4)
     return weights
+
+
+def _every_block_scale(dtype: torch.dtype, amax: float) -> torch.Tensor:
+    """One group ``[1, rows, 16]`` of absolute maximum ``amax`` whose blocks reach every float8_e4m3fn block scale,
+    each block its maximum ``M`` and then, for 16-bit dtypes, every value of the dtype in ``[M/64, M]`` with both
+    signs (all that rounds to a non-zero E2M1 code); for float32, random values there and each E2M1 midpoint times
+    the block's divisor under either recipe, with its neighbours one ulp away (the ties the division must get
+    exactly)."""
+    if dtype == torch.float32:
+        pool = None
+    else:
+        pool = torch.arange(0, 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype).to(torch.float32)
+        pool = pool[torch.isfinite(pool)]
+    midpoints = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    gen = torch.Generator().manual_seed(21)
+    rows = [torch.tensor([[1.0] + [0.0] * 15])]
+    for code in range(1, 127):
+        scale = torch.tensor(code, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+        top = (scale / 448).to(dtype).to(torch.float32)
+        if pool is None:
+            divisors = torch.stack([scale * (torch.tensor(1.0) / 2688), scale / torch.tensor(2688.0)])
+            ties = (midpoints[:, None] * divisors[None, :]).flatten()
+            ulp = torch.finfo(torch.float32).eps * ties
+            values = torch.cat([torch.rand(1500, generator=gen) * top, ties, ties + ulp, ties - ulp])
+        else:
+            values = pool[(pool >= top / 64) & (pool <= top)]
+        values = torch.cat([values, -values]).clamp(-top, top)
+        values = torch.cat([values, values.new_zeros(-len(values) % 15)]).reshape(-1, 15)
+        rows.append(torch.cat([top.expand(len(values), 1), values], dim=1))
+    return (torch.cat(rows) * amax).to(dtype).unsqueeze(0)
+
+
+# Group maxima of 1.0 and near the ends of what Markstein's division takes (global scales of about 2**-52 and 2**50).
+_AMAX = {torch.bfloat16: (1.0, 2.0**-41, 2.0**61), torch.float16: (1.0, 2.0**-10, 2.0**15),
+         torch.float32: (1.0, 2.0**-41, 2.0**61)}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", range(3))
+@pytest.mark.gpu
+@needs_gpu
+def test_triton_division_equals_ieee_division_at_every_block_scale(recipe: str, dtype: torch.dtype,
+                                                                   scale: int) -> None:
+    """The kernel's division (Markstein's, module docstring) against the torch path's IEEE division."""
+    weights = _every_block_scale(dtype, _AMAX[dtype][scale]).cuda()
+    amax, smallest = triton_quantize.group_extrema(weights)
+    assert triton_quantize.markstein_safe(recipe, global_scales(recipe, amax), smallest)  # the path under test
+    _assert_same(quantize_weights(weights, recipe), quantize_weights(weights.cpu(), recipe))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_markstein_division_is_taken_only_inside_its_range(recipe: str) -> None:
+    """Global scales beyond [2**-55, 2**55], or a value below 2**-100 of a divisor, take IEEE division."""
+    low, high = triton_quantize.SAFE_GLOBAL
+    ones = torch.ones(2)
+    for glob, safe in ((1.0, True), (low, True), (high, True), (low / 2, False), (high * 2, False)):
+        assert triton_quantize.markstein_safe(recipe, torch.tensor([1.0, glob]), ones) is safe, glob
+    glob = torch.tensor([2.0**-20, 1.0])
+    largest_divisor = 448 * glob if recipe == MODELOPT else 448 / glob
+    at = largest_divisor * 2.0**-100
+    assert triton_quantize.markstein_safe(recipe, glob, at)
+    assert not triton_quantize.markstein_safe(recipe, glob, at * torch.tensor([1.0, 0.5]))
 
 
 def _assert_same(got, want) -> None:

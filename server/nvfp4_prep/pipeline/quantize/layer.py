@@ -94,18 +94,33 @@ def _quantize_chunk(weights: torch.Tensor, recipe: str, out: QuantizedWeights, s
     out.global_scale[start:end] = stored
 
 
-def _quantize_groups(weights: torch.Tensor, recipe: str, chunk_elements: int) -> QuantizedWeights:
-    """Raises ``NonFinite`` or ``ZeroWeight`` (ModelOpt, all-zero group) with the batch position; the callers
-    turn them into a PrepError naming the tensor."""
+def _fused(weights: torch.Tensor) -> bool:
+    return _KERNEL != "torch" and triton_quantize.available(weights)
+
+
+def _fused_globals(weights: torch.Tensor, recipe: str,
+                   extrema: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, bool]:
+    """The fused path's checked global scales and its choice of division, from the amax pass (``extrema``, or
+    run now); raises ``NonFinite`` or ``ZeroWeight``."""
+    amax, smallest = extrema if extrema is not None else triton_quantize.group_extrema(weights)
+    stored = _checked_global_scales(weights, amax, recipe, 0)
+    return stored, triton_quantize.markstein_safe(recipe, stored, smallest)
+
+
+def _quantize_groups(weights: torch.Tensor, recipe: str, chunk_elements: int,
+                     fused: tuple[torch.Tensor, bool] | None) -> QuantizedWeights:
+    """``fused``: what ``_fused_globals`` gave, for the Triton path; None runs the torch path. Raises
+    ``NonFinite`` or ``ZeroWeight`` (ModelOpt, all-zero group) with the batch position; the callers turn them
+    into a PrepError naming the tensor."""
     groups, rows, cols = weights.shape
     out = QuantizedWeights(
         torch.empty((groups, rows, cols // 2), dtype=torch.uint8, device=weights.device),
         torch.empty((groups, rows, cols // BLOCK), dtype=torch.float8_e4m3fn, device=weights.device),
-        torch.empty((groups,), dtype=torch.float32, device=weights.device),
+        torch.empty((groups,), dtype=torch.float32, device=weights.device) if fused is None else fused[0],
     )
-    if _KERNEL != "torch" and triton_quantize.available(weights):
-        out.global_scale.copy_(_checked_global_scales(weights, triton_quantize.group_amax(weights), recipe, 0))
-        triton_quantize.quantize_blocks(weights, recipe, out.global_scale, out.packed, out.block_scale)
+    if fused is not None:
+        triton_quantize.quantize_blocks(weights, recipe, out.global_scale, out.packed, out.block_scale,
+                                        markstein=fused[1])
         return out
     step = max(1, chunk_elements // max(1, rows * cols))
     for start in range(0, groups, step):
@@ -125,7 +140,8 @@ def quantize_weights(weights: torch.Tensor, recipe: str, *, name: str = "weights
     if weights.shape[-1] == 0 or weights.shape[-1] % BLOCK:
         raise PrepError(name, f"has K = {weights.shape[-1]}", f"K a positive multiple of {BLOCK}")
     try:
-        return _quantize_groups(weights, recipe, chunk_elements)
+        return _quantize_groups(weights, recipe, chunk_elements,
+                                _fused_globals(weights, recipe) if _fused(weights) else None)
     except NonFinite as exc:
         raise PrepError(f"{name}[{exc.index}]", f"has NaN or infinite values (row {exc.row})",
                         "finite weights to quantize") from None
@@ -141,19 +157,35 @@ def dequantize(packed: torch.Tensor, block_scale: torch.Tensor, scale_2: torch.T
     return (values * scale.unsqueeze(-1)).flatten(-2)
 
 
-def _quantized(layer: ExpertWeights, recipe: str, chunk_elements: int) -> tuple[QuantizedWeights, QuantizedWeights]:
+def _start(layer: ExpertWeights) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Queues the fused path's amax passes of both weights (nothing waits for them yet)."""
+    return {which: triton_quantize.group_extrema(weights)
+            for which, weights in (("w13", layer.w13), ("w2", layer.w2)) if _fused(weights)}
+
+
+def _quantized(layer: ExpertWeights, recipe: str, chunk_elements: int,
+               started: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+               ) -> tuple[QuantizedWeights, QuantizedWeights]:
+    """Both weights quantized; ``started``: what ``_start`` queued (else queued now). Every check waits for the
+    amax passes only, before either quantize pass is queued, so that the device runs them back to back."""
+    started = _start(layer) if started is None else started
     names = {"w13": layer.w13_name, "w2": lambda e, _row: layer.w2_name(e)}
+    weights = {"w13": layer.w13, "w2": layer.w2}
+    fused: dict[str, tuple[torch.Tensor, bool] | None] = {}
     result = []
-    for which, weights in (("w13", layer.w13), ("w2", layer.w2)):
-        try:
-            result.append(_quantize_groups(weights, recipe, chunk_elements))
-        except NonFinite as exc:
-            raise PrepError(names[which](exc.index, exc.row), "has NaN or infinite values",
-                            "finite weights to quantize") from None
-        except ZeroWeight as exc:
-            together = " (gate and up together, which share one global scale)" if which == "w13" and layer.gated \
-                else ""
-            raise PrepError(names[which](exc.index, 0), f"{_ZERO_PROBLEM}{together}", _ZERO_EXPECTED) from None
+    which = "w13"
+    try:
+        for which in weights:
+            fused[which] = _fused_globals(weights[which], recipe, started[which]) if which in started else None
+        for which in weights:
+            result.append(_quantize_groups(weights[which], recipe, chunk_elements, fused[which]))
+    except NonFinite as exc:
+        raise PrepError(names[which](exc.index, exc.row), "has NaN or infinite values",
+                        "finite weights to quantize") from None
+    except ZeroWeight as exc:
+        together = " (gate and up together, which share one global scale)" if which == "w13" and layer.gated \
+            else ""
+        raise PrepError(names[which](exc.index, 0), f"{_ZERO_PROBLEM}{together}", _ZERO_EXPECTED) from None
     return result[0], result[1]
 
 
@@ -181,8 +213,10 @@ def quantize_layer(
     """
     check_choice("recipe", recipe, RECIPES)
     layer = expert_weights(weights, activation)
-    inputs = _inputs(layer, recipe, input_scales)
-    w13, w2 = _quantized(layer, recipe, chunk_elements)
+    on_host = _on_host(input_scales)  # tiny copies, before the device has work to wait for
+    started = _start(layer)
+    inputs = _inputs(layer, recipe, on_host)  # checked on the host while the amax passes run
+    w13, w2 = _quantized(layer, recipe, chunk_elements, started)
     device = layer.w13.device
     if recipe == LLM_COMPRESSOR:
         inputs = {role: torch.reciprocal(value) for role, value in inputs.items()}
@@ -196,12 +230,23 @@ def quantize_layer(
         "w13_weight": w13.packed,
         "w13_weight_scale": w13.block_scale,
         "w13_weight_scale_2": per_w13([ws13] * len(w13_roles)),
-        "w13_input_scale": per_w13([inputs[role] for role in w13_roles]).to(device),
+        "w13_input_scale": _to_device(per_w13([inputs[role] for role in w13_roles]), device),
         "w2_weight": w2.packed,
         "w2_weight_scale": w2.block_scale,
         "w2_weight_scale_2": weight_scale_2(recipe, w2.global_scale),
-        "w2_input_scale": inputs["down"].to(device),
+        "w2_input_scale": _to_device(inputs["down"], device),
     }
+
+
+def _on_host(scales: Mapping[str, torch.Tensor] | None) -> Mapping[str, torch.Tensor] | None:
+    if not isinstance(scales, Mapping):
+        return scales  # stored_input_scales names what is wrong with it
+    return {name: value.detach().cpu() if isinstance(value, torch.Tensor) else value for name, value in scales.items()}
+
+
+def _to_device(value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting there for the queued quantize passes (pinned, asynchronous)."""
+    return value.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else value.to(device)
 
 
 def quantized_expert_tensors(
