@@ -1,34 +1,50 @@
 """Same-node delivery over CUDA IPC: a client process maps the server's GPU memory, copies the layer and takes it.
 
 The server runs in this process on cuda:0, each client in a subprocess (``tests.helpers.ipc_client``: a process
-cannot open its own CUDA IPC handles). Every way a lease ends must give the memory back: the budget's bytes, the
-tensors the worker tracks, and the device memory itself (torch keeps memory a client still maps in its "limbo").
-Skipped without CUDA; the cross-GPU case needs two devices.
+cannot open its own CUDA IPC handles). The layer goes as one exported storage, its tensors packed at aligned
+offsets. Every way a lease ends must give the memory back: the budget's bytes, the tensors the worker tracks, and
+the device memory itself (torch keeps memory a client still maps in its "limbo"). The packing runs on the CPU too
+and is tested there; the rest is skipped without CUDA, the cross-GPU case needs two devices. The file needs no
+conftest: on a GPU machine, ``python -m pytest --noconftest tests/server/test_cuda_ipc.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
+import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
 from nvfp4_prep import pipeline
 from nvfp4_prep.client import PrepClient
+from nvfp4_prep.client.ipc import HeldRequests
+from nvfp4_prep.client.sdk import header_options
+from nvfp4_prep.contract.node import node_id
+from nvfp4_prep.server.budget import MemoryBudget
+from nvfp4_prep.server.config import ServeConfig
+from nvfp4_prep.server.estimate import reservation_bytes
+from nvfp4_prep.server.ipc import pack, packed_offsets, packed_size, packing_room
+from nvfp4_prep.server.server import PrepServer
+from nvfp4_prep.v1 import prep_pb2 as pb
+from nvfp4_prep.v1 import prep_pb2_grpc
+from nvfp4_prep.wire import encode_tensors, header_for, read_headers
 from tests.helpers import ipc_client
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 REPO = Path(__file__).resolve().parents[2]
+ALIGN = 256  # bytes: where every packed tensor must start (cudaMalloc's alignment)
 
 
 def settle(condition, timeout: float = 30.0) -> bool:
@@ -40,13 +56,112 @@ def settle(condition, timeout: float = 30.0) -> bool:
     return True
 
 
+def same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """Same names in the same order, same dtypes and shapes, same bytes."""
+    assert list(got) == list(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
+        assert torch.equal(got[name].cpu().contiguous().view(torch.uint8),
+                           tensor.cpu().contiguous().view(torch.uint8)), name
+
+
+def assert_aligned_and_apart(ranges: list[tuple[int, int]]) -> None:
+    """Byte ranges ``(start, size)`` that start aligned, at distinct offsets, in order, none overlapping the next."""
+    for (start, size), (after, _) in itertools.pairwise(ranges):
+        assert start + size <= after, (start, size, after)
+    assert all(start % ALIGN == 0 for start, _ in ranges)
+    assert len({start for start, _ in ranges}) == len(ranges)
+
+
+# The packing, on the CPU.
+
+@pytest.mark.parametrize(("sizes", "offsets", "total"), [
+    ([1, 256, 3], [0, 256, 512], 515),
+    ([256, 512, 1], [0, 256, 768], 769),
+    ([4, 0, 4], [0, 256, 256], 260),
+    ([300, 40], [0, 512], 552),
+])
+def test_packed_offsets_start_each_tensor_aligned_right_after_the_one_before(sizes, offsets, total):
+    assert packed_offsets(sizes) == (offsets, total)
+
+
+def test_pack_puts_every_tensor_in_one_buffer_and_lets_the_originals_go():
+    prepared = pipeline.prepare(ipc_client.layer(), ipc_client.BACKEND)
+    want = {name: tensor.clone() for name, tensor in prepared.tensors.items()}
+    originals = [weakref.ref(tensor) for tensor in prepared.tensors.values()]
+
+    buffer, views = pack(prepared.tensors)
+
+    assert prepared.tensors == {}  # taken out as they were copied
+    assert all(original() is None for original in originals), "an original prepared tensor is still alive"
+    same_tensors(views, want)
+    assert buffer.dtype == torch.uint8 and buffer.dim() == 1
+    base = buffer.untyped_storage().data_ptr()
+    assert {view.untyped_storage().data_ptr() for view in views.values()} == {base}
+    starts = [(view.data_ptr() - base, view.numel() * view.element_size()) for view in views.values()]
+    assert_aligned_and_apart(starts)
+    sizes = [size for _, size in starts]
+    assert starts[-1][0] + sizes[-1] == buffer.numel() == packed_size(want.values())
+    assert buffer.numel() < sum(sizes) + ALIGN * len(sizes)  # no more slack than the alignment
+
+
+def test_packing_room_is_free_within_the_reservation():
+    budget = MemoryBudget(10_000)
+    reservation = budget.reserve(3_000)
+    room = packing_room(reservation, budget, outputs=1_000, packed=2_000)
+    assert room is not None and room.nbytes == 0 and budget.in_use == 3_000
+
+
+def test_packing_room_takes_the_missing_bytes_from_the_budget_until_released():
+    budget = MemoryBudget(10_000)
+    reservation = budget.reserve(3_000)
+    with packing_room(reservation, budget, outputs=2_000, packed=2_100) as room:
+        assert room.nbytes == 1_100 and budget.in_use == 4_100
+    assert budget.in_use == 3_000
+
+
+@pytest.mark.parametrize("draining", [False, True])
+def test_packing_room_does_not_wait_for_a_full_budget(draining):
+    budget = MemoryBudget(5_000)
+    reservation = budget.reserve(3_000)
+    other = budget.reserve(1_500)
+    if draining:
+        budget.close()
+    started = time.monotonic()
+    assert packing_room(reservation, budget, outputs=2_000, packed=2_100) is None
+    assert time.monotonic() - started < 1.0  # refused at once, not after waiting
+    assert budget.in_use == reservation.nbytes + other.nbytes and budget.waiting == 0
+
+
+# The hand-over, on a GPU.
+
 @pytest.fixture
-def gpu_server(start_server, request):
-    """A server on cuda:0 that already prepared one layer (so that what stays allocated after is its baseline)."""
+def serve() -> Iterator[Callable[..., PrepServer]]:
+    """``serve(**ServeConfig fields)``: a started server on loopback, stopped at teardown (this file's own, so
+    that it runs without the suite's conftest)."""
+    servers: list[PrepServer] = []
+
+    def start(**fields) -> PrepServer:
+        fields = {"host": "127.0.0.1", "port": 0, "devices": ("cpu",), "memory_budget": 1 << 30, "metrics_port": 0,
+                  **fields}
+        servers.append(PrepServer(ServeConfig(**fields)).start())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop(grace=0)
+
+
+@pytest.fixture
+def gpu_server(serve, request):
+    """A server on cuda:0 that already streamed the layer (``streamed``, on the CPU), so that what stays allocated
+    after is its baseline."""
     lease = getattr(request, "param", 30.0)
-    server = start_server(devices=("cuda:0",), memory_budget=4 << 30, idle_timeout=120, ipc_lease_timeout=lease)
+    server = serve(devices=("cuda:0",), memory_budget=4 << 30, idle_timeout=120, ipc_lease_timeout=lease)
     with PrepClient(server.address) as client:
-        client.prepare_layer(ipc_client.layer(), ipc_client.BACKEND)
+        streamed = client.prepare_layer(ipc_client.layer(), ipc_client.BACKEND)
+    server.streamed = {name: tensor.cpu() for name, tensor in streamed.tensors.items()}
+    assert settle(lambda: server.workers[0].budget.in_use == 0 and server.workers[0].live.value == 0)
     torch.cuda.synchronize(0)
     server.baseline = torch.cuda.memory_allocated(0)
     return server
@@ -59,15 +174,18 @@ def _client(server, mode: str, device: str, out: Path) -> subprocess.Popen:
 
 def _freed(server) -> bool:
     worker = server.workers[0]
-    return worker.budget.in_use == 0 and torch.cuda.memory_allocated(0) <= server.baseline
+    return (worker.budget.in_use == 0 and worker.live.value == 0
+            and torch.cuda.memory_allocated(0) <= server.baseline)
 
 
 def _served(caplog) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "nvfp4_prep.server.service" and hasattr(r, "outcome")]
 
 
+@pytest.mark.gpu
+@cuda_only
 @pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
-def test_same_node_client_gets_bit_exact_tensors_by_cuda_ipc(gpu_server, tmp_path, same_tensors, caplog, device):
+def test_same_node_client_gets_bit_exact_tensors_by_cuda_ipc(gpu_server, tmp_path, caplog, device):
     if torch.device(device).index >= torch.cuda.device_count():
         pytest.skip("needs a second GPU (a peer copy from the server's)")
     caplog.set_level(logging.INFO, logger="nvfp4_prep.server")
@@ -75,14 +193,96 @@ def test_same_node_client_gets_bit_exact_tensors_by_cuda_ipc(gpu_server, tmp_pat
     client = _client(gpu_server, "take", device, out)
     stdout, _ = client.communicate(timeout=120)
     assert client.returncode == 0 and "taken" in stdout
-    want = pipeline.prepare(ipc_client.layer(), ipc_client.BACKEND)
-    same_tensors(torch.load(out), want.tensors)
+    same_tensors(torch.load(out), gpu_server.streamed)
     record = _served(caplog)[-1]
     assert record.outcome == "OK" and record.delivery == "cuda_ipc"
     assert not getattr(record, "bytes_sent", 0)  # no tensor byte went over the socket
     assert settle(lambda: _freed(gpu_server)), "the layer's memory did not come back after taken"
 
 
+@pytest.mark.gpu
+@cuda_only
+def test_a_bulk_client_asking_for_cuda_ipc_uploads_inline_and_takes_the_handles(serve, tmp_path, caplog):
+    """A client with bulk connections that asks for CUDA IPC: its request stream stays open for ``taken``, so the
+    SDK offers no bulk transport for that call; the chunks go inline and the answer comes back by CUDA IPC."""
+    server = serve(devices=("cuda:0",), memory_budget=4 << 30, bulk_address=("127.0.0.1", 0))
+    caplog.set_level(logging.INFO, logger="nvfp4_prep.server")
+    out = tmp_path / "layer.pt"
+    client = _client(server, "take-bulk", "cuda:0", out)
+    stdout, _ = client.communicate(timeout=120)
+    assert client.returncode == 0 and "taken" in stdout
+    same_tensors(torch.load(out), pipeline.prepare(ipc_client.layer(), ipc_client.BACKEND).tensors)
+    record = _served(caplog)[-1]
+    assert record.outcome == "OK" and record.delivery == "cuda_ipc" and not hasattr(record, "bulk_streams")
+    assert not getattr(record, "bytes_sent", 0)
+
+
+@contextlib.contextmanager
+def _ipc_call(server) -> Iterator[tuple[pb.PreparedHeader, pb.IpcLayer]]:
+    """A raw call in this process that asks for the layer by CUDA IPC: its header and handles (opened by no one:
+    this process made them); the call is cancelled after, as by a client that went away without taking it."""
+    tensors = ipc_client.layer()
+    header = pb.PrepareHeader(backend=ipc_client.BACKEND, activation="swiglu", input_scale_policy="max",
+                              **header_options(), delivery=pb.DELIVERY_CUDA_IPC, node_id=node_id(),
+                              tensors=pb.TensorSet(form=pb.TENSOR_FORM_STACKED,
+                                                   tensors=[header_for(n, t) for n, t in tensors.items()]))
+    held = HeldRequests(iter([pb.PrepareRequest(header=header),
+                              *(pb.PrepareRequest(chunk=c) for c in encode_tensors(tensors, 1 << 20))]))
+    with grpc.insecure_channel(server.address) as channel:
+        call = prep_pb2_grpc.PrepStub(channel).Prepare(held, timeout=120)
+        try:
+            yield next(call).header, next(call).ipc
+        finally:
+            call.cancel()
+            held.close()
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_the_layer_is_handed_over_as_one_storage_of_aligned_disjoint_tensors(gpu_server):
+    with _ipc_call(gpu_server) as (header, ipc):
+        specs = read_headers(header.tensors, "header.tensors")
+        assert [spec.name for spec in specs] == list(gpu_server.streamed)
+        assert len(ipc.tensors) == len(specs)
+        first = ipc.tensors[0]
+        assert first.storage_handle and first.ref_counter_handle
+        for shared in ipc.tensors:  # one storage: the entries differ only by where their tensors lie in it
+            assert (shared.storage_handle, shared.storage_size_bytes, shared.storage_offset_bytes,
+                    shared.ref_counter_handle, shared.ref_counter_offset, shared.event_handle) == (
+                first.storage_handle, first.storage_size_bytes, first.storage_offset_bytes,
+                first.ref_counter_handle, first.ref_counter_offset, first.event_handle)
+        ranges = [(shared.tensor_offset * spec.dtype.itemsize, spec.byte_length)
+                  for shared, spec in zip(ipc.tensors, specs, strict=True)]
+        assert_aligned_and_apart(ranges)
+        assert first.storage_offset_bytes % ALIGN == 0  # so the tensors' device addresses are aligned too
+        assert ranges[-1][0] + ranges[-1][1] == first.storage_size_bytes  # the buffer ends with the last tensor
+        # While its client has it, the call holds exactly the packed buffer of the budget.
+        assert gpu_server.workers[0].budget.in_use == first.storage_size_bytes
+    assert settle(lambda: _freed(gpu_server)), "a layer its client never took was not freed"
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_a_budget_without_room_for_the_packed_copy_streams_the_answer(serve, caplog):
+    layer = ipc_client.layer()
+    inputs = [header_for(name, tensor) for name, tensor in layer.items()]
+    need = reservation_bytes(read_headers(inputs, "tensors"), False, ipc_client.BACKEND, "swiglu")
+    want = pipeline.prepare(layer, ipc_client.BACKEND).tensors
+    # Stacked inputs are smaller than the outputs (derived scalars): the call's reservation alone cannot hold the
+    # outputs twice, and a budget of just that reservation has nothing to add.
+    assert sum(h.byte_length for h in inputs) < sum(t.numel() * t.element_size() for t in want.values())
+    server = serve(devices=("cuda:0",), memory_budget=need, idle_timeout=120)
+    caplog.set_level(logging.INFO, logger="nvfp4_prep.server")
+    with PrepClient(server.address) as client:
+        got = client.prepare_layer(layer, ipc_client.BACKEND, delivery="cuda_ipc", device="cuda:0")
+    same_tensors(got.tensors, want)
+    record = _served(caplog)[-1]
+    assert record.outcome == "OK" and record.delivery.startswith("stream (")
+    assert "no room now for the packed copy" in record.delivery
+
+
+@pytest.mark.gpu
+@cuda_only
 def test_client_killed_with_the_handles_open_frees_the_layer(gpu_server, tmp_path):
     client = _client(gpu_server, "hold", "cuda:0", tmp_path / "unused")
     try:
@@ -94,6 +294,8 @@ def test_client_killed_with_the_handles_open_frees_the_layer(gpu_server, tmp_pat
     assert settle(lambda: _freed(gpu_server)), "a dead client's layer was not freed"
 
 
+@pytest.mark.gpu
+@cuda_only
 @pytest.mark.parametrize("gpu_server", [2.0], indirect=True)
 def test_lease_timeout_frees_the_layer_and_fails_the_call(gpu_server, tmp_path):
     client = _client(gpu_server, "wait", "cuda:0", tmp_path / "unused")
@@ -107,12 +309,13 @@ def test_lease_timeout_frees_the_layer_and_fails_the_call(gpu_server, tmp_path):
     assert settle(lambda: _freed(gpu_server)), "an expired lease's layer was not freed"
 
 
-def test_cpu_server_streams_to_a_client_that_asked_for_cuda_ipc(start_server, same_tensors, caplog):
-    server = start_server()  # cpu
+@pytest.mark.gpu
+@cuda_only
+def test_cpu_server_streams_to_a_client_that_asked_for_cuda_ipc(serve, caplog):
+    server = serve()  # cpu
     caplog.set_level(logging.INFO, logger="nvfp4_prep.server")
     with PrepClient(server.address) as client:
         got = client.prepare_layer(ipc_client.layer(), ipc_client.BACKEND, delivery="cuda_ipc", device="cuda:0")
     assert all(tensor.device == torch.device("cuda:0") for tensor in got.tensors.values())
-    same_tensors({n: t.cpu() for n, t in got.tensors.items()},
-                 pipeline.prepare(ipc_client.layer(), ipc_client.BACKEND).tensors)
+    same_tensors(got.tensors, pipeline.prepare(ipc_client.layer(), ipc_client.BACKEND).tensors)
     assert "prepared on cpu" in _served(caplog)[-1].delivery

@@ -1,11 +1,11 @@
 """Same-node delivery on the client: a layer handed over as CUDA IPC handles, copied into the client's own memory.
 
 A client beside the server (a sidecar on the engine's host) asks with ``delivery="cuda_ipc"``; when the server can,
-it answers with ``PrepareResponse.ipc`` instead of chunks. The client maps each tensor (torch's
-``UntypedStorage._new_shared_cuda``), copies it whole into the landing (``device=`` or ``out=``; a peer copy when
-the server's GPU is another one), waits for the copies, closes the mappings and only then sends
-``PrepareRequest.taken``; the call's OK status after that confirms the server held the memory throughout. Otherwise
-the answer streams as usual: asking is always safe.
+it answers with ``PrepareResponse.ipc`` instead of chunks. The client maps each storage once (torch's
+``UntypedStorage._new_shared_cuda``; this server packs the whole layer into one), copies each tensor whole into the
+landing (``device=`` or ``out=``; a peer copy when the server's GPU is another one), waits for the copies, closes
+the mappings and only then sends ``PrepareRequest.taken``; the call's OK status after that confirms the server held
+the memory throughout. Otherwise the answer streams as usual: asking is always safe.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def land(message: pb.IpcLayer, specs: Sequence[TensorSpec], sink: Landing, landi
                 raise PrepProtocolError(f"{where}: bytes {start} to {start + spec.byte_length} lie outside its "
                                         f"storage of {shared.storage_size_bytes} bytes", field=f"{field}.storage")
             key = (shared.storage_handle, shared.storage_offset_bytes)
-            if key not in storages:
+            if key not in storages:  # once: closing each mapping counts the server's storage down once
                 storages[key] = torch.UntypedStorage._new_shared_cuda(
                     device, shared.storage_handle, shared.storage_size_bytes, shared.storage_offset_bytes,
                     shared.ref_counter_handle, shared.ref_counter_offset, shared.event_handle,

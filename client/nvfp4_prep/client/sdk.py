@@ -134,7 +134,8 @@ class PrepClient:
     Bulk: ``bulk_streams`` N (1 to 8; 0, the default: inline) asks every Prepare call for the server's bulk
     transport: the tensor chunks travel over N TCP connections beside the gRPC stream (TLS with the same
     ``tls_ca``/``tls_cert``/``tls_key``), checked and landed exactly as inline chunks. A server without it,
-    or one whose bulk port cannot be reached within a few seconds, gets the call inline (logged once at INFO).
+    or one whose bulk port cannot be reached within a few seconds, gets the call inline (logged once at INFO), and
+    so does a call with ``delivery="cuda_ipc"``, whose request stream stays open for ``PrepareRequest.taken``.
     """
 
     def __init__(self, targets: str | Sequence[str], *, chunk_size: int = DEFAULT_CHUNK_SIZE,

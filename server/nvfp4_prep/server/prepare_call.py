@@ -21,7 +21,7 @@ from .cache import CachedLayer
 from .config import ServeConfig
 from .deadline import CallClock
 from .errors import CallCancelled, invalid
-from .ipc import IpcLease, stream_reason
+from .ipc import IpcLease, packed_size, packing_room, stream_reason
 from .params import CUDA_IPC, Params, read_params
 from .resources import CallResources
 from .responder import Responder
@@ -99,17 +99,28 @@ class PrepareCall:
             prepared = layer.worker.prepare(layer.tensors.pop(), layer.per_expert, params.backend, params.activation,
                                             params.policy, self._clock.deadline, params.options(), params.quantize)
         self.summary["compute_s"] = round(time.perf_counter() - started, 4)
+        outputs = sum(tensor.numel() * tensor.element_size() for tensor in prepared.tensors.values())
+        reason = stream_reason(params, layer.worker, self._ipc_lease_seconds, self._header.HasField("resume_from"))
+        if params.delivery == CUDA_IPC and not reason:
+            # Packed into the one storage CUDA IPC exports, the outputs are held twice for a moment. So the packing
+            # comes before the reservation shrinks, in the bytes the compute just freed (inputs, assembled copy,
+            # quantizer temporaries); what those lack (alignment padding, and outputs larger than stacked inputs:
+            # derived scalars, backend padding) is taken from the budget now, or the answer streams.
+            packed = packed_size(prepared.tensors.values())
+            room = packing_room(layer.reservation, layer.worker.budget, outputs, packed)
+            if room is not None:
+                with room:
+                    lease = IpcLease(layer.worker, prepared, self._ipc_lease_seconds, self._end)
+                    del prepared  # the lease holds the only references (views of its buffer): ending it frees them
+                    layer.reservation.shrink(layer.reservation.nbytes + room.nbytes - packed)  # only the buffer left
+                    yield from self._hand_over(lease)
+                return
+            reason = (f"the memory budget of {layer.worker.device} has no room now for the packed copy of the "
+                      f"{outputs} output bytes that CUDA IPC exports")
         if params.quantize:  # inputs, their NVFP4 form and the temporaries are gone: only the outputs remain
-            outputs = sum(tensor.numel() * tensor.element_size() for tensor in prepared.tensors.values())
             layer.reservation.shrink(layer.reservation.nbytes - outputs)
         else:
             layer.reservation.shrink(layer.inputs * (2 if layer.per_expert else 1))
-        reason = stream_reason(params, layer.worker, self._ipc_lease_seconds, self._header.HasField("resume_from"))
-        if params.delivery == CUDA_IPC and not reason:
-            lease = IpcLease(layer.worker, prepared, self._ipc_lease_seconds, self._end)
-            del prepared  # the lease holds the only references: ending it frees the memory
-            yield from self._hand_over(lease)
-            return
         if reason:
             self.summary["delivery"] = f"stream ({reason})"
         yield from responder.send(layer.worker, prepared, layer.ring, layer.key, params.backend)
