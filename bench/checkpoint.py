@@ -17,16 +17,26 @@ index), then measures in the same run, on the same hot page cache:
 Each prepare run reads every shard, prepares every layer and writes (and fsyncs)
 a complete prepared checkpoint. GB/s is source checkpoint bytes over wall time;
 the ratios are that over the read loop's and the copy loop's GB/s (1.0 = as
-fast as reading, or as copying, the files).
+fast as reading, or as copying, the files). Every timed run starts after
+``os.sync()``, so that none pays for the writeback of an earlier one.
+
+With ``--profile``, one more embedded ``prepare`` run is timed stage by stage
+(read, prepare, stage: header, checksums and carried tensors, write, commit:
+fsync, rename and manifest): each stage's calls, summed seconds and busy share
+of the wall time. The job is as fast as the disk allows when "write|commit" is
+busy close to 100% of it.
 
     python bench/checkpoint.py                   # here (2 cores): a 0.7 GB checkpoint
     python bench/checkpoint.py --size-gb 8       # device machine: Qwen3-30B-A3B-shaped, ~8 GB
     python bench/checkpoint.py --json rows.json  # also the rows as JSON (see bench/report.py)
+    python bench/checkpoint.py --profile         # also where the embedded job's time goes
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -35,16 +45,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from nvfp4_prep.checkpoint import open_checkpoint
+from nvfp4_prep.checkpoint.checkpoint import Checkpoint
 from nvfp4_prep.cli.checkpoint_commands import Sending, layer_preparers
 from nvfp4_prep.client.sdk import PrepClient
 from nvfp4_prep.contract.layout import BACKENDS
 from nvfp4_prep.prepared.prepare_job import prepare_checkpoint
+from nvfp4_prep.prepared.writer import PreparedCheckpointWriter
 from report import add_json_flag, print_rows, reset_device_peak, row, write_json
 
 SERVER = ("import sys; from nvfp4_prep.server.config import ServeConfig; from nvfp4_prep.server.server import run; "
@@ -141,6 +154,73 @@ def timed_prepare(source: Path, out: Path, preparers: list, backend: str) -> flo
     return seconds
 
 
+# The embedded job's stages that --profile times, as the methods that run them (the preparer is timed apart).
+PROFILED = {"read": (Checkpoint, "read_layer"), "stage": (PreparedCheckpointWriter, "stage_layer"),
+            "write": (PreparedCheckpointWriter, "write"), "commit": (PreparedCheckpointWriter, "commit")}
+
+
+def busy_seconds(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of ``spans``: how long at least one of them ran."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(spans):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+class StageProfile:
+    """Start and end of every call of each stage of one job, and the CPU time of the thread that ran it (not
+    counting torch's own worker threads), recorded by wrappers around the stages' methods."""
+
+    def __init__(self) -> None:
+        names = ("read", "prepare", "stage", "write", "commit")
+        self.spans: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+        self.cpu: dict[str, list[float]] = {name: [] for name in names}
+
+    def timed(self, name: str, function: Callable) -> Callable:
+        @functools.wraps(function)
+        def timed_call(*args, **kwargs):
+            start, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return function(*args, **kwargs)
+            finally:  # list.append: safe from any thread
+                self.cpu[name].append(time.thread_time() - cpu)
+                self.spans[name].append((start, time.perf_counter()))
+        return timed_call
+
+    @contextlib.contextmanager
+    def wrapped(self) -> Iterator[None]:
+        originals = {name: getattr(owner, method) for name, (owner, method) in PROFILED.items()}
+        for name, (owner, method) in PROFILED.items():
+            setattr(owner, method, self.timed(name, originals[name]))
+        try:
+            yield
+        finally:
+            for name, (owner, method) in PROFILED.items():
+                setattr(owner, method, originals[name])
+
+    def print(self, wall: float) -> None:
+        print(f"profile of one embedded prepare run, {wall:.2f}s wall:")
+        print(f"  {'stage':<14} {'calls':>6} {'sum s':>8} {'cpu s':>8} {'busy s':>8} {'busy':>6}")
+        rows = [(name, self.spans[name], self.cpu[name]) for name in self.spans]
+        rows.append(("write|commit", self.spans["write"] + self.spans["commit"],
+                     self.cpu["write"] + self.cpu["commit"]))
+        for name, spans, cpu in rows:
+            busy = busy_seconds(spans)
+            print(f"  {name:<14} {len(spans):6d} {sum(b - a for a, b in spans):8.2f} {sum(cpu):8.2f} {busy:8.2f} "
+                  f"{busy / wall:6.0%}")
+
+
+def profiled_prepare(source: Path, out: Path, preparer: Callable, backend: str) -> None:
+    """One embedded run under ``StageProfile``, printed."""
+    profile = StageProfile()
+    os.sync()
+    with profile.wrapped():
+        seconds = timed_prepare(source, out, [profile.timed("prepare", preparer)], backend)
+    profile.print(seconds)
+
+
 def start_server_process(allowed_root: Path) -> tuple[subprocess.Popen, str]:
     """A server process on loopback that also reads checkpoints under ``allowed_root``."""
     with socket.socket() as probe:
@@ -162,6 +242,8 @@ def main() -> int:
     parser.add_argument("--backend", choices=BACKENDS, default="flashinfer_cutedsl")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each measurement; the best is kept")
     parser.add_argument("--work-dir", type=Path, default=None, help="where to write (default: a temporary directory)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also time one embedded prepare run stage by stage (read, prepare, stage, write, commit)")
     add_json_flag(parser)
     args = parser.parse_args()
 
@@ -178,8 +260,12 @@ def main() -> int:
               f"backend {args.backend}; hot page cache; best of {args.repeat}")
         read_loop(files)  # warm the page cache
 
+        def synced(fn) -> float:
+            os.sync()
+            return fn()
+
         def best(fn) -> float:
-            return min(fn() for _ in range(args.repeat))
+            return min(synced(fn) for _ in range(args.repeat))
 
         def gbps(seconds: float) -> float:
             return size / seconds / 1e9
@@ -193,6 +279,8 @@ def main() -> int:
         with layer_preparers([]) as preparers:  # what the README's first command runs
             rows.append(row("prepare", gbps(best(lambda: timed_prepare(source, out, preparers, args.backend))),
                             copy, copy_gbps))
+            if args.profile:
+                profiled_prepare(source, out, preparers[0], args.backend)
         process, address = start_server_process(source)
         try:
             with layer_preparers([address]) as preparers:  # uploads: what --send tensors runs

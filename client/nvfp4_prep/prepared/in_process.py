@@ -2,12 +2,15 @@
 
 No loopback server, no serialisation: the layer read from the checkpoint goes to the device (a CUDA
 GPU when there is one, else the CPU), through ``nvfp4_prep.pipeline.prepare`` and back to host memory
-for the writer. The prepare job already keeps two layers in flight per preparer, so reading and writing
-one layer overlap with preparing the other.
+for the writer. The prepare job calls it from two worker threads; on a GPU each thread queues its
+layer's copies and kernels on a stream of its own, so one layer's upload overlaps the other's compute
+and download, and the prepared tensors come back into page-locked memory (full-speed copies, memory
+that torch's host allocator hands to the next layer once the writer has dropped this one).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 
 import torch
@@ -20,6 +23,11 @@ def default_device() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _to_pinned(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a device tensor in page-locked host memory, queued on the current stream (not waited for)."""
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
+
+
 class InProcessPreparer:
     """``(stacked, backend, activation, policy, **options) -> PreparedLayer`` on ``device``, in host memory.
 
@@ -28,6 +36,13 @@ class InProcessPreparer:
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device) if device is not None else default_device()
+        self._threads = threading.local()  # each calling thread's CUDA stream
+
+    def _stream(self) -> torch.cuda.Stream:
+        stream = getattr(self._threads, "stream", None)
+        if stream is None:
+            stream = self._threads.stream = torch.cuda.Stream(self.device)
+        return stream
 
     def __call__(self, stacked: Mapping[str, torch.Tensor], backend: str, activation: str,
                  input_scale_policy: str, *, quantize: str | None = None,
@@ -40,7 +55,10 @@ class InProcessPreparer:
 
         if self.device.type == "cpu":
             return run(stacked)
-        on_device = {name: tensor.to(self.device, non_blocking=True) for name, tensor in stacked.items()}
-        prepared = run(on_device)
-        host = {name: tensor.to("cpu") for name, tensor in prepared.tensors.items()}
+        stream = self._stream()
+        with torch.cuda.stream(stream):
+            on_device = {name: tensor.to(self.device, non_blocking=True) for name, tensor in stacked.items()}
+            prepared = run(on_device)
+            host = {name: _to_pinned(tensor) for name, tensor in prepared.tensors.items()}
+        stream.synchronize()
         return PreparedLayer(host, prepared.layout)

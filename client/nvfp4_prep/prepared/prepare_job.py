@@ -6,18 +6,23 @@ activation, input_scale_policy, **options) -> object with .tensors and .layout``
 layer as read here. A ``ReferencePreparer`` names the layer instead (``(location, prefix, backend,
 activation, policy, **options)``, the SDK's ``prepare_reference``): the server reads it from its own view
 of the checkpoint, so nothing is read here and only prepared bytes travel; each answer's sizes are checked
-against this checkpoint's headers. Each preparer works on two layers at a time, so reading and writing
-overlap with preparing; with several preparers (one per server) each takes the
-next pending layer as soon as it is free, so faster servers take more layers.
-Progress goes to a callback, once per finished layer (from the worker threads,
+against this checkpoint's headers. The job is a pipeline whose one serial stage is the disk: two worker
+threads per preparer each read a layer, prepare it and stage its shard (header, CRC32C of every tensor, the
+carried tensors read); one thread writes the staged shards' bytes, straight from the prepared tensors'
+memory; another commits each written file (fsync, rename, manifest) while the next one is written. With
+several preparers (one per server) each worker takes the next pending layer as soon as it is free, so
+faster servers take more layers. At most ``layers_in_flight`` layers are read, prepared or waiting to be
+written at a time, so memory is a few layers whatever the model's size.
+Progress goes to a callback, once per finished layer (from the commit thread,
 one call at a time, in the order the counts rise), so that the caller picks how
 to show it (a bar on a terminal, a line per layer in a log).
 
 With ``tp_size`` or ``ep_size`` above 1 the job writes a rank set (``rank_set``): one
 prepared folder per rank, each with its own writer (so resuming, ``overwrite`` and
 the other-source refusal work per folder). Each layer is read once and every rank's
-shard is prepared from it in turn, so memory stays one layer plus one rank's output
-per layer in flight; progress then comes once per layer x rank.
+shard is prepared from it in turn, each handed to the writer once the one before it
+is written, so memory stays one layer plus two ranks' outputs per layer in flight;
+progress then comes once per layer x rank.
 
 A BF16 (FP16, FP32) checkpoint is prepared with ``quantize`` (a recipe) and ``activation_scales`` (every
 input scale by full tensor name, ``activation_scales.load_activation_scales``): each layer's per-expert weights
@@ -35,7 +40,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -49,13 +54,19 @@ from nvfp4_prep.contract.errors import PrepError
 from .activation_scales import layer_scales
 from .rank_set import RANKS_NAME, RankSet, RankSetDirectory, RankSetLock, remove_rank_set
 from .shard_plan import DEFAULT_MAX_SHARD_BYTES
-from .writer import PreparedCheckpointWriter, source_record
+from .writer import PreparedCheckpointWriter, StagedShard, WrittenShard, source_record
 
 log = logging.getLogger(__name__)
 
-# Two layers per preparer at a time: one is read and written here while the other is prepared (four were
-# no faster on the H200 machine, where writing with fsync bounds the job, and held twice the memory).
-LAYERS_IN_FLIGHT_PER_PREPARER = 2
+# Worker threads per preparer: while one waits for its layer to be prepared (on a server, or on the device) the
+# other reads or stages the next one, so a preparer never waits for this process.
+WORKERS_PER_PREPARER = 2
+
+
+def layers_in_flight(preparers: int) -> int:
+    """How many layers may be between the start of their read and the end of their writing at a time: one per
+    worker, plus the one being written (the writer, bound by the disk, always has the next one ready)."""
+    return WORKERS_PER_PREPARER * preparers + 1
 
 
 class PreparedLike(Protocol):
@@ -142,6 +153,18 @@ class _Target:
     name: str
     writer: PreparedCheckpointWriter
     shard: dict
+
+
+@dataclass
+class _Piece:
+    """One staged shard on its way to the writer: which target's, which layer's (None: carried tensors), and
+    whether its writing frees a slot of ``layers_in_flight`` (the last piece of a layer does)."""
+
+    target: int
+    prefix: str | None
+    staged: StagedShard | None  # dropped by the writer once its bytes are written
+    frees_slot: bool
+    released: threading.Event = field(default_factory=threading.Event)  # set once the writer is done with it
 
 
 # The request fields that are a preparer's positional arguments.
@@ -247,12 +270,20 @@ def prepare_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike, prepa
         done = [sum(shares[prefix][i] for prefix, i in kept), len(kept)]
         total_pieces = len(layers) * len(targets)
         prepared_bytes = [0]
-        done_lock = threading.Lock()
         todo: queue.Queue[str] = queue.Queue()
         for prefix in todo_layers:
             todo.put(prefix)
         failures: list[BaseException] = []
-        stop = threading.Event()
+        stop = threading.Event()  # no layer is started once set: a stage failed, or the caller was interrupted
+        abandon = threading.Event()  # nothing more is written or committed: the caller was interrupted
+        slots = threading.Semaphore(layers_in_flight(len(preparers)))
+        to_write: queue.Queue[_Piece | None] = queue.Queue()  # bounded by the slots
+        to_commit: queue.Queue[tuple[_Piece, WrittenShard] | None] = queue.Queue(maxsize=1)
+
+        def fail(exc: BaseException) -> None:
+            log.debug("prepare job failed: %s", exc)  # the caller reports it, once
+            failures.append(exc)
+            stop.set()
 
         def layer_source(preparer: Preparer, prefix: str) -> Callable[[dict], PreparedLike]:
             """``prepare(shard keywords)`` for one layer: by reference, or from its tensors read once here."""
@@ -270,44 +301,127 @@ def prepare_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike, prepa
             stacked = checkpoint.read_layer(prefix, activation=activation)  # once for every rank
             return lambda shard: preparer(stacked, backend, activation, input_scale_policy, **options, **shard)
 
+        def take_slot() -> bool:
+            """Waits for a slot of ``layers_in_flight``; False (and none held) once the job stops."""
+            slots.acquire()
+            if stop.is_set():
+                slots.release()
+                return False
+            return True
+
+        def send_layer(preparer: Preparer, prefix: str) -> None:
+            """Reads and prepares one layer (each rank's shard in turn) and hands its pieces to the writer. The
+            slot taken for the layer goes with its last piece, or back if the layer never gets that far."""
+            holding = True
+            try:
+                prepare_shard = layer_source(preparer, prefix)
+                ranks = [i for i in range(len(targets)) if prefix in pending[i]]
+                previous: threading.Event | None = None
+                for n, i in enumerate(ranks):
+                    if stop.is_set():
+                        return
+                    staged = targets[i].writer.stage_layer(prefix, prepare_shard(targets[i].shard))
+                    if previous is not None:
+                        previous.wait()  # one piece of this layer with the writer at a time
+                    piece = _Piece(i, prefix, staged, frees_slot=n == len(ranks) - 1)
+                    del staged  # from here the writer drops the output once it is written
+                    holding, previous = not piece.frees_slot, piece.released
+                    to_write.put(piece)
+                    del piece
+            finally:
+                if holding:
+                    slots.release()
+
         def work(preparer: Preparer) -> None:
-            while not stop.is_set():
+            while take_slot():
                 try:
                     prefix = todo.get_nowait()
                 except queue.Empty:
+                    slots.release()
                     return
                 try:
-                    prepare_shard = layer_source(preparer, prefix)
-                    for i, target in enumerate(targets):
-                        if prefix not in pending[i]:
-                            continue
-                        if stop.is_set():
-                            return
-                        prepared = prepare_shard(target.shard)
-                        target.writer.write_layer(prefix, prepared)
-                        del prepared  # one rank's output held at a time
-                        with done_lock:
-                            done[0] += shares[prefix][i]
-                            done[1] += 1
-                            prepared_bytes[0] += shares[prefix][i]
-                            if progress is not None:  # under the lock: one call at a time, in done order
-                                progress(LayerDone(prefix, shares[prefix][i], done[0], total, done[1],
-                                                   total_pieces, target.name))
+                    send_layer(preparer, prefix)
                 except BaseException as exc:  # handed to the caller's thread below
-                    log.debug("layer %s failed: %s", prefix, exc)  # the caller reports it, once
-                    failures.append(exc)
-                    stop.set()
+                    fail(exc)
                     return
 
-        threads = [threading.Thread(target=work, args=(p,), name=f"prepare-{i}-{j}", daemon=True)
-                   for i, p in enumerate(preparers) for j in range(LAYERS_IN_FLIGHT_PER_PREPARER)]
+        def write() -> None:
+            """The serial stage: each staged shard's bytes into its partial file, in arrival order. What was
+            prepared before another stage failed is still written (a rerun keeps it); after its own failure
+            (the disk) or an interrupt, the rest is dropped."""
+            failed = False
+            while (piece := to_write.get()) is not None:
+                written = None
+                try:
+                    if not (failed or abandon.is_set()):
+                        written = targets[piece.target].writer.write(piece.staged)
+                except BaseException as exc:
+                    failed = True
+                    fail(exc)
+                finally:
+                    piece.staged = None  # the bytes are in the page cache (or dropped): free the tensors now
+                    piece.released.set()
+                    if piece.frees_slot:
+                        slots.release()
+                if written is not None:
+                    to_commit.put((piece, written))
+            to_commit.put(None)
+
+        def commit() -> None:
+            """fsync, rename and manifest of each written file (while the next is written), then progress.
+            As for writing: dropped only after a failure here or an interrupt."""
+            failed = False
+            while (item := to_commit.get()) is not None:
+                piece, written = item
+                if failed or abandon.is_set():
+                    written.file.discard()
+                    continue
+                try:
+                    targets[piece.target].writer.commit(written)
+                    if piece.prefix is not None:
+                        share = shares[piece.prefix][piece.target]
+                        done[0] += share
+                        done[1] += 1
+                        prepared_bytes[0] += share
+                        if progress is not None:
+                            progress(LayerDone(piece.prefix, share, done[0], total, done[1], total_pieces,
+                                               targets[piece.target].name))
+                except BaseException as exc:
+                    failed = True
+                    fail(exc)
+
+        def queue_carried() -> None:
+            """The shards of tensors outside the MoE layers, staged here and written after every layer."""
+            for i, target in enumerate(targets):
+                for shard in target.writer.pending_carried():
+                    if not take_slot():
+                        return
+                    try:
+                        to_write.put(_Piece(i, None, target.writer.stage_carried(shard), frees_slot=True))
+                    except BaseException as exc:
+                        slots.release()
+                        fail(exc)
+                        return
+
+        workers = [threading.Thread(target=work, args=(p,), name=f"prepare-{i}-{j}", daemon=True)
+                   for i, p in enumerate(preparers) for j in range(WORKERS_PER_PREPARER)]
+        stages = [threading.Thread(target=write, name="prepare-write", daemon=True),
+                  threading.Thread(target=commit, name="prepare-commit", daemon=True)]
         try:
-            for thread in threads:
+            for thread in (*stages, *workers):
                 thread.start()
-            for thread in threads:
+            for thread in workers:
                 thread.join()
-        finally:
-            stop.set()  # on KeyboardInterrupt: no worker starts another layer
+            if not stop.is_set():
+                queue_carried()
+            to_write.put(None)
+            for thread in stages:
+                thread.join()
+        except BaseException:  # KeyboardInterrupt: no worker starts another layer, nothing more is written
+            abandon.set()
+            stop.set()
+            to_write.put(None)
+            raise
         if failures:
             raise failures[0]
         for target in targets:

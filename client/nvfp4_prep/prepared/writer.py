@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,11 +32,11 @@ from nvfp4_prep.checkpoint.safetensors_file import SafetensorsFile, expected_nby
 from nvfp4_prep.contract.dtypes import dtype_by_torch
 from nvfp4_prep.contract.tensor_bytes import byte_view
 
-from .atomic_file import partial_path, remove_partials, write_bytes_atomic
+from .atomic_file import PartialFile, partial_path, remove_partials, write_bytes_atomic
 from .checksum import crc32c_hex
 from .manifest import LAYOUT_METADATA_KEY, MANIFEST_NAME, Manifest, split_layout
 from .prepared_config import HF_QUANT_CONFIG_NAME, prepared_config_bytes, prepared_file_name
-from .safetensors_writer import OutputTensor, write_safetensors
+from .safetensors_writer import OutputTensor, StagedFile, stage_safetensors, write_staged
 from .shard_plan import DEFAULT_MAX_SHARD_BYTES, PlannedShard, plan_shards
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,25 @@ def source_record(checkpoint: Checkpoint) -> dict:
     """What a manifest (or a rank set's file) records of the source: path, format and file identity."""
     return {"path": str(checkpoint.directory), "format": checkpoint.format,
             "identity": checkpoint.source_identity()}
+
+
+@dataclass(frozen=True)
+class StagedShard:
+    """A shard checked, its carried tensors read, its header built and its bytes checksummed: ready to write."""
+
+    shard: PlannedShard
+    layer_sizes: dict | None  # the layer's own layout fields (padded and unpadded sizes); None without a layer
+    file: StagedFile
+
+
+@dataclass(frozen=True)
+class WrittenShard:
+    """A shard's bytes in its partial file, not yet durable nor in the manifest; holds no tensor."""
+
+    shard: PlannedShard
+    layer_sizes: dict | None
+    file: PartialFile
+    entry: dict  # what the manifest lists for it
 
 
 def prepared_tensor_names() -> tuple[str, ...]:
@@ -188,6 +208,15 @@ class PreparedCheckpointWriter:
                 if shard.layer is not None and shard.filename not in self.manifest.shards]
 
     # -- writing ----------------------------------------------------------------------------
+    #
+    # A shard goes to disk in three steps, each of which may run on its own thread: ``stage_layer`` (or
+    # ``stage_carried``) checks it, reads the tensors it carries over and builds and checksums the file;
+    # ``write`` puts its bytes in a partial file; ``commit`` makes them durable under the shard's name and only
+    # then lists the shard in the manifest, so the manifest never claims more than is on disk.
+
+    def pending_carried(self) -> list[PlannedShard]:
+        """The shards of tensors outside every MoE layer that still have to be written, in plan order."""
+        return [shard for shard in self.plan if shard.layer is None and shard.filename not in self.manifest.shards]
 
     def _carried(self, names: tuple[str, ...]) -> list[OutputTensor]:
         out = []
@@ -211,22 +240,14 @@ class PreparedCheckpointWriter:
                     f"({self.manifest.layout}); prepare into an empty directory")
         return own
 
-    def _write_shard(self, shard: PlannedShard, tensors: list[OutputTensor], layer_sizes: dict | None) -> None:
+    def _staged(self, shard: PlannedShard, tensors: list[OutputTensor], layer_sizes: dict | None) -> StagedShard:
         layers = {shard.layer: layer_sizes} if shard.layer is not None else {}
         record = {**self.manifest.layout, "layers": layers}
         metadata = {"format": "pt", LAYOUT_METADATA_KEY: json.dumps(record, sort_keys=True)}
-        path = self.out_dir / shard.filename
-        written = write_safetensors(path, tensors, metadata)
-        entry = {"layer": shard.layer, "other_tensors": list(shard.other_tensors), "size": path.stat().st_size,
-                 "tensors": {name: info.as_json() for name, info in sorted(written.items())}}
-        with self._mutex:
-            if shard.layer is not None:
-                self.manifest.layers[shard.layer] = layer_sizes
-            self.manifest.shards[shard.filename] = entry
-            self.manifest.save(self.out_dir)
+        return StagedShard(shard, layer_sizes, stage_safetensors(tensors, metadata))
 
-    def write_layer(self, prefix: str, prepared: object) -> None:
-        """Writes the shard of one MoE layer from its prepared form (``.tensors``, ``.layout``)."""
+    def stage_layer(self, prefix: str, prepared: object) -> StagedShard:
+        """The shard of one MoE layer from its prepared form (``.tensors``, ``.layout``), ready to ``write``."""
         shard = self._layer_shard.get(prefix)
         if shard is None:
             raise CheckpointInvalid(f"{prefix}: not a MoE layer of {self.checkpoint.directory}")
@@ -243,16 +264,44 @@ class PreparedCheckpointWriter:
             if dtype is None:
                 raise CheckpointInvalid(f"{prefix}.{name}: dtype {tensor.dtype} cannot be stored in safetensors")
             outputs.append(OutputTensor(f"{prefix}.{name}", dtype.safetensors, tuple(tensor.shape), byte_view(tensor)))
-        self._write_shard(shard, outputs + self._carried(shard.other_tensors), sizes)
+        return self._staged(shard, outputs + self._carried(shard.other_tensors), sizes)
+
+    def stage_carried(self, shard: PlannedShard) -> StagedShard:
+        """A shard of tensors outside every MoE layer (see ``pending_carried``), read and ready to ``write``.
+        Staged once the layers are, as their shared layout record goes into its metadata."""
+        return self._staged(shard, self._carried(shard.other_tensors), None)
+
+    def write(self, staged: StagedShard) -> WrittenShard:
+        """Writes a staged shard's bytes to its partial file (not durable yet: ``commit``); on an error the
+        partial file is removed."""
+        file = PartialFile(self.out_dir / staged.shard.filename)
+        try:
+            write_staged(file, staged.file)
+        except BaseException:
+            file.discard()
+            raise
+        entry = {"layer": staged.shard.layer, "other_tensors": list(staged.shard.other_tensors),
+                 "size": staged.file.size,
+                 "tensors": {name: info.as_json() for name, info in sorted(staged.file.records.items())}}
+        return WrittenShard(staged.shard, staged.layer_sizes, file, entry)
+
+    def commit(self, written: WrittenShard) -> None:
+        """Makes a written shard durable under its name, then lists it in the manifest (saved)."""
+        written.file.commit()
+        with self._mutex:
+            if written.shard.layer is not None:
+                self.manifest.layers[written.shard.layer] = written.layer_sizes
+            self.manifest.shards[written.shard.filename] = written.entry
+            self.manifest.save(self.out_dir)
 
     def finish(self) -> None:
-        """Writes the carried-over shards, the index and the small files; marks the manifest complete."""
+        """Writes the index and the small files once every shard is; marks the manifest complete."""
         missing = self.pending_layers()
         if missing:
             raise CheckpointInvalid(f"cannot finish {self.out_dir}: layers {missing} are not written")
-        for shard in self.plan:
-            if shard.layer is None and shard.filename not in self.manifest.shards:
-                self._write_shard(shard, self._carried(shard.other_tensors), None)
+        unwritten = [shard.filename for shard in self.pending_carried()]
+        if unwritten:
+            raise CheckpointInvalid(f"cannot finish {self.out_dir}: shards {unwritten} are not written")
         self._copy_small_files()
         weight_map, total = {}, 0
         for filename, entry in self.manifest.shards.items():
