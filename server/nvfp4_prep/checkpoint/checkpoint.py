@@ -22,10 +22,11 @@ import torch
 from .discovery import MoeLayer, discover_moe_layers
 from .errors import CheckpointInvalid, CheckpointNotFound, shown
 from .files import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, Identity, identity, parse_json, read_bounded
-from .formats import BF16, CONFIG, HF_QUANT_CONFIG, QuantFormat, detect_format
+from .formats import BF16, COMPRESSED_TENSORS, CONFIG, HF_QUANT_CONFIG, QuantFormat, detect_format
 from .location import Found, Opened, PathLike, Tree
-from .rank_read import RankReads, plan_rank_reads, read_rank_experts
+from .rank_read import RankReads, plan_rank_reads
 from .safetensors_file import MAX_HEADER_BYTES, Interrupt, SafetensorsFile, TensorEntry
+from .stacked_read import Ready, read_stacked
 
 if TYPE_CHECKING:
     from nvfp4_prep.pipeline.shard import Shard
@@ -124,35 +125,25 @@ class Checkpoint:
         return sum(shard.bytes_read for shard in self._shards.values())
 
     def read_layer(self, prefix: str, activation: str = "swiglu", pin_memory: bool = False, *,
-                   interrupt: Interrupt | None = None, shard: Shard | None = None) -> dict[str, torch.Tensor]:
+                   interrupt: Interrupt | None = None, shard: Shard | None = None,
+                   ready: Ready | None = None) -> dict[str, torch.Tensor]:
         """The stacked form of a layer (SPEC section 2), ready for ``prepare``; with ``shard``, that rank's
         input shard (SPEC section 11, see ``rank_read``), ready for ``prepare(..., inputs="shard")``, of which
         only the rank's bytes are read.
 
-        The per-expert tensors are read from the shards, then ``assemble_layer``
-        copies them once into the stacked tensors. With ``pin_memory`` and CUDA
-        available the stacked tensors are then page-locked for fast upload (one
-        more copy, of this layer only). ``interrupt``: see ``read_expert_tensors``.
+        The weights and block scales are read straight into the stacked tensors (``stacked_read``): page-locked
+        with ``pin_memory`` and CUDA available, for a fast upload; ``ready(stacked, start, end)`` is called as
+        experts ``[start, end)`` of them are in place. ``interrupt``: see ``read_expert_tensors``.
         """
-        from nvfp4_prep.pipeline import PrepError, assemble_layer
+        from nvfp4_prep.pipeline.shard import Shard
 
         if self.format == BF16:
             raise CheckpointInvalid(f"{shown(self.directory)}: layer {shown(prefix)} holds unquantized expert weights "
                                     "(a bf16 checkpoint); quantize them first with a recipe (modelopt or "
                                     "llm-compressor) and their activation scales (read_bf16_layer)")
-        scales: dict[str, torch.Tensor] = {}
-        if shard is None:
-            tensors = self.read_expert_tensors(prefix, interrupt=interrupt)
-        else:
-            tensors, scales = read_rank_experts(self.layer(prefix), self.rank_reads(prefix, shard), self.shard_of,
-                                                self.quant.name, activation, interrupt)
-        try:
-            stacked = {**assemble_layer(tensors, activation=activation), **scales}
-        except PrepError as exc:
-            raise CheckpointInvalid(f"{shown(prefix)}: {exc}") from None
-        if pin_memory and torch.cuda.is_available():
-            stacked = {name: tensor.pin_memory() for name, tensor in stacked.items()}
-        return stacked
+        reads = self.rank_reads(prefix, shard if shard is not None else Shard())
+        return read_stacked(self.layer(prefix), reads, self.shard_of, self.format == COMPRESSED_TENSORS, activation,
+                            pin_memory and torch.cuda.is_available(), interrupt, ready)
 
     def read_bf16_layer(self, prefix: str, *, interrupt: Interrupt | None = None) -> dict[str, torch.Tensor]:
         """The unquantized (bf16, fp16 or fp32) per-expert weights of a layer of a ``bf16`` checkpoint, keyed

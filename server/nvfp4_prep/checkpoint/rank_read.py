@@ -4,8 +4,9 @@ The rank's experts are read whole or, under tensor parallelism, as blocks: the g
 ``[r*Il, (r+1)*Il)`` of each weight and block scale (one contiguous byte range per tensor) and the down
 columns ``[r*Il/2, (r+1)*Il/2)`` bytes of the weight, ``[r*Il/16, (r+1)*Il/16)`` of the block scale (one
 range per row). Their global weight scales come with them, and the input scales of every expert of the
-layer, which the FlashInfer backends reduce over. ``assemble_layer`` stacks the rank's experts; the result is
-what ``pipeline.prepare(..., inputs="shard")`` takes, equal to ``pipeline.cut_shard`` of the whole layer.
+layer, which the FlashInfer backends reduce over. ``stacked_read`` reads them into the stacked form; the result
+is what ``pipeline.prepare(..., inputs="shard")`` takes, equal to ``pipeline.cut_shard`` of the whole layer. The
+whole layer is the plan of ``Shard()``, the one rank that holds every expert whole.
 """
 
 from __future__ import annotations
@@ -20,14 +21,12 @@ from nvfp4_prep.contract.layout import GATED_ACTIVATIONS
 
 from .discovery import MoeLayer
 from .errors import CheckpointInvalid, shown
-from .formats import COMPRESSED_TENSORS
-from .safetensors_file import Interrupt, SafetensorsFile, TensorEntry
+from .safetensors_file import TensorEntry
 
 if TYPE_CHECKING:
     from nvfp4_prep.pipeline.shard import Shard
 
 EntryOf = Callable[[str], TensorEntry]
-FileOf = Callable[[str], SafetensorsFile]
 
 # Byte columns of a down weight per 16 intermediate values (two FP4 codes a byte), and of its block scale.
 _DOWN_COLS_PER_16 = {"weight": 8, "block": 1}
@@ -127,25 +126,6 @@ def _tp_block(read: TensorRead, is_down: bool, kind: str, inter: int, local: int
     return TensorRead(read.name, read.key, read.entry, (rank * local, local), (0, shape[1]))
 
 
-def read_tensors(reads: list[TensorRead], shard_of: FileOf, interrupt: Interrupt | None) -> dict[str, torch.Tensor]:
-    """Every read, keyed by its ``key``; ``shard_of(name)`` gives the file that holds a tensor."""
-    files: list[tuple[SafetensorsFile, TensorRead]] = [(shard_of(read.name), read) for read in reads]
-    for file, read in files:
-        if read.rows is not None:
-            row_bytes = read.entry.nbytes // read.entry.shape[0]
-            start = read.entry.start + read.rows[0] * row_bytes
-            file.will_need(start, start + read.rows[1] * row_bytes)
-        else:
-            file.will_need(read.entry.start, read.entry.end)
-    out = {}
-    for file, read in files:
-        if read.rows is None:
-            out[read.key] = file.tensor(read.name, interrupt=interrupt)
-        else:
-            out[read.key] = file.block(read.name, read.rows, read.cols, interrupt=interrupt)
-    return out
-
-
 def _scalar(name: str, tensor: torch.Tensor, reciprocal: bool) -> torch.Tensor:
     if tensor.numel() != 1 or tensor.dtype != torch.float32:
         raise CheckpointInvalid(f"{shown(name)}: has shape {list(tensor.shape)} and dtype "
@@ -154,31 +134,18 @@ def _scalar(name: str, tensor: torch.Tensor, reciprocal: bool) -> torch.Tensor:
     return torch.reciprocal(value) if reciprocal else value
 
 
-def stacked_input_scales(layer: MoeLayer, scales: dict[str, torch.Tensor], activation: str,
-                         compressed: bool) -> dict[str, torch.Tensor]:
-    """``w13_input_scale`` (``[E, 2]`` gate and up when gated, else ``[E]``) and ``w2_input_scale`` ``[E]`` of
-    every expert, as ``assemble_layer`` stacks them (compressed-tensors stores reciprocals)."""
+def stacked_scalars(layer: MoeLayer, scales: dict[str, torch.Tensor], suffix: str, experts: int, activation: str,
+                    compressed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One per-expert scalar (``suffix``: the global weight scale or the input scale) of experts ``0..experts-1``
+    (keyed ``"3.up_proj.<suffix>"``), stacked as ``assemble_layer`` stacks it: GEMM1's ``[E, 2]`` (gate, up) when
+    gated, else ``[E]``, and down's ``[E]`` (compressed-tensors stores reciprocals)."""
     *gemm1, down = layer.projections
-    suffix = layer.suffixes[3]
     first = gemm1 if activation in GATED_ACTIVATIONS else gemm1[:1]
 
     def scale(expert: int, proj: str) -> torch.Tensor:
         key = f"{expert}.{proj}.{suffix}"
         return _scalar(f"{layer.prefix}.{key}", scales[key], compressed)
 
-    a13 = torch.stack([torch.stack([scale(e, proj) for proj in first]) for e in range(layer.num_experts)])
-    a2 = torch.stack([scale(e, down) for e in range(layer.num_experts)])
-    return {"w13_input_scale": a13 if len(first) == 2 else a13.squeeze(-1), "w2_input_scale": a2}
-
-
-def read_rank_experts(layer: MoeLayer, reads: RankReads, shard_of: FileOf, quant_name: str, activation: str,
-                      interrupt: Interrupt | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The rank's per-expert tensors (keyed by place on the rank, input scales included) for ``assemble_layer``,
-    and the stacked input scales of every expert."""
-    tensors = read_tensors(reads.all(), shard_of, interrupt)
-    suffix = layer.suffixes[3]
-    scales = {read.key: tensors.pop(read.key) for read in reads.input_scales}
-    for position, expert in enumerate(reads.expert_ids):
-        for proj in layer.projections:
-            tensors[f"{position}.{proj}.{suffix}"] = scales[f"{expert}.{proj}.{suffix}"]
-    return tensors, stacked_input_scales(layer, scales, activation, quant_name == COMPRESSED_TENSORS)
+    s13 = torch.stack([torch.stack([scale(e, proj) for proj in first]) for e in range(experts)])
+    s2 = torch.stack([scale(e, down) for e in range(experts)])
+    return s13 if len(first) == 2 else s13.squeeze(-1), s2

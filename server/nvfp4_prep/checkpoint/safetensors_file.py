@@ -3,13 +3,14 @@
 The header (8-byte little-endian length, then JSON) is parsed here rather than by
 the safetensors library so that a truncated file, a corrupt header or offsets past
 the end of the file become a CheckpointInvalid naming the file and the field,
-before any tensor byte is touched. Tensor bytes are read with ``pread`` into fresh
-tensors, in bounded chunks, from the descriptor whose header was checked; nothing
-is memory-mapped, because a mapped file that shrinks under a reader (``cp`` over a
-shard) kills the whole process with SIGBUS. A file that shrinks, or whose identity
-(size, mtime, ctime) changes between the header and the end of a tensor's read, is
-a CheckpointInvalid saying it changed while being read. A block of a 2-D tensor (a rank's rows or columns) is
-read the same way, range by range, so that only its bytes are read.
+before any tensor byte is touched. Tensor bytes are read with ``preadv`` into fresh
+tensors or the caller's views (rows of a stacked tensor), in bounded chunks, from the
+descriptor whose header was checked; nothing is memory-mapped, because a mapped file
+that shrinks under a reader (``cp`` over a shard) kills the whole process with SIGBUS.
+A file that shrinks, or whose identity (size, mtime, ctime) changes between the header
+and the end of a tensor's read, is a CheckpointInvalid saying it changed while being
+read. A block of a 2-D tensor (a rank's rows or columns) is read the same way, range by
+range (``block_ranges``), so that only its bytes are read.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import struct
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,9 @@ from .files import identity, os_error, parse_json, require_regular
 MAX_HEADER_BYTES = 16 << 20
 # Tensor bytes are read this much at a time, with a check for an interrupt (deadline, cancel) in between.
 READ_CHUNK_BYTES = 16 << 20
+
+# Views one preadv fills at most (the system's IOV_MAX).
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 # Bounds on a header's shapes, so that checking one costs little whatever a file says.
 MAX_DIMS = 32
@@ -193,26 +197,23 @@ class SafetensorsFile:
         except KeyError:
             raise CheckpointNotFound(f"{self._display}: no tensor named {shown(name)!r}") from None
 
-    def _read_into(self, out: torch.Tensor, ranges: list[tuple[int, int]], interrupt: Interrupt | None) -> None:
-        """Fills the flat uint8 tensor ``out`` with the file's byte ranges ``(start, length)``, one after another,
-        in bounded chunks; ``interrupt`` is called before the first and after every ``READ_CHUNK_BYTES``."""
+    def read_into(self, targets: Sequence[memoryview], ranges: Sequence[tuple[int, int]],
+                  interrupt: Interrupt | None) -> None:
+        """Fills the flat byte views ``targets``, one after another, with the file's byte ranges ``(start, length)``,
+        one after another (both add up to the same length): one ``preadv`` per run of contiguous file bytes, at most
+        ``READ_CHUNK_BYTES`` a call, so that a tensor lands in rows of a larger one (stacked, interleaved) with no
+        copy between. ``interrupt`` is called before the first call and after every ``READ_CHUNK_BYTES``."""
         fd = self._descriptor()
-        view = memoryview(out.numpy()) if out.numel() else memoryview(b"")
         self.check_unchanged()
         done, unchecked = 0, READ_CHUNK_BYTES
         try:
-            for start, length in ranges:
-                end, offset = done + length, start - done  # view[i] holds the file's byte i + offset
-                while done < end:
-                    if interrupt is not None and unchecked >= READ_CHUNK_BYTES:
-                        interrupt()
-                        unchecked = 0
-                    got = os.preadv(fd, [view[done:min(end, done + READ_CHUNK_BYTES)]], done + offset)
-                    if got == 0:
-                        raise self._changed(f"it ended at byte {done + offset}, before the tensor's end at "
-                                            f"{end + offset}")
-                    done += got
-                    unchecked += got
+            for offset, views in _batches(targets, ranges):
+                if interrupt is not None and unchecked >= READ_CHUNK_BYTES:
+                    interrupt()
+                    unchecked = 0
+                got = self._preadv_all(fd, views, offset)
+                done += got
+                unchecked += got
         except OSError as exc:
             raise os_error(exc, "safetensors file", str(self.path)) from None
         finally:
@@ -220,7 +221,23 @@ class SafetensorsFile:
                 self.bytes_read += done
         self.check_unchanged()
 
-    def _torch_dtype(self, entry: TensorEntry) -> torch.dtype:
+    def _preadv_all(self, fd: int, views: list[memoryview], offset: int) -> int:
+        """Fills ``views`` from ``offset`` on, however short the reads; the bytes read."""
+        total = 0
+        while views:
+            got = os.preadv(fd, views, offset + total)
+            if got == 0:
+                end = offset + total + sum(len(view) for view in views)
+                raise self._changed(f"it ended at byte {offset + total}, before byte {end} that the read needs")
+            total += got
+            while views and got >= len(views[0]):
+                got -= len(views.pop(0))
+            if got:
+                views[0] = views[0][got:]
+        return total
+
+    def torch_dtype(self, entry: TensorEntry) -> torch.dtype:
+        """The torch dtype of the tensor's elements; CheckpointInvalid for one torch cannot hold."""
         dtype = TORCH_DTYPES.get(entry.dtype)
         if dtype is None:
             raise CheckpointInvalid(
@@ -232,23 +249,22 @@ class SafetensorsFile:
         entry = self.entry(name)
         out = torch.empty(entry.nbytes, dtype=torch.uint8,
                           pin_memory=pin_memory and entry.nbytes > 0 and torch.cuda.is_available())
-        self._read_into(out, [(entry.start, entry.nbytes)], interrupt)
+        self.read_into([_flat_view(out)], [(entry.start, entry.nbytes)], interrupt)
         return out
 
     def tensor(self, name: str, *, pin_memory: bool = False, interrupt: Interrupt | None = None) -> torch.Tensor:
         """The tensor with its dtype and shape, read into memory of its own."""
         entry = self.entry(name)
-        dtype = self._torch_dtype(entry)
+        dtype = self.torch_dtype(entry)
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=dtype)
         return self.raw(name, pin_memory=pin_memory, interrupt=interrupt).view(dtype).reshape(entry.shape)
 
-    def block(self, name: str, rows: tuple[int, int], cols: tuple[int, int], *,
-              interrupt: Interrupt | None = None) -> torch.Tensor:
-        """Rows ``[r, r + n)`` and columns ``[c, c + m)`` (``rows = (r, n)``, ``cols = (c, m)``) of a 2-D tensor,
-        reading only their bytes: one range when whole rows are asked for, else one range per row."""
+    def block_ranges(self, name: str, rows: tuple[int, int], cols: tuple[int, int]) -> list[tuple[int, int]]:
+        """The file's byte ranges ``(start, length)`` of rows ``[r, r + n)`` and columns ``[c, c + m)``
+        (``rows = (r, n)``, ``cols = (c, m)``) of a 2-D tensor: one range when whole rows are asked for, else one
+        per row; CheckpointInvalid for a block the tensor does not hold in whole bytes."""
         entry = self.entry(name)
-        dtype = self._torch_dtype(entry)
         bits = DTYPE_BITS[entry.dtype]
         (first, count), (col, width) = rows, cols
         if (len(entry.shape) != 2 or not 0 <= first <= first + count <= entry.shape[0]
@@ -260,14 +276,36 @@ class SafetensorsFile:
         row_bytes, skip, take = entry.shape[1] * bits // 8, col * bits // 8, width * bits // 8
         base = entry.start + first * row_bytes
         if take == row_bytes:
-            ranges = [(base, count * row_bytes)]
-        else:
-            ranges = [(base + row * row_bytes + skip, take) for row in range(count)]
-        out = torch.empty(count * take, dtype=torch.uint8)
-        if out.numel():
-            self._read_into(out, ranges, interrupt)
-        return out.view(dtype).reshape(count, width)
+            return [(base, count * row_bytes)]
+        return [(base + row * row_bytes + skip, take) for row in range(count)]
 
     def close(self) -> None:
         """Closes the descriptor (also done when the object is collected)."""
         self._closer()
+
+
+def _flat_view(out: torch.Tensor) -> memoryview:
+    return memoryview(out.numpy()) if out.numel() else memoryview(b"")
+
+
+def _batches(targets: Sequence[memoryview], ranges: Sequence[tuple[int, int]]
+             ) -> Iterator[tuple[int, list[memoryview]]]:
+    """``(file offset, views)`` of one ``preadv`` each: the targets cut along the ranges, contiguous file bytes
+    gathered into one call of at most ``READ_CHUNK_BYTES`` and ``IOV_MAX`` views."""
+    pending: list[memoryview] = []
+    start = size = 0
+    index = used = 0  # the target being filled, and how much of it is
+    for offset, length in ranges:
+        while length:
+            while used == len(targets[index]):
+                index, used = index + 1, 0
+            if pending and (start + size != offset or size == READ_CHUNK_BYTES or len(pending) == IOV_MAX):
+                yield start, pending
+                pending, size = [], 0
+            if not pending:
+                start = offset
+            take = min(length, len(targets[index]) - used, READ_CHUNK_BYTES - size)
+            pending.append(targets[index][used:used + take])
+            size, used, offset, length = size + take, used + take, offset + take, length - take
+    if pending:
+        yield start, pending

@@ -2,13 +2,16 @@
 
 Sends a freshly prepared layer (device-to-host copies overlapped with the network, the encoded chunks
 kept for the cache when they fit), or replays a cached one; either starts at the resume point the
-request names.
+request names. Chunks are encoded (CRC32C, then the one copy into the message) a few at once on the
+server's pool for chunk work, in order: one thread alone encodes at about the rate of one TCP stream.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from nvfp4_prep.pipeline import PreparedLayer
 from nvfp4_prep.v1 import prep_pb2 as pb
@@ -20,6 +23,10 @@ from .resources import CallResources
 from .resume import START, ResumePoint, bytes_before, read_resume, remaining, renumbered, replay_from
 from .staging import PinnedRing
 from .worker import DeviceWorker
+
+# Chunks of one answer encoded at once, on the server's pool for chunk work (``hash_pool``, which also hashes
+# received chunks for the cache).
+ENCODE_DEPTH = 4
 
 
 class Responder:
@@ -51,8 +58,9 @@ class Responder:
         del prepared
         yield pb.PrepareResponse(header=header)
         metrics = self._resources.metrics
-        copied = _Timed(renumbered(worker.chunks(remaining(tensors, point), self._resources.chunk_size, ring), point))
-        encoded = Prefetch(encode_chunk(index, offset, data) for index, offset, data in copied)
+        chunks = worker.chunks(remaining(tensors, point), self._resources.chunk_size, ring, held=ENCODE_DEPTH)
+        copied = _Timed(renumbered(chunks, point))
+        encoded = Prefetch(_encoded(copied, self._resources.hash_pool, ENCODE_DEPTH))
         try:
             with metrics.stage_timer("send", backend):
                 messages = _keeping(encoded, kept)
@@ -88,6 +96,31 @@ class Responder:
         if point != START:
             self._summary["resume_from"] = f"{point.tensor_index}:{point.offset}"
         return point
+
+
+def _encoded(chunks: Iterator[tuple[int, int, object]], pool: ThreadPoolExecutor, depth: int) -> Iterator[bytes]:
+    """``encode_chunk`` of each chunk, in order, up to ``depth`` at once on ``pool`` (CRC32C and the join release
+    the GIL); a chunk's buffer is read until ``depth`` more chunks were taken from ``chunks``. A chunk whose turn
+    comes before the pool took it up is encoded here instead, so that a pool kept busy (hashing that is stuck)
+    slows an answer down to one thread but never stalls it. The pool's threads live as long as the server:
+    threads made per call would each leave a malloc arena of messages behind."""
+    pending: deque[tuple[Future[bytes], tuple[int, int, object]]] = deque()
+
+    def oldest() -> bytes:
+        future, chunk = pending.popleft()
+        return encode_chunk(*chunk) if future.cancel() else future.result()
+
+    try:
+        for chunk in chunks:
+            pending.append((pool.submit(encode_chunk, *chunk), chunk))
+            if len(pending) > depth:
+                yield oldest()
+        while pending:
+            yield oldest()
+    finally:
+        for future, _ in pending:  # the ring's buffers are reused once the generator is gone: no encode may still run
+            if not future.cancel():
+                future.exception()
 
 
 def _keeping(messages: Iterator[bytes], kept: list[bytes] | None) -> Iterator[bytes]:

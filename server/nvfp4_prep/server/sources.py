@@ -37,7 +37,7 @@ from .errors import CallCancelled, ReferencesRefused, invalid
 from .hashing import ContentHasher
 from .params import Params
 from .resources import CallResources
-from .staging import PinnedRing
+from .staging import HostToDevice, PinnedRing
 from .worker import DeviceWorker
 
 T = TypeVar("T")
@@ -169,17 +169,17 @@ class ReferencedSource:
                 worker, reservation = self._resources.admission.admit_referenced(
                     specs, self._params, self._clock.deadline, self._cancelled)
             owned.enter_context(reservation)
-            activation, pin = self._params.activation, worker.is_cuda
+            activation, upload = self._params.activation, worker.upload()
             try:
                 with metrics.stage_timer("read", backend):
-                    stacked = self._bounded(
-                        lambda interrupt: read_layer(checkpoint, prefix, activation, pin, interrupt, shard, scales),
+                    host = self._bounded(
+                        lambda interrupt: read_layer(checkpoint, prefix, activation, upload, interrupt, shard, scales),
                         f"reading layer {prefix} of checkpoint {location}", owned)
             finally:
                 metrics.checkpoint_read_bytes.labels(backend).inc(checkpoint.bytes_read)
-            with metrics.stage_timer("host_to_device", backend):
-                received = [worker.to_device(stacked) if worker.is_cuda else stacked]
-            del stacked
+            with metrics.stage_timer("host_to_device", backend):  # what the read's overlap left to copy
+                received = [upload.finish(host) if upload is not None else host]
+            del host
             yield LayerOnDevice(worker, reservation, received, self.inputs, scales is not None, worker.ring(), key)
 
     def _activation_scales(self, checkpoint: ckpt.Checkpoint, owned: contextlib.ExitStack
@@ -213,12 +213,15 @@ class ReferencedSource:
             return self._resources.reads.run(work, check, owned, discard)
 
 
-def read_layer(checkpoint: ckpt.Checkpoint, prefix: str, activation: str, pin: bool, interrupt: Callable[[], None],
-               shard: Shard | None, scales: ActivationScales | None) -> dict[str, torch.Tensor]:
+def read_layer(checkpoint: ckpt.Checkpoint, prefix: str, activation: str, upload: HostToDevice | None,
+               interrupt: Callable[[], None], shard: Shard | None, scales: ActivationScales | None
+               ) -> dict[str, torch.Tensor]:
     """The stacked NVFP4 layer (or the rank's input shard), or, for a layer to quantize (``scales`` given), its
-    per-expert high-precision weights and activation scales."""
+    per-expert high-precision weights and activation scales. With ``upload`` (a CUDA worker) the stacked layer is
+    read into pinned memory and its experts start for the device as soon as they are read."""
     if scales is None:
-        return checkpoint.read_layer(prefix, activation, pin_memory=pin, interrupt=interrupt, shard=shard)
+        return checkpoint.read_layer(prefix, activation, pin_memory=upload is not None, interrupt=interrupt,
+                                     shard=shard, ready=upload.experts if upload is not None else None)
     return {**checkpoint.read_bf16_layer(prefix, interrupt=interrupt), **scales.tensors}
 
 

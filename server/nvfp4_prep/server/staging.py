@@ -1,15 +1,17 @@
-"""Moving tensor bytes between the network and a CUDA device through pinned host memory.
+"""Moving tensor bytes between the network (or a checkpoint) and a CUDA device through pinned host memory.
 
 Incoming chunks are copied into a small ring of pinned buffers and sent to the
 device with asynchronous copies on a side stream, so the next chunk is read
-from the network while the previous one crosses PCIe. Outgoing tensors are
-copied off the device a few chunks ahead of the one being sent.
+from the network while the previous one crosses PCIe. A layer read from a
+checkpoint into pinned memory goes up expert group by expert group while the
+later groups are read. Outgoing tensors are copied off the device a few chunks
+ahead of the one being sent.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy
 import torch
@@ -81,12 +83,52 @@ class DeviceTensors:
         self._buffers = []
 
 
+class HostToDevice:
+    """Copies a layer in host memory to a CUDA device on a side stream: the experts ``[start, end)`` of the stacked
+    tensors as a checkpoint read finishes them (``experts``, its ``ready``), whatever is left at ``finish``."""
+
+    def __init__(self, device: torch.device, track: Callable[[torch.Tensor], None]) -> None:
+        self._device = device
+        self._track = track
+        self._stream = torch.cuda.Stream(device)
+        self._moved: dict[str, torch.Tensor] = {}
+
+    def _target(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The device tensor for ``name``, made on the first copy (on the device's current stream, where the
+        layer is used next; the side stream only writes into it)."""
+        target = self._moved.get(name)
+        if target is None:
+            target = self._moved[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device=self._device)
+            self._track(target)
+        return target
+
+    def experts(self, host: Mapping[str, torch.Tensor], start: int, end: int) -> None:
+        targets = {name: self._target(name, tensor) for name, tensor in host.items()}
+        with torch.cuda.stream(self._stream):
+            for name, tensor in host.items():
+                targets[name][start:end].copy_(tensor[start:end], non_blocking=True)
+
+    def finish(self, host: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``host`` on the device (the tensors not copied yet are copied now), once every copy is done."""
+        left = {name: (self._target(name, tensor), tensor) for name, tensor in host.items() if name not in self._moved}
+        with torch.cuda.stream(self._stream):
+            for target, tensor in left.values():
+                target.copy_(tensor, non_blocking=True)
+        self._stream.synchronize()
+        moved, self._moved = self._moved, {}  # the caller's alone: whatever still holds this object holds no layer
+        return {name: moved[name] for name in host}
+
+
 def device_chunks(tensors: Sequence[torch.Tensor], chunk_size: int, ring: PinnedRing,
-                  device: torch.device) -> Iterator[tuple[int, int, numpy.ndarray]]:
+                  device: torch.device, held: int) -> Iterator[tuple[int, int, numpy.ndarray]]:
     """``(tensor index, offset, bytes)`` of every chunk, copied off the device ahead of the consumer.
 
-    The bytes are a view of a pinned buffer, valid until the consumer asks for the next chunk.
+    The bytes are a view of a pinned buffer that stays valid while the consumer asks for ``held`` more chunks
+    (1 to ``RING_SLOTS - 1``): a consumer may work on its last ``held`` chunks at once; the other slots are
+    copied into ahead.
     """
+    if not 1 <= held < len(ring.buffers):
+        raise ValueError(f"held is {held}; expected 1 to {len(ring.buffers) - 1}, fewer than the ring's slots")
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     flats = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
@@ -105,7 +147,7 @@ def device_chunks(tensors: Sequence[torch.Tensor], chunk_size: int, ring: Pinned
         in_flight.append((index, offset, length, slot, ring.mark(slot, stream)))
 
     try:
-        for _ in range(len(ring.buffers) - 1):
+        for _ in range(len(ring.buffers) - held):
             launch()
         while in_flight:
             index, offset, length, slot, event = in_flight.popleft()

@@ -19,7 +19,7 @@ from nvfp4_prep.wire import ChunkSink, HostTensors, TensorSpec, iter_pieces
 from .budget import MemoryBudget
 from .config import ConfigError
 from .errors import DeadlinePassed
-from .staging import DeviceTensors, PinnedRing, device_chunks
+from .staging import DeviceTensors, HostToDevice, PinnedRing, device_chunks
 
 # Share of a GPU's (or the host's, for cpu) memory that an "auto" budget takes.
 AUTO_GPU_SHARE = 0.85
@@ -98,14 +98,9 @@ class DeviceWorker:
             return sink
         return DeviceTensors(specs, self.device, ring, self.live.track)
 
-    def to_device(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Host tensors (e.g. read from a checkpoint) moved to this worker's device."""
-        moved = {name: tensor.to(self.device, non_blocking=True) for name, tensor in tensors.items()}
-        if self.is_cuda:
-            torch.cuda.current_stream(self.device).synchronize()
-        for tensor in moved.values():
-            self.live.track(tensor)
-        return moved
+    def upload(self) -> HostToDevice | None:
+        """What copies a layer read into host memory to this worker's device (None on cpu, where it stays)."""
+        return HostToDevice(self.device, self.live.track) if self.is_cuda else None
 
     def prepare(self, tensors: Mapping[str, torch.Tensor], per_expert: bool, backend: str, activation: str,
                 policy: str, deadline: float | None = None, options: Mapping | None = None,
@@ -138,15 +133,16 @@ class DeviceWorker:
                 self.live.track(tensor)
             return prepared
 
-    def chunks(self, tensors: Sequence[torch.Tensor], chunk_size: int,
-               ring: PinnedRing | None) -> Iterator[tuple[int, int, object]]:
-        """``(tensor index, offset, buffer)`` of the tensors' chunks, in order; each buffer is a view,
-        valid until the next chunk is asked for."""
+    def chunks(self, tensors: Sequence[torch.Tensor], chunk_size: int, ring: PinnedRing | None,
+               held: int) -> Iterator[tuple[int, int, object]]:
+        """``(tensor index, offset, buffer)`` of the tensors' chunks, in order; each buffer is a view, valid
+        while the consumer asks for ``held`` more chunks (see ``device_chunks``; on cpu, for as long as the
+        tensors live)."""
         if ring is None:
             yield from iter_pieces(tensors, chunk_size)
             return
         with self._device_context():
-            yield from device_chunks(tensors, chunk_size, ring, self.device)
+            yield from device_chunks(tensors, chunk_size, ring, self.device, held)
 
     def _device_context(self):
         return torch.cuda.device(self.device) if self.is_cuda else contextlib.nullcontext()

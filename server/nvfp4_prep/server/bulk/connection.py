@@ -91,6 +91,10 @@ class BulkChannel:
             writers.close()
 
     def _failure(self, err: BulkStreamError, what: str) -> Exception:
+        """The call's error for a broken stream. ``err`` loses its traceback first: the streams' readers or
+        writers keep ``err``, and its traceback's frames hold them and the call's tensors, a cycle that only the
+        garbage collector would break (the layer staying in memory, on its device too, until it ran)."""
+        err.__traceback__ = None
         field = f"bulk.stream[{err.stream}]"
         if err.kind == "timeout":
             seconds = self._hub.idle_seconds
