@@ -38,7 +38,7 @@ from nvfp4_prep.wire.bulk_transport import (
     recv_exact,
 )
 
-from .credentials import PemSource, _pem
+from .credentials import PemSource, pem_bytes
 from .errors import PrepUnavailable
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def _load_chain(context: ssl.SSLContext, cert: PemSource, key: PemSource) -> Non
         paths = []
         for name, source, argument in (("cert.pem", cert, "tls_cert"), ("key.pem", key, "tls_key")):
             path = Path(directory) / name
-            path.write_bytes(_pem(source, argument))
+            path.write_bytes(pem_bytes(source, argument))
             path.chmod(0o600)
             paths.append(str(path))
         context.load_cert_chain(*paths)
@@ -97,7 +97,7 @@ def _load_chain(context: ssl.SSLContext, cert: PemSource, key: PemSource) -> Non
 def tls_context(tls_ca: PemSource | None, tls_cert: PemSource | None, tls_key: PemSource | None) -> ssl.SSLContext:
     """A client context like the channel's credentials: ``tls_ca`` (default the system's roots) to verify the
     server, ``tls_cert``/``tls_key`` for mutual TLS."""
-    cadata = _pem(tls_ca, "tls_ca").decode("ascii", "replace") if tls_ca is not None else None
+    cadata = pem_bytes(tls_ca, "tls_ca").decode("ascii", "replace") if tls_ca is not None else None
     context = ssl.create_default_context(cadata=cadata)
     if tls_cert is not None and tls_key is not None:
         _load_chain(context, tls_cert, tls_key)

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 PemSource = str | os.PathLike | bytes
 
 
-def _pem(source: PemSource, argument: str) -> bytes:
+def pem_bytes(source: PemSource, argument: str) -> bytes:
     """PEM bytes given as such, or read from a path."""
     if isinstance(source, bytes):
         data = source
@@ -47,9 +47,9 @@ def channel_credentials(tls_ca: PemSource | None = None, tls_cert: PemSource | N
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("tls_cert and tls_key: give both (mutual TLS) or neither")
     return grpc.ssl_channel_credentials(
-        root_certificates=_pem(tls_ca, "tls_ca") if tls_ca is not None else None,
-        private_key=_pem(tls_key, "tls_key") if tls_key is not None else None,
-        certificate_chain=_pem(tls_cert, "tls_cert") if tls_cert is not None else None,
+        root_certificates=pem_bytes(tls_ca, "tls_ca") if tls_ca is not None else None,
+        private_key=pem_bytes(tls_key, "tls_key") if tls_key is not None else None,
+        certificate_chain=pem_bytes(tls_cert, "tls_cert") if tls_cert is not None else None,
     )
 
 
