@@ -300,7 +300,10 @@ def test_a_corrupted_frame_is_refused_naming_the_tensor(start_server, raw_calls,
     messages = messages_of(layer)
     bad = bytearray(messages[1])
     bad[len(bad) // 2] ^= 0xFF  # a data byte: the chunk's CRC32C no longer matches
-    send_frames(sock, [messages[0], bytes(bad), *messages[2:]])
+    try:
+        send_frames(sock, [messages[0], bytes(bad), *messages[2:]])
+    except (BrokenPipeError, ConnectionResetError):  # the server hung up at the bad frame, before the rest went
+        pass
     error = call.rest()
     assert isinstance(error, grpc.RpcError)
     assert error.code() == grpc.StatusCode.DATA_LOSS
