@@ -20,7 +20,7 @@ from nvfp4_prep import pipeline
 from nvfp4_prep.cli.connection_flags import add_security_flags, security_options
 from nvfp4_prep.client import PrepClient
 from nvfp4_prep.client.bulk import target_host
-from tests.helpers.certificates import issue, make_ca
+from tests.helpers.certificates import server_and_client
 from tests.helpers.layer_factory import random_layer
 from tests.helpers.server_state import idle, wait_for
 
@@ -36,10 +36,7 @@ def layer():
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    d = tmp_path_factory.mktemp("bulk-client-pki")
-    ca = make_ca(d)
-    return SimpleNamespace(ca=ca, server=issue(ca, d, "server", server=True),
-                           client=issue(ca, d, "loader", server=False))
+    return server_and_client(tmp_path_factory.mktemp("bulk-client-pki"))
 
 
 @pytest.fixture

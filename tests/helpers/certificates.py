@@ -7,6 +7,7 @@ import datetime
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -84,3 +85,10 @@ def issue(ca: Issued, directory: Path, common_name: str, *, server: bool, expire
         builder = builder.add_extension(x509.SubjectAlternativeName(list(LOOPBACK_NAMES)), critical=False)
     cert = builder.sign(ca.key, hashes.SHA256())
     return _write(directory, common_name.replace(" ", "_"), cert, key)
+
+
+def server_and_client(directory: Path) -> SimpleNamespace:
+    """A CA with a server certificate and a client's ("loader"): what a TLS and mutual-TLS test needs."""
+    ca = make_ca(directory)
+    return SimpleNamespace(ca=ca, server=issue(ca, directory, "server", server=True),
+                           client=issue(ca, directory, "loader", server=False))

@@ -6,13 +6,20 @@ import time
 from collections.abc import Callable
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Polls ``condition`` until it holds; fails the test after ``timeout`` seconds."""
+def settled(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Polls ``condition`` until it holds (True), or ``timeout`` seconds pass (False)."""
     end = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
+            return False
         time.sleep(0.01)
+    return True
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Polls ``condition`` until it holds; fails the test after ``timeout`` seconds."""
+    if not settled(condition, timeout):
+        raise AssertionError("condition not reached in time")
 
 
 def idle(server) -> bool:

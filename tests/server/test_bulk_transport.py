@@ -20,7 +20,7 @@ from nvfp4_prep import pipeline
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.v1 import prep_pb2_grpc
 from nvfp4_prep.wire import encode_chunk, header_for, iter_pieces
-from tests.helpers.certificates import issue, make_ca
+from tests.helpers.certificates import server_and_client
 from tests.helpers.layer_factory import random_layer
 from tests.helpers.server_state import idle, wait_for
 
@@ -37,10 +37,7 @@ def layer():
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    d = tmp_path_factory.mktemp("bulk-pki")
-    ca = make_ca(d)
-    return SimpleNamespace(ca=ca, server=issue(ca, d, "server", server=True),
-                           client=issue(ca, d, "loader", server=False))
+    return server_and_client(tmp_path_factory.mktemp("bulk-pki"))
 
 
 def header_of(layer, streams: int = 1, **fields) -> pb.PrepareHeader:

@@ -40,6 +40,7 @@ from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.v1 import prep_pb2_grpc
 from nvfp4_prep.wire import encode_tensors, header_for, read_headers
 from tests.helpers import ipc_client
+from tests.helpers.server_state import settled as _settled
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -47,13 +48,9 @@ REPO = Path(__file__).resolve().parents[2]
 ALIGN = 256  # bytes: where every packed tensor must start (cudaMalloc's alignment)
 
 
-def settle(condition, timeout: float = 30.0) -> bool:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.05)
-    return True
+def settled(condition) -> bool:
+    return _settled(condition, timeout=30.0)  # a lease's memory comes back through torch's IPC limbo
+
 
 
 def same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -161,7 +158,7 @@ def gpu_server(serve, request):
     with PrepClient(server.address) as client:
         streamed = client.prepare_layer(ipc_client.layer(), ipc_client.BACKEND)
     server.streamed = {name: tensor.cpu() for name, tensor in streamed.tensors.items()}
-    assert settle(lambda: server.workers[0].budget.in_use == 0 and server.workers[0].live.value == 0)
+    assert settled(lambda: server.workers[0].budget.in_use == 0 and server.workers[0].live.value == 0)
     torch.cuda.synchronize(0)
     server.baseline = torch.cuda.memory_allocated(0)
     return server
@@ -197,7 +194,7 @@ def test_same_node_client_gets_bit_exact_tensors_by_cuda_ipc(gpu_server, tmp_pat
     record = _served(caplog)[-1]
     assert record.outcome == "OK" and record.delivery == "cuda_ipc"
     assert not getattr(record, "bytes_sent", 0)  # no tensor byte went over the socket
-    assert settle(lambda: _freed(gpu_server)), "the layer's memory did not come back after taken"
+    assert settled(lambda: _freed(gpu_server)), "the layer's memory did not come back after taken"
 
 
 @pytest.mark.gpu
@@ -258,7 +255,7 @@ def test_the_layer_is_handed_over_as_one_storage_of_aligned_disjoint_tensors(gpu
         assert ranges[-1][0] + ranges[-1][1] == first.storage_size_bytes  # the buffer ends with the last tensor
         # While its client has it, the call holds exactly the packed buffer of the budget.
         assert gpu_server.workers[0].budget.in_use == first.storage_size_bytes
-    assert settle(lambda: _freed(gpu_server)), "a layer its client never took was not freed"
+    assert settled(lambda: _freed(gpu_server)), "a layer its client never took was not freed"
 
 
 @pytest.mark.gpu
@@ -291,7 +288,7 @@ def test_client_killed_with_the_handles_open_frees_the_layer(gpu_server, tmp_pat
     finally:
         client.kill()
         client.wait(30)
-    assert settle(lambda: _freed(gpu_server)), "a dead client's layer was not freed"
+    assert settled(lambda: _freed(gpu_server)), "a dead client's layer was not freed"
 
 
 @pytest.mark.gpu
@@ -306,7 +303,7 @@ def test_lease_timeout_frees_the_layer_and_fails_the_call(gpu_server, tmp_path):
         client.kill()
         client.wait(30)
     assert end["code"] == "DEADLINE_EXCEEDED" and "--ipc-lease-timeout=" in end["details"]
-    assert settle(lambda: _freed(gpu_server)), "an expired lease's layer was not freed"
+    assert settled(lambda: _freed(gpu_server)), "an expired lease's layer was not freed"
 
 
 @pytest.mark.gpu

@@ -7,7 +7,6 @@ Skipped where no GPU exists (CI); run on the device machine with
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -15,20 +14,13 @@ import torch
 from nvfp4_prep import pipeline
 from nvfp4_prep.client import PrepClient, Progress
 from nvfp4_prep.contract import layout
+from tests.helpers.server_state import settled
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-
-def settle(condition, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @pytest.fixture
@@ -69,7 +61,7 @@ def test_gpu_memory_returns_to_idle_after_a_cancel(gpu_server, make_layer, phase
     worker = gpu_server.workers[0]
     with PrepClient(gpu_server.address) as client:
         client.prepare_layer(layer, "flashinfer_cutlass")  # warm-up: plans and kernels cached
-    assert settle(lambda: worker.live.value == 0)
+    assert settled(lambda: worker.live.value == 0)
     torch.cuda.synchronize()
     idle = torch.cuda.memory_allocated(0)
 
@@ -86,5 +78,5 @@ def test_gpu_memory_returns_to_idle_after_a_cancel(gpu_server, make_layer, phase
     with PrepClient(gpu_server.address) as client, pytest.raises(Stop):
         client.prepare_layer(layer, "flashinfer_cutlass", progress=stop)
     assert seen.is_set()
-    assert settle(lambda: gpu_server.service.in_flight == 0 and worker.budget.in_use == 0 and worker.live.value == 0)
-    assert settle(lambda: torch.cuda.memory_allocated(0) == idle), (torch.cuda.memory_allocated(0), idle)
+    assert settled(lambda: gpu_server.service.in_flight == 0 and worker.budget.in_use == 0 and worker.live.value == 0)
+    assert settled(lambda: torch.cuda.memory_allocated(0) == idle), (torch.cuda.memory_allocated(0), idle)
