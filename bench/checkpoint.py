@@ -12,7 +12,9 @@ index), then measures in the same run, on the same hot page cache:
   streamed over loopback (``--send tensors``);
 - ``prepare --server (references)``: the same server, started with
   ``--allowed-root`` over the checkpoint, sent references (``--send references``):
-  it reads each layer itself and only prepared bytes come back.
+  it reads each layer itself and only prepared bytes come back;
+- both again with ``--bulk-streams 4``: the tensor bytes over the server's bulk
+  transport (``--bulk-address``) instead of the gRPC stream.
 
 Each prepare run reads every shard, prepares every layer and writes (and fsyncs)
 a complete prepared checkpoint. GB/s is source checkpoint bytes over wall time;
@@ -62,7 +64,9 @@ from report import add_json_flag, print_rows, reset_device_peak, row, write_json
 
 SERVER = ("import sys; from nvfp4_prep.server.config import ServeConfig; from nvfp4_prep.server.server import run; "
           "sys.exit(run(ServeConfig(host='127.0.0.1', port=int(sys.argv[1]), metrics_port=0, log_level='WARNING', "
-          "allowed_roots=(sys.argv[2],))))")
+          "allowed_roots=(sys.argv[2],), bulk_address=('127.0.0.1', 0))))")
+# Bulk connections per call in the rows that use the bulk transport (``--bulk-streams``).
+BULK_STREAMS = 4
 
 
 def layer_bytes(experts: int, hidden: int, inter: int) -> int:
@@ -283,13 +287,15 @@ def main() -> int:
                 profiled_prepare(source, out, preparers[0], args.backend)
         process, address = start_server_process(source)
         try:
-            with layer_preparers([address]) as preparers:  # uploads: what --send tensors runs
-                seconds = best(lambda: timed_prepare(source, out, preparers, args.backend))
-                rows.append(row("prepare --server", gbps(seconds), copy, copy_gbps))
-            with open_checkpoint(source) as checkpoint, layer_preparers(
-                    [address], sending=Sending("references", checkpoint, str(source), args.backend)) as preparers:
-                seconds = best(lambda: timed_prepare(source, out, preparers, args.backend))
-                rows.append(row("prepare --server (references)", gbps(seconds), copy, copy_gbps))
+            for suffix, security in (("", {}), (f" --bulk-streams {BULK_STREAMS}", {"bulk_streams": BULK_STREAMS})):
+                with layer_preparers([address], security=security) as preparers:  # uploads: --send tensors
+                    seconds = best(lambda: timed_prepare(source, out, preparers, args.backend))
+                    rows.append(row(f"prepare --server{suffix}", gbps(seconds), copy, copy_gbps))
+                with open_checkpoint(source) as checkpoint, layer_preparers(
+                        [address], security=security,
+                        sending=Sending("references", checkpoint, str(source), args.backend)) as preparers:
+                    seconds = best(lambda: timed_prepare(source, out, preparers, args.backend))
+                    rows.append(row(f"prepare --server (references){suffix}", gbps(seconds), copy, copy_gbps))
         finally:
             process.terminate()
             process.wait(60)

@@ -29,7 +29,9 @@ Rates count bytes up plus bytes down over wall time (the reference rows: down on
 single raw TCP stream, ``vs tcpN`` by N raw streams side by side. ``overlap``
 is end-to-end time over pure transfer time, the latter being the client's
 upload phase plus its download phase: 1.00 means that staging, host-to-device,
-compute and device-to-host all hid behind the network. ``compute`` is the
+compute and device-to-host all hid behind the network, and below 1.00 that the
+answer came back while the upload was still going (it starts as soon as the
+first experts are in). ``compute`` is the
 server's own compute time (from its JSON log); ``cli cores`` and ``srv cores``
 the CPU time the client and server processes used over wall time. Each row is
 the best of --repeat runs.

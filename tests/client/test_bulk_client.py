@@ -5,6 +5,7 @@ that leaves nothing behind on the server."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import subprocess
 import sys
@@ -78,6 +79,21 @@ def test_per_expert_answers_are_bit_exact(start_server, layer, per_expert, same_
         got = client.prepare_layer(per_expert(layer), "flashinfer_cutedsl", device="cpu")
     same_tensors(got.tensors, pipeline.prepare(layer, "flashinfer_cutedsl").tensors)
     assert bulk_streams_used(server_log) == [streams]
+
+
+def test_upload_progress_counts_every_chunk_in_order(start_server, layer, server_log):
+    server = start_server(**BULK)
+    chunk = 64 << 10
+    events = []
+    with PrepClient(server.address, bulk_streams=3, chunk_size=chunk) as client:
+        client.prepare_layer(layer, BACKEND, progress=events.append)
+    sizes = [t.numel() * t.element_size() for t in layer.values()]
+    done = [e.done for e in events if e.phase == "upload"]
+    steps = [after - before for before, after in itertools.pairwise([0, *done])]
+    # One event per chunk, cumulative (the SDK picks the tensors' order: the steps are compared as a multiset).
+    assert sorted(steps) == sorted(min(chunk, size - offset) for size in sizes for offset in range(0, size, chunk))
+    assert done[-1] == sum(sizes) and {e.total for e in events if e.phase == "upload"} == {sum(sizes)}
+    assert bulk_streams_used(server_log) == [3]
 
 
 def test_a_referenced_layer_comes_down_over_bulk(start_server, modelopt_checkpoint, same_tensors, server_log):

@@ -1,6 +1,8 @@
 """The bulk transport, spoken by hand over raw sockets against a real server: offers, tickets refused when
 wrong, replayed, expired or revoked (and counted), frames checked like inline chunks, TLS on the bulk port,
-resumed answers, and connections that drop or stall."""
+resumed answers, and connections that drop or stall. Then the transport's own writers and readers over
+loopback connections: pieces of tensors go out as exactly the frames of their encoded messages (plaintext,
+TLS, partial sends), and arrive decoded and checksummed on the streams' threads."""
 
 from __future__ import annotations
 
@@ -17,9 +19,21 @@ import pytest
 import torch
 
 from nvfp4_prep import pipeline
+from nvfp4_prep.server.bulk.connection import BulkChannel, BulkHub
+from nvfp4_prep.server.bulk.tickets import TicketBook
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.v1 import prep_pb2_grpc
-from nvfp4_prep.wire import encode_chunk, header_for, iter_pieces
+from nvfp4_prep.wire import (
+    ChecksumError,
+    HostTensors,
+    TensorReceiver,
+    TensorSpec,
+    crc32c,
+    encode_chunk,
+    header_for,
+    iter_pieces,
+)
+from nvfp4_prep.wire.bulk_transport import FrameReaders, FrameWriters, frame_header
 from tests.helpers.certificates import server_and_client
 from tests.helpers.layer_factory import random_layer
 from tests.helpers.server_state import idle, wait_for
@@ -309,6 +323,21 @@ def test_a_corrupted_frame_is_refused_naming_the_tensor(start_server, raw_calls,
     wait_for(lambda: idle(server), 30)
 
 
+def test_a_frame_that_is_not_a_chunk_is_refused_naming_the_frame(start_server, raw_calls, layer):
+    server = start_server(**BULK)
+    call = raw_calls(server.address, header_of(layer, 2))
+    sockets = [dial(call.offer.port, call.offer.ticket, i)[0] for i in range(2)]
+    call.end()
+    messages = messages_of(layer)
+    again = pb.PrepareRequest(header=header_of(layer, 2)).SerializeToString()
+    for sock, message in zip(sockets, [messages[0], again], strict=True):  # chunk 1's turn: a header instead
+        sock.sendall(struct.pack("!I", len(message)) + message)
+    error = call.rest()
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "bulk.frame" in error.details() and f"{len(again)} bytes" in error.details()
+    wait_for(lambda: idle(server), 30)
+
+
 def test_a_frame_larger_than_the_server_takes_is_refused(start_server, raw_calls, layer):
     server = start_server(**BULK)
     call = raw_calls(server.address, header_of(layer, 1))
@@ -375,3 +404,214 @@ def test_a_mutual_tls_bulk_port_wants_the_client_certificate(start_server, raw_c
     call.end()
     send_frames(sock, messages_of(layer))
     assert assemble(call.rest()[0].header, read_frames(sock)) == want_bytes(layer)
+
+
+# -- the writers and readers themselves -------------------------------------------------------------------
+
+PIECE = 64 << 10
+
+
+def random_tensors() -> list[torch.Tensor]:
+    """Two tensors of random bytes, neither a whole number of pieces long (so chunks of both tensors, at offsets
+    past 0, and short last pieces)."""
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randint(0, 256, (size,), dtype=torch.uint8, generator=gen) for size in (300_001, 70_000)]
+
+
+def frames_of(messages: list[bytes]) -> bytes:
+    return b"".join(frame_header(len(message)) + message for message in messages)
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        part = sock.recv(min(size - len(data), 1 << 16))
+        assert part, f"the connection closed after {len(data)} of {size} bytes"
+        data += part
+    return bytes(data)
+
+
+class RecordingSocket(socket.socket):
+    """A plain TCP socket that keeps, for every ``sendmsg``, how many bytes it was given and how many it sent."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        timeout = sock.gettimeout()
+        super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        self.settimeout(timeout)
+        self.sends: list[tuple[int, int]] = []
+
+    def sendmsg(self, buffers, *args) -> int:
+        buffers = list(buffers)
+        sent = super().sendmsg(buffers, *args)
+        self.sends.append((sum(memoryview(b).nbytes for b in buffers), sent))
+        return sent
+
+
+@pytest.fixture
+def connect(pki):
+    """Makes a connected (sender, receiver) pair on loopback, TLS both ways with ``tls``; ``buffer`` bytes of
+    kernel buffer each way when given. Closes them all at the end."""
+    opened: list[socket.socket] = []
+
+    def make(tls: bool = False, buffer: int | None = None) -> tuple[socket.socket, socket.socket]:
+        with socket.socket() as listener:
+            if buffer is not None:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)  # the accepted socket's too
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            sender = socket.socket()
+            opened.append(sender)
+            if buffer is not None:
+                sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
+            sender.settimeout(30)
+            sender.connect(listener.getsockname())
+            receiver, _ = listener.accept()
+        opened.append(receiver)
+        receiver.settimeout(30)
+        if not tls:
+            return sender, receiver
+        server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_side.load_cert_chain(pki.server.cert_path, pki.server.key_path)
+        client_side = ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
+        accepted: list[ssl.SSLSocket] = []
+        handshake = threading.Thread(target=lambda: accepted.append(server_side.wrap_socket(receiver,
+                                                                                            server_side=True)))
+        handshake.start()
+        sender = client_side.wrap_socket(sender, server_hostname="localhost")
+        handshake.join(30)
+        opened.extend([sender, *accepted])
+        return sender, accepted[0]
+
+    yield make
+    for sock in opened:
+        sock.close()
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_pieces_go_out_as_the_frames_of_their_encoded_messages(connect, tls):
+    sender, receiver = connect(tls)
+    pieces = list(iter_pieces(random_tensors(), PIECE))
+    messages = [encode_chunk(*piece) for piece in pieces]
+    writers = FrameWriters([sender])
+    for piece in pieces:
+        writers.send(piece)
+    for message in messages:  # encoded messages (the server's answers) are still taken as they are
+        writers.send(message)
+    writers.finish()
+    writers.close()
+    want = frames_of(messages) * 2 + frame_header(0)
+    assert read_exactly(receiver, len(want)) == want
+    sender.shutdown(socket.SHUT_WR)  # not close(): TLS tickets it never read would make that a reset
+    assert receiver.recv(1) == b"", "nothing after the end of the direction"
+
+
+def test_partial_sends_deliver_every_byte(connect):
+    sender, receiver = connect(buffer=4096)
+    sender = RecordingSocket(sender)  # it has a timeout, so a send writes what the kernel takes, and returns
+    pieces = list(iter_pieces(random_tensors(), PIECE))
+    want = frames_of([encode_chunk(*piece) for piece in pieces]) + frame_header(0)
+    got = bytearray()
+
+    def read_slowly() -> None:
+        while len(got) < len(want):
+            part = receiver.recv(4096)
+            if not part:
+                return
+            got.extend(part)
+            time.sleep(0.001)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    writers = FrameWriters([sender])
+    for piece in pieces:
+        writers.send(piece)
+    writers.finish()
+    writers.close()
+    reader.join(60)
+    assert bytes(got) == want
+    assert any(sent < given for given, sent in sender.sends), "the kernel took every send whole: nothing partial"
+    sender.close()
+
+
+def send_all(writers: FrameWriters, messages: list) -> threading.Thread:
+    """Sends ``messages`` and finishes the direction on a thread of its own (the readers run on this one)."""
+
+    def run() -> None:
+        for message in messages:
+            writers.send(message)
+        writers.finish()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_pieces_arrive_in_order_checksummed_where_they_were_received(connect, streams):
+    tensors = random_tensors()
+    specs = [TensorSpec(f"t{index}", torch.uint8, tuple(t.shape), t.numel()) for index, t in enumerate(tensors)]
+    pairs = [connect() for _ in range(streams)]
+    writers = FrameWriters([sender for sender, _ in pairs])
+    sending = send_all(writers, list(iter_pieces(tensors, PIECE)))
+    sink = HostTensors(specs)
+    receiver = TensorReceiver(specs, sink)
+    for frame, chunk in FrameReaders([r for _, r in pairs], limit=2 * PIECE):
+        assert chunk.actual_crc32c == crc32c(bytes(chunk.data)) == chunk.crc32c
+        assert bytes(frame) == encode_chunk(chunk.tensor_index, chunk.offset, chunk.data)
+        receiver.add(chunk)
+    receiver.finish()
+    sending.join(30)
+    writers.close()
+    assert all(torch.equal(got, want) for got, want in zip(sink.tensors().values(), tensors, strict=True))
+
+
+def test_a_corrupted_frame_or_one_that_is_no_chunk_is_told_apart_by_the_readers(connect):
+    tensors = random_tensors()
+    specs = [TensorSpec(f"t{index}", torch.uint8, tuple(t.shape), t.numel()) for index, t in enumerate(tensors)]
+    pieces = list(iter_pieces(tensors, PIECE))
+    bad = bytearray(encode_chunk(*pieces[-1]))  # a chunk of t1
+    bad[len(bad) // 2] ^= 0xFF
+    other = pb.PrepareRequest(header=pb.PrepareHeader(backend=BACKEND)).SerializeToString()
+    pairs = [connect() for _ in range(2)]
+    writers = FrameWriters([sender for sender, _ in pairs])
+    sending = send_all(writers, [other, *pieces[:-1], bytes(bad)])
+    frames = iter(FrameReaders([r for _, r in pairs], limit=2 * PIECE))
+    frame, chunk = next(frames)
+    assert chunk is None and bytes(frame) == other
+    receiver = TensorReceiver(specs, HostTensors(specs))
+    with pytest.raises(ChecksumError, match=r"tensors\[1\] \(t1\)\.chunk\.crc32c"):
+        for _, chunk in frames:
+            receiver.add(chunk)
+    assert receiver.position == (1, pieces[-1][1]), "every chunk before the corrupted one landed"
+    frames.close()
+    sending.join(30)
+    writers.close()
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_pieces_from_reused_buffers_arrive_intact(streams):
+    # A staging ring of held + 1 buffers, each refilled as soon as the sender's rule lets it take the next piece:
+    # with readers that lag, a buffer reused before its piece was written would show as another chunk's bytes.
+    held, count, size = 2, 24, 256 << 10
+    pairs = [socket.socketpair() for _ in range(streams)]
+    ring = [torch.empty(size, dtype=torch.uint8) for _ in range(held + 1)]
+
+    def pieces():
+        for k in range(count):
+            buffer = ring[k % len(ring)]
+            buffer.fill_(k)
+            yield 0, k * size, memoryview(buffer.numpy())
+
+    hub = BulkHub(TicketBook(), 0, "", 30.0, size + 1024)
+    sender = threading.Thread(target=BulkChannel([a for a, _ in pairs], hub, lambda: None).send_pieces,
+                              args=(pieces(), held))
+    sender.start()
+    got = bytearray()
+    for _, chunk in FrameReaders([b for _, b in pairs], size + 1024):
+        time.sleep(0.005)
+        got += bytes(chunk.data)
+    sender.join(10)
+    assert bytes(got) == b"".join(bytes([k]) * size for k in range(count))
+    for a, b in pairs:
+        a.close()
+        b.close()

@@ -57,7 +57,9 @@ def test_broken_stream_resumes_after_the_last_verified_chunk(start_server, same_
     assert proxy.cuts == 1 and server.service.outcomes == {"CANCELLED": 1, "OK": 1}
     done = downloads(events)
     assert done == sorted(done) and done[-1] == nbytes(want), "the download never went back"
-    assert proxy.downstream_bytes < nbytes(want) * 1.1, "the answer was not downloaded twice"
+    # Starting over would move the cut half and then all of it (1.5x); what the client's gRPC had buffered
+    # beyond the last chunk it verified when the connection was cut (its flow-control window) comes again.
+    assert proxy.downstream_bytes < nbytes(want) * 1.35, "the answer was not downloaded twice"
 
 
 @pytest.mark.parametrize("cached", [False, True])

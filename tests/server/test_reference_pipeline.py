@@ -162,3 +162,20 @@ def test_a_referenced_layer_on_a_gpu_server_is_bit_exact(start_server, same_tens
     same_tensors(got.tensors, want.tensors)
     assert got.layout == want.layout
     wait_for(lambda: idle(server), 30)
+
+
+@pytest.mark.parametrize("streams", [0, 2])
+def test_a_referenced_layer_is_answered_while_it_is_read(start_server, same_tensors, tmp_path, caplog, streams):
+    # The server reads the scales first and answers each weight expert by expert as the read goes on; with the
+    # cache on it answers once the layer is in, and keeps it: both give the bytes of preparing it in process.
+    caplog.set_level(logging.INFO)
+    source = write_layer(tmp_path / "models" / "ckpt", "swiglu", experts=8)
+    want = expected(source, "flashinfer_trtllm", "swiglu").tensors
+    for cache_bytes in (0, 64 << 20):
+        server = start_server(chunk_size=CHUNK, allowed_roots=(tmp_path / "models",), cache_bytes=cache_bytes,
+                              **(BULK if streams else {}))
+        with PrepClient(server.address, bulk_streams=streams) as client:
+            same_tensors(client.prepare_reference(str(source), PREFIX, "flashinfer_trtllm").tensors, want)
+        wait_for(lambda: idle(server), 30)  # noqa: B023 (the server of this iteration)
+    calls = [r for r in caplog.records if r.name == "nvfp4_prep.server.service" and getattr(r, "outcome", "") == "OK"]
+    assert [getattr(r, "answered_early", False) for r in calls] == [True, False]

@@ -20,6 +20,7 @@ from nvfp4_prep.wire import (
     decode_response,
     encode_chunk,
 )
+from nvfp4_prep.wire.chunk_codec import chunk_parts
 
 chunks = st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**63 - 1), st.binary(min_size=1, max_size=3000))
 
@@ -37,6 +38,17 @@ def test_encoding_equals_protobufs(chunk) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(chunks)
+def test_the_parts_of_a_chunk_are_its_encoding_around_the_data_itself(chunk) -> None:
+    index, offset, data = chunk
+    source = bytearray(data)
+    prefix, view, tail = chunk_parts(index, offset, source)
+    assert prefix + bytes(view) + tail == encode_chunk(index, offset, data)
+    source[0] ^= 0xFF
+    assert view[0] == source[0], "the data part is a view of the source, not a copy"
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks)
 def test_decoding_reads_what_protobuf_wrote(chunk) -> None:
     index, offset, data = chunk
     message = pb.PrepareResponse()
@@ -50,6 +62,15 @@ def test_chunk_data_is_a_view_of_the_message() -> None:
     raw = encode_chunk(1, 2, b"abcdef")
     decoded = decode_chunk(raw)
     assert decoded.data.obj is raw and bytes(decoded.data) == b"abcdef"
+
+
+def test_decoding_computes_the_checksum_of_the_data_only_when_asked() -> None:
+    raw = bytearray(encode_chunk(1, 2, b"abcdef"))
+    assert decode_chunk(raw).actual_crc32c is None
+    raw[-6] ^= 0xFF  # a data byte (the CRC32C field is the last 5): the declared checksum no longer holds
+    decoded = decode_chunk(raw, checksum=True)
+    assert decoded.crc32c == crc32c(b"abcdef") and decoded.actual_crc32c == crc32c(bytes(decoded.data))
+    assert bytes(decoded.data) == b"abcde\x99"
 
 
 def test_numpy_and_memoryview_sources_encode_alike() -> None:

@@ -15,6 +15,8 @@ from nvfp4_prep.wire import (
     TensorReceiver,
     check_scalars,
     crc32c,
+    decode_chunk,
+    encode_chunk,
     encode_tensors,
     header_for,
     layout_from_proto,
@@ -99,6 +101,17 @@ def test_corrupted_chunk_is_a_checksum_error() -> None:
     receiver.add(chunks[0])
     with pytest.raises(ChecksumError, match=r"tensors\[0\] \(a\)\.chunk\.crc32c"):
         receiver.add(bad)
+
+
+def test_a_checksum_computed_where_the_chunk_was_decoded_is_the_one_compared() -> None:
+    receiver, chunks = _receiver(TWO)
+    first, second = (decode_chunk(encode_chunk(c.tensor_index, c.offset, c.data), checksum=True) for c in chunks[:2])
+    assert first.actual_crc32c == crc32c_bitwise(first.data)
+    receiver.add(first)
+    carried = second._replace(actual_crc32c=second.crc32c ^ 1)  # as if its bytes changed before they were checked
+    with pytest.raises(ChecksumError, match=rf"tensors\[0\] \(a\)\.chunk\.crc32c.*{carried.actual_crc32c:#010x}"):
+        receiver.add(carried)
+    assert receiver.position == (0, len(first.data)), "the refused chunk was not taken"
 
 
 @pytest.mark.parametrize("mutate, field", [

@@ -3,11 +3,12 @@ connections beside the Prepare stream, without gRPC's per-message work.
 
 The call asks for it in its header; the server's first response offers a ticket and a port. The client
 connects every stream (TLS with the channel's own CA and client certificate), presents the ticket, and once
-all are accepted ends its request stream and uploads the chunks over the connections; the answer's header
-still comes on the gRPC stream, its chunks over the connections, checked by the same ``TensorReceiver`` and
-landed by the same sinks as inline chunks. When the server offers nothing (port 0), or the connections
-cannot be made within ``CONNECT_TIMEOUT`` seconds (a closed port, a firewall, a TLS failure, a refused
-ticket), the call simply goes on inline; that is logged once per client at INFO.
+all are accepted ends its request stream and uploads the chunks over the connections, straight from the
+caller's tensors (each stream's thread computes its chunks' CRC32C and writes them without a copy); the
+answer's header still comes on the gRPC stream, its chunks over the connections, checked by the same
+``TensorReceiver`` and landed by the same sinks as inline chunks. When the server offers nothing (port 0),
+or the connections cannot be made within ``CONNECT_TIMEOUT`` seconds (a closed port, a firewall, a TLS
+failure, a refused ticket), the call simply goes on inline; that is logged once per client at INFO.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import grpc
 
 from nvfp4_prep.v1 import prep_pb2 as pb
-from nvfp4_prep.wire import MAX_CHUNK_SIZE, MESSAGE_OVERHEAD, Chunk, FramingError, decode_chunk
+from nvfp4_prep.wire import MAX_CHUNK_SIZE, MESSAGE_OVERHEAD, Chunk, FramingError, encode_chunk
 from nvfp4_prep.wire.bulk_transport import (
     ACCEPTED,
     MAX_STREAMS,
@@ -34,6 +35,7 @@ from nvfp4_prep.wire.bulk_transport import (
     BulkStreamError,
     FrameReaders,
     FrameWriters,
+    Piece,
     hello,
     recv_exact,
 )
@@ -203,9 +205,10 @@ class BulkAttempt:
         """Whether the connections carry this attempt's chunks."""
         return self._sockets is not None
 
-    def requests(self, first: object, upload: Iterator[bytes]) -> Iterator[object]:
+    def requests(self, first: object, upload: Iterator[Piece]) -> Iterator[object]:
         """The request stream: ``first`` (the header), then, once the offer was answered, nothing (bulk: the
-        ``upload`` messages go over the connections) or the ``upload`` messages inline."""
+        ``upload`` pieces go over the connections, encoded by the streams' threads) or the ``upload`` pieces
+        encoded inline."""
         yield first
         if not self._decided.wait(OFFER_TIMEOUT):
             self._decide(None, f"no bulk offer came within {OFFER_TIMEOUT:g}s")
@@ -218,7 +221,8 @@ class BulkAttempt:
                                                 name="nvfp4-prep-client-bulk-upload", daemon=True)
                 self._writer.start()
         if not bulk:
-            yield from upload
+            for piece in upload:
+                yield encode_chunk(*piece)
 
     def on_offer(self, offer: pb.BulkOffer | None) -> None:
         """Answers the server's first response: connects (bulk) unless ``offer`` is None (the server sent
@@ -241,7 +245,7 @@ class BulkAttempt:
             self._decided.set()
             return True
 
-    def _send(self, upload: Iterator[bytes]) -> None:
+    def _send(self, upload: Iterator[Piece]) -> None:
         writers = FrameWriters(self._sockets, name="nvfp4-prep-client-bulk-write")
         try:
             for message in upload:
@@ -260,8 +264,7 @@ class BulkAttempt:
         readers = FrameReaders(self._sockets, FRAME_LIMIT, lambda: _raise_if_failed(call),
                                name="nvfp4-prep-client-bulk-read")
         try:
-            for frame in readers:
-                chunk = decode_chunk(frame)
+            for frame, chunk in readers:  # decoded and checksummed on the streams' threads
                 if chunk is None:
                     raise FramingError("response.bulk.frame", f"holds {len(frame)} bytes that are not a chunk",
                                        "a serialized PrepareResponse holding one TensorChunk")

@@ -233,7 +233,7 @@ class Placement:
             return CallerLanding(specs, self.out, self.staging_bytes)
         if self.device is not None and self.device.type == "cuda":
             return DeviceLanding(specs, self.device, self.staging_bytes)
-        return HostLanding(specs)
+        return HostLanding(specs, prefault=True)
 
 
 def placement(device: str | torch.device | None, out: Mapping[str, torch.Tensor] | None,

@@ -15,6 +15,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nvfp4_prep.contract.expert_keys import looks_per_expert
+from nvfp4_prep.contract.layout import STACKED_NAMES, STACKED_SCALE_NAMES
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.v1 import prep_pb2_grpc
 from nvfp4_prep.wire import (
@@ -52,6 +53,17 @@ def tensor_form(tensors: Mapping[str, torch.Tensor]) -> int:
     if tensors and all(looks_per_expert(name) for name in tensors):
         return pb.TENSOR_FORM_PER_EXPERT
     return pb.TENSOR_FORM_STACKED
+
+
+def upload_order(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The order tensors are announced and sent in: a stacked layer's per-expert scales first, then its weights in
+    the order of the answer (``STACKED_NAMES``), then anything else as given. The server then has the scales its
+    answer's header needs at once, and answers each weight while the later ones still arrive."""
+    if tensor_form(tensors) != pb.TENSOR_FORM_STACKED:
+        return dict(tensors)
+    known = [name for name in (*STACKED_SCALE_NAMES, *STACKED_NAMES) if name in tensors]
+    order = dict.fromkeys((*known, *tensors))
+    return {name: tensors[name] for name in order}
 
 
 def _with_activation_scales(tensors: Mapping[str, torch.Tensor], quantize: str | None,
@@ -259,7 +271,7 @@ class PrepClient:
         """
         where = placement(device, out, self.staging_bytes)
         sent = _with_activation_scales(tensors, quantize, activation_scales)
-        cpu = {name: tensor.detach().to("cpu") for name, tensor in sent.items()}
+        cpu = {name: tensor.detach().to("cpu") for name, tensor in upload_order(sent).items()}
         header = pb.PrepareHeader(
             backend=backend, activation=activation, input_scale_policy=input_scale_policy,
             layout_version=layout_version or "", quantize=quantize or "", **header_options(**layout_options),
@@ -268,11 +280,13 @@ class PrepClient:
         )
         total = sum(t.numel() * t.element_size() for t in cpu.values())
 
-        def chunks(callback_errors: list[BaseException]) -> Iterator[bytes]:
+        def chunks(callback_errors: list[BaseException]) -> Iterator[tuple[int, int, memoryview]]:
+            """The upload's pieces, views of ``cpu`` (alive for the whole call): encoded inline, or by the bulk
+            streams' threads."""
             done = 0
-            for index, offset, data in iter_pieces(list(cpu.values()), self.chunk_size):
-                yield encode_chunk(index, offset, data)
-                done += len(data)
+            for piece in iter_pieces(list(cpu.values()), self.chunk_size):
+                yield piece
+                done += len(piece[2])
                 if progress is not None:
                     try:
                         progress(Progress("upload", done, total))
@@ -285,7 +299,8 @@ class PrepClient:
             first = pb.PrepareRequest(header=asked)
             if bulk is not None:  # the chunks go inline, or over the bulk connections
                 return Prefetch(bulk.requests(first, chunks(callback_errors)))
-            return Prefetch(itertools.chain([first], chunks(callback_errors)))
+            encoded = (encode_chunk(*piece) for piece in chunks(callback_errors))
+            return Prefetch(itertools.chain([first], encoded))
 
         return self._prepare(requests, header, timeout, progress, where)
 

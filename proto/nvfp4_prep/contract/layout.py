@@ -52,6 +52,8 @@ STACKED_NAMES = (
     "w13_weight", "w13_weight_scale", "w13_weight_scale_2", "w13_input_scale",
     "w2_weight", "w2_weight_scale", "w2_weight_scale_2", "w2_input_scale",
 )
+# The per-expert scale tensors of the stacked form: a few floats per expert, which the derived scalars need first.
+STACKED_SCALE_NAMES = ("w13_weight_scale_2", "w13_input_scale", "w2_weight_scale_2", "w2_input_scale")
 DERIVED_NAMES = ("g1_alphas", "g2_alphas", "a1_gscale", "a2_gscale", "g1_scale_c")
 PREPARED_NAMES = STACKED_NAMES + DERIVED_NAMES
 

@@ -7,17 +7,24 @@ direction is a run of frames, a big-endian u32 length and the bytes ``encode_chu
 offsets are checked by the same ``TensorReceiver`` as inline chunks), ended by a zero length. Chunk ``k`` of
 a direction travels on stream ``k % streams``: a reader visits the streams in turn and gets the chunks back
 in order without a reordering buffer, while every stream is received (and sent) on a thread of its own.
+The per-byte work runs on those threads too, in parallel: a reader decodes its frame and computes the CRC32C
+of its data (``Chunk.actual_crc32c``, which ``TensorReceiver`` then takes), and a writer given a piece of a
+tensor (``(tensor index, offset, view)``) computes its CRC32C and writes the frame straight from the tensor's
+memory with one gathering ``sendmsg``, the bytes ``encode_chunk`` would make but without their copy.
 """
 
 from __future__ import annotations
 
 import queue
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy
+
+from .chunk_codec import Chunk, chunk_parts, decode_chunk
 
 TICKET_BYTES = 32
 HELLO_BYTES = TICKET_BYTES + 1
@@ -32,6 +39,8 @@ _END = object()
 POLL_SECONDS = 0.05
 # Frames a stream's reader (or writer) holds ahead of the consumer (producer).
 DEPTH = 2
+# A chunk to send, not yet encoded: (tensor index, offset, a view of its bytes).
+Piece = tuple[int, int, memoryview]
 
 
 class BulkStreamError(Exception):
@@ -66,6 +75,31 @@ def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
         got += received
 
 
+def send_parts(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
+    """Writes ``parts`` one after the other without joining them: one ``sendmsg`` of all (again from where a
+    partial send stopped), or ``sendall`` of each on TLS, whose sockets have no ``sendmsg``."""
+    views = [view for view in (memoryview(part).cast("B") for part in parts) if view.nbytes]
+    if isinstance(sock, ssl.SSLSocket):
+        for view in views:
+            sock.sendall(view)
+        return
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= views[0].nbytes:
+            sent -= views.pop(0).nbytes
+        if sent:
+            views[0] = views[0][sent:]
+
+
+def frame_parts(message: bytes | Piece) -> tuple[bytes | memoryview, ...]:
+    """The frame of ``message`` (an encoded chunk message, or a piece encoded here, its CRC32C computed on the
+    calling thread) as buffers to write in order: the same bytes either way."""
+    if not isinstance(message, tuple):
+        return frame_header(len(message)), message
+    prefix, view, tail = chunk_parts(*message)
+    return frame_header(len(prefix) + view.nbytes + len(tail)) + prefix, view, tail
+
+
 def recv_exact(sock: socket.socket, size: int) -> bytes:
     buffer = bytearray(size)
     recv_exact_into(sock, memoryview(buffer))
@@ -78,8 +112,10 @@ def _kind(error: BaseException) -> str:
 
 class FrameReaders:
     """Receives one direction's frames from every stream, each on a thread of its own, and hands them to one
-    consumer in chunk order (``for frame in readers``). A frame is a memoryview valid until the next one is
-    asked for; its buffer then goes back to its stream (``reuse``), or is left to whoever still holds it.
+    consumer in chunk order (``for frame, chunk in readers``). A frame is a memoryview valid until the next one
+    is asked for; its buffer then goes back to its stream (``reuse``), or is left to whoever still holds it.
+    ``chunk`` is the frame decoded on its stream's thread, its data's CRC32C computed there
+    (``actual_crc32c``), or None when the frame is not a plain chunk message.
 
     ``limit`` bounds a frame's length; ``check`` runs while the consumer waits and may raise to stop it.
     """
@@ -132,7 +168,7 @@ class FrameReaders:
                 buffer = self._buffer(index, length)
                 view = memoryview(buffer)[:length]
                 recv_exact_into(sock, view)
-                if not self._put(index, (buffer, view)):
+                if not self._put(index, (buffer, view, decode_chunk(view, checksum=True))):
                     return
         except BulkStreamError as err:
             self._failures.append(err)
@@ -149,7 +185,7 @@ class FrameReaders:
                     raise self._failures[0] from None
                 self._check()
 
-    def __iter__(self) -> Iterator[memoryview]:
+    def __iter__(self) -> Iterator[tuple[memoryview, Chunk | None]]:
         streams = len(self._sockets)
         sequence = 0
         held: tuple[int, numpy.ndarray] | None = None
@@ -162,9 +198,9 @@ class FrameReaders:
                 held = None
                 if item is _END:
                     break
-                buffer, view = item
+                buffer, view, chunk = item
                 held = (index, buffer)
-                yield view
+                yield view, chunk
                 sequence += 1
             for other in range(1, streams):  # every other stream must end here as well
                 late = (index + other) % streams
@@ -180,9 +216,11 @@ class FrameReaders:
 
 
 class FrameWriters:
-    """Sends one direction's chunk messages round robin over the streams, each stream on a thread of its own
-    a few messages behind ``send``; ``finish`` ends the direction and returns once every byte was written.
-    A stream that fails makes the next ``send`` or ``finish`` raise its BulkStreamError."""
+    """Sends one direction's chunks round robin over the streams, each stream on a thread of its own a few
+    chunks behind ``send``; ``finish`` ends the direction and returns once every byte was written. A chunk is
+    an encoded message or a Piece, which its stream's thread encodes (``frame_parts``) and writes without a
+    copy, so a piece's view must stay valid until ``finish`` returned. A stream that fails makes the next
+    ``send`` or ``finish`` raise its BulkStreamError."""
 
     def __init__(self, sockets: Sequence[socket.socket], check: Callable[[], None] = lambda: None,
                  name: str = "nvfp4-prep-bulk-write") -> None:
@@ -193,6 +231,8 @@ class FrameWriters:
         self._errors: list[BulkStreamError] = []
         self._ended: set[int] = set()
         self._sequence = 0
+        self._written = [0] * len(self._sockets)  # chunks each stream wrote
+        self._progress = threading.Condition()
         self._threads = [threading.Thread(target=self._write, args=(index,), name=f"{name}-{index}", daemon=True)
                          for index in range(len(self._sockets))]
         for thread in self._threads:
@@ -210,8 +250,10 @@ class FrameWriters:
                     sock.sendall(frame_header(0))
                     self._ended.add(index)
                     return
-                sock.sendall(frame_header(len(message)))
-                sock.sendall(message)
+                send_parts(sock, frame_parts(message))
+                with self._progress:
+                    self._written[index] += 1
+                    self._progress.notify_all()
         except OSError as err:
             if not self._stop.is_set():
                 self._errors.append(BulkStreamError(index, _kind(err), str(err) or type(err).__name__))
@@ -233,10 +275,22 @@ class FrameWriters:
             except queue.Full:
                 continue
 
-    def send(self, message: bytes) -> None:
-        """Queues the next chunk message for its stream."""
+    def send(self, message: bytes | Piece) -> None:
+        """Queues the next chunk (an encoded message or a piece) for its stream."""
         self._put(self._sequence % len(self._sockets), message)
         self._sequence += 1
+
+    def wait_written(self, sequence: int) -> None:
+        """Waits until every chunk up to ``sequence`` (counting ``send`` calls from 0) was written, so that the
+        buffers of those pieces may be reused; raises as ``send`` does."""
+        streams = len(self._sockets)
+        needed = [max(0, (sequence - index) // streams + 1) for index in range(streams)]
+        with self._progress:
+            while any(written < need for written, need in zip(self._written, needed, strict=True)):
+                self._raise()
+                if self._stop.is_set():
+                    raise BulkStreamError(0, "broken", "closed")
+                self._progress.wait(POLL_SECONDS)
 
     def finish(self) -> None:
         """Ends the direction on every stream and waits until everything queued was written."""

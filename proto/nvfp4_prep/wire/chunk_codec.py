@@ -4,8 +4,9 @@
 2; nearly every byte of a Prepare stream sits in such a message. Protobuf's
 Python runtime copies a chunk's data twice to parse it and once more to
 serialize it, all under the GIL. Here a chunk is encoded with one copy
-straight from the tensor's memory and decoded with none (its data is a view
-of the received message). The bytes on the wire are exactly what protobuf
+straight from the tensor's memory (or none: ``chunk_parts`` leaves the data
+where it lies, for a gathering write) and decoded with none (its data is a
+view of the received message). The bytes on the wire are exactly what protobuf
 writes (tests compare them), and anything that is not a plain chunk message
 goes through protobuf.
 """
@@ -27,12 +28,14 @@ _CRC = 0x25  # field 4, fixed32
 
 
 class Chunk(NamedTuple):
-    """A decoded TensorChunk; ``data`` is a view of the message it came in."""
+    """A decoded TensorChunk; ``data`` is a view of the message it came in. ``actual_crc32c`` is the CRC32C
+    computed over ``data`` where it was decoded (a bulk stream's own thread), None when not computed yet."""
 
     tensor_index: int
     offset: int
     data: memoryview
     crc32c: int
+    actual_crc32c: int | None = None
 
 
 def _varint(value: int) -> bytes:
@@ -57,9 +60,9 @@ def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
             return value, pos
 
 
-def encode_chunk(index: int, offset: int, data) -> bytes:
-    """A whole PrepareRequest/PrepareResponse holding one chunk of ``data`` (any contiguous buffer) with its
-    CRC32C; the one copy of ``data`` is the final join."""
+def chunk_parts(index: int, offset: int, data) -> tuple[bytes, memoryview, bytes]:
+    """The message ``encode_chunk`` makes, in three parts: everything before the data, a view of ``data`` (any
+    contiguous buffer), and the CRC32C field; sent one after the other (``socket.sendmsg``) without a copy."""
     view = memoryview(data).cast("B")
     crc = crc32c(view)
     head = bytearray()
@@ -69,11 +72,19 @@ def encode_chunk(index: int, offset: int, data) -> bytes:
         head += bytes((_OFFSET,)) + _varint(offset)
     head += bytes((_DATA,)) + _varint(view.nbytes)
     tail = bytes((_CRC,)) + crc.to_bytes(4, "little") if crc else b""
-    return b"".join((bytes((_CHUNK_FIELD,)), _varint(len(head) + view.nbytes + len(tail)), head, view, tail))
+    prefix = bytes((_CHUNK_FIELD,)) + _varint(len(head) + view.nbytes + len(tail)) + head
+    return prefix, view, tail
 
 
-def decode_chunk(raw: bytes) -> Chunk | None:
-    """The chunk of a serialized PrepareRequest/PrepareResponse, or None if it is not a plain chunk message."""
+def encode_chunk(index: int, offset: int, data) -> bytes:
+    """A whole PrepareRequest/PrepareResponse holding one chunk of ``data`` (any contiguous buffer) with its
+    CRC32C; the one copy of ``data`` is the final join."""
+    return b"".join(chunk_parts(index, offset, data))
+
+
+def decode_chunk(raw: bytes | memoryview, checksum: bool = False) -> Chunk | None:
+    """The chunk of a serialized PrepareRequest/PrepareResponse, or None if it is not a plain chunk message;
+    ``checksum`` computes its ``actual_crc32c`` here and now (on the thread that received it)."""
     if not raw or raw[0] != _CHUNK_FIELD:
         return None
     try:
@@ -100,7 +111,7 @@ def decode_chunk(raw: bytes) -> Chunk | None:
                 return None
         if pos != len(raw) or index > 0xFFFFFFFF:
             return None
-        return Chunk(index, offset, data, crc)
+        return Chunk(index, offset, data, crc, crc32c(data) if checksum else None)
     except ValueError:
         return None
 

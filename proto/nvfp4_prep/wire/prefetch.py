@@ -60,6 +60,15 @@ class Prefetch(Generic[T]):
             close = getattr(self._items, "close", None)
             if close is not None:
                 close()
+            if self._stop.is_set():  # nobody takes what is left: a failure there would hold its frames
+                self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._ready.get_nowait()
+            except queue.Empty:
+                return
 
     def __iter__(self) -> Prefetch[T]:
         return self
@@ -75,9 +84,14 @@ class Prefetch(Generic[T]):
                 break
             if isinstance(item, _Failure):
                 self._stop.set()
-                raise item.error
+                error, item = item.error, None
+                try:
+                    raise error
+                finally:  # the traceback holds this frame: without this, frame and error would hold each other
+                    error = None
             return item
         raise StopIteration
 
     def close(self) -> None:
         self._stop.set()
+        self._drain()  # (the producer drains too, after its last put)

@@ -26,7 +26,7 @@ from .formats import BF16, COMPRESSED_TENSORS, CONFIG, HF_QUANT_CONFIG, QuantFor
 from .location import Found, Opened, PathLike, Tree
 from .rank_read import RankReads, plan_rank_reads
 from .safetensors_file import MAX_HEADER_BYTES, Interrupt, SafetensorsFile, TensorEntry
-from .stacked_read import Ready, read_stacked
+from .stacked_read import Ready, Scales, read_stacked
 
 if TYPE_CHECKING:
     from nvfp4_prep.pipeline.shard import Shard
@@ -126,14 +126,15 @@ class Checkpoint:
 
     def read_layer(self, prefix: str, activation: str = "swiglu", pin_memory: bool = False, *,
                    interrupt: Interrupt | None = None, shard: Shard | None = None,
-                   ready: Ready | None = None) -> dict[str, torch.Tensor]:
+                   ready: Ready | None = None, scales: Scales | None = None) -> dict[str, torch.Tensor]:
         """The stacked form of a layer (SPEC section 2), ready for ``prepare``; with ``shard``, that rank's
         input shard (SPEC section 11, see ``rank_read``), ready for ``prepare(..., inputs="shard")``, of which
         only the rank's bytes are read.
 
         The weights and block scales are read straight into the stacked tensors (``stacked_read``): page-locked
         with ``pin_memory`` and CUDA available, for a fast upload; ``ready(stacked, start, end)`` is called as
-        experts ``[start, end)`` of them are in place. ``interrupt``: see ``read_expert_tensors``.
+        experts ``[start, end)`` of them are in place, ``scales(layer)`` before, once the scales are (the scales are
+        read first). ``interrupt``: see ``read_expert_tensors``.
         """
         from nvfp4_prep.pipeline.shard import Shard
 
@@ -143,7 +144,7 @@ class Checkpoint:
                                     "llm-compressor) and their activation scales (read_bf16_layer)")
         reads = self.rank_reads(prefix, shard if shard is not None else Shard())
         return read_stacked(self.layer(prefix), reads, self.shard_of, self.format == COMPRESSED_TENSORS, activation,
-                            pin_memory and torch.cuda.is_available(), interrupt, ready)
+                            pin_memory and torch.cuda.is_available(), interrupt, ready, scales)
 
     def read_bf16_layer(self, prefix: str, *, interrupt: Interrupt | None = None) -> dict[str, torch.Tensor]:
         """The unquantized (bf16, fp16 or fp32) per-expert weights of a layer of a ``bf16`` checkpoint, keyed

@@ -6,8 +6,9 @@ first (every expert's weights and block scales alike, before any byte is read); 
 then read from its file into its rows of the stacked tensors (interleaved rows too) with no copy between, and the
 scalars are stacked as ``assemble_layer`` stacks them. A layer of more than ``BYTES_PER_THREAD`` is read by up to
 ``READ_THREADS`` threads at once (a read from the page cache is a copy, and one thread copies at a fraction of
-the memory's bandwidth), tensor by tensor in the plan's order. ``ready`` hears of each run of experts whose rows
-are all in place, in order, so that a caller can copy them to a device while later ones are still being read.
+the memory's bandwidth), tensor by tensor in the plan's order, the scales first. ``ready`` hears of each run of
+experts whose rows are all in place, in order, so that a caller can copy them to a device (and prepare them) while
+later ones are still being read.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from .safetensors_file import Interrupt, SafetensorsFile
 FileOf = Callable[[str], SafetensorsFile]
 # ``ready(stacked, start, end)``: experts ``[start, end)`` of the stacked weights and block scales are read.
 Ready = Callable[[Mapping[str, torch.Tensor], int, int], None]
+# ``scales(layer)``: the per-expert scales are read and stacked, before any weight; ``layer`` is the whole stacked
+# layer (what ``read_stacked`` returns), whose weights and block scales are still being read.
+Scales = Callable[[Mapping[str, torch.Tensor]], None]
 
 READ_THREADS = 4
 # A layer gets one reader thread per this many bytes (up to READ_THREADS): a small one is read on the caller's.
@@ -46,28 +50,36 @@ class _Task:
 
     run: Callable[[Interrupt | None], None]
     expert: int | None
+    scalar: bool = False
 
 
 def read_stacked(layer: MoeLayer, reads: RankReads, file_of: FileOf, compressed: bool, activation: str,
-                 pin_memory: bool, interrupt: Interrupt | None, ready: Ready | None) -> dict[str, torch.Tensor]:
+                 pin_memory: bool, interrupt: Interrupt | None, ready: Ready | None,
+                 scales: Scales | None = None) -> dict[str, torch.Tensor]:
     """The stacked layer that ``reads`` plan (``Shard()``'s plan: the whole layer), in ``assemble_layer``'s order,
     with every expert's input scales; ``compressed``: compressed-tensors reciprocal scales; ``pin_memory``:
-    page-locked weights and block scales (for a fast upload; the caller checks that CUDA is there)."""
+    page-locked weights and block scales (for a fast upload; the caller checks that CUDA is there). The scales
+    are read first (a few floats per expert), so that ``scales`` hears of them before any weight is read."""
     used = _used_projections(layer, activation)
     stacked = {name: torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
                for name, (shape, dtype) in _stacked_shapes(layer, reads, file_of, used).items()}
     scalars: dict[str, torch.Tensor] = {}
     tasks = [_task(layer, read, file_of(read.name), activation, used, stacked, scalars) for read in reads.all()]
     total = sum(read.nbytes for read in reads.all())
-    _run(tasks, min(READ_THREADS, max(1, total // BYTES_PER_THREAD)), interrupt,
-         _ready_in_order(tasks, len(reads.expert_ids), stacked, ready))
+    threads = min(READ_THREADS, max(1, total // BYTES_PER_THREAD))
+    _run([task for task in tasks if task.scalar], threads, interrupt, lambda _: None)
     _, _, global_scale, input_scale = layer.suffixes
     s13, s2 = stacked_scalars(layer, scalars, global_scale, len(reads.expert_ids), activation, compressed)
     a13, a2 = stacked_scalars(layer, scalars, input_scale, layer.num_experts, activation, compressed)
-    return {"w13_weight": stacked["w13_weight"], "w13_weight_scale": stacked["w13_weight_scale"],
-            "w13_weight_scale_2": s13, "w13_input_scale": a13,
-            "w2_weight": stacked["w2_weight"], "w2_weight_scale": stacked["w2_weight_scale"],
-            "w2_weight_scale_2": s2, "w2_input_scale": a2}
+    stacked_layer = {"w13_weight": stacked["w13_weight"], "w13_weight_scale": stacked["w13_weight_scale"],
+                     "w13_weight_scale_2": s13, "w13_input_scale": a13,
+                     "w2_weight": stacked["w2_weight"], "w2_weight_scale": stacked["w2_weight_scale"],
+                     "w2_weight_scale_2": s2, "w2_input_scale": a2}
+    if scales is not None:
+        scales(stacked_layer)
+    weights = [task for task in tasks if not task.scalar]
+    _run(weights, threads, interrupt, _ready_in_order(weights, len(reads.expert_ids), stacked, ready))
+    return stacked_layer
 
 
 def _used_projections(layer: MoeLayer, activation: str) -> tuple[str, ...]:
@@ -124,7 +136,7 @@ def _task(layer: MoeLayer, read: TensorRead, file: SafetensorsFile, activation: 
         def scalar(interrupt: Interrupt | None) -> None:
             scalars[read.key] = file.tensor(read.name, interrupt=interrupt)
 
-        return _Task(scalar, None)
+        return _Task(scalar, None, scalar=True)
     ranges = ([(read.entry.start, read.entry.nbytes)] if read.rows is None
               else file.block_ranges(read.name, read.rows, read.cols))
     down = layer.projections[-1]

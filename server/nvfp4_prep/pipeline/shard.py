@@ -17,7 +17,8 @@ from nvfp4_prep.contract.layout import EXPERT_PLACEMENTS, STACKED_NAMES
 
 # Byte columns of W2 per 16 intermediate values, and block-scale columns.
 _W2_BYTES_PER_16, _S2_COLS_PER_16 = 8, 1
-_WEIGHTS = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
+# The expert-major tensors whose bytes are gathered into the prepared layout, in the order prepare() writes them.
+WEIGHT_NAMES = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
 # What ``prepare(inputs=...)`` is given: the whole layer, or a rank's input shard (SPEC section 11).
 INPUT_FORMS = ("layer", "shard")
 
@@ -104,21 +105,25 @@ def take_rows(tensor: torch.Tensor, ids: tuple[int, ...], ranges: list[tuple[int
     return tensor[experts.unsqueeze(1), rows.unsqueeze(0)]
 
 
+def rank_weight(tensors: Mapping[str, torch.Tensor], name: str, shard: Shard, ids: tuple[int, ...], inter: int,
+                gated: bool, interleaved: bool) -> torch.Tensor:
+    """Experts ``ids`` of weight (or block-scale) tensor ``name`` cut to the rank's intermediate slice (SPEC section
+    11), dtype kept: a view where the cut is contiguous, else one copy of the rank's bytes."""
+    tensor = tensors[name]
+    if shard.tp_size == 1:
+        return take_rows(tensor, ids, None).view(tensor.dtype)
+    if name in ("w13_weight", "w13_weight_scale"):
+        return take_rows(tensor, ids, shard.gemm1_row_ranges(inter, gated, interleaved)).view(tensor.dtype)
+    width = inter // shard.tp_size // 16 * (_W2_BYTES_PER_16 if name == "w2_weight" else _S2_COLS_PER_16)
+    return select_experts(tensor.view(torch.uint8).narrow(2, shard.tp_rank * width, width), ids).view(tensor.dtype)
+
+
 def rank_inputs(tensors: Mapping[str, torch.Tensor], shard: Shard, ids: tuple[int, ...], inter: int, gated: bool,
                 interleaved: bool) -> dict[str, torch.Tensor]:
     """The rank's input shard cut by SPEC section 11 from the whole layer's tensors (dtypes kept): W13, S13, W2,
     S2 and the global weight scales of its experts, and the input scales of every expert (the reductions of the
     FlashInfer backends run over all of them)."""
-    if shard.tp_size == 1:
-        out = {name: take_rows(tensors[name], ids, None) for name in _WEIGHTS}
-    else:
-        ranges = shard.gemm1_row_ranges(inter, gated, interleaved)
-        local = inter // shard.tp_size
-        out = {name: take_rows(tensors[name], ids, ranges) for name in ("w13_weight", "w13_weight_scale")}
-        for name, per_16 in (("w2_weight", _W2_BYTES_PER_16), ("w2_weight_scale", _S2_COLS_PER_16)):
-            width = local // 16 * per_16
-            out[name] = select_experts(tensors[name].view(torch.uint8).narrow(2, shard.tp_rank * width, width), ids)
-    out = {name: value.view(tensors[name].dtype) for name, value in out.items()}
+    out = {name: rank_weight(tensors, name, shard, ids, inter, gated, interleaved) for name in WEIGHT_NAMES}
     out.update({name: select_experts(tensors[name], ids) for name in ("w13_weight_scale_2", "w2_weight_scale_2")})
     out.update({name: tensors[name] for name in ("w13_input_scale", "w2_input_scale")})
     return {name: out[name] for name in STACKED_NAMES}

@@ -15,6 +15,7 @@ from nvfp4_prep.contract.layout import (
     INPUT_SCALE_POLICIES,
     PROFILES,
     STACKED_NAMES,
+    STACKED_SCALE_NAMES,
     backend_activations,
 )
 
@@ -22,7 +23,7 @@ from .layout import LayerDims
 from .shard import Shard
 
 # The per-expert scale tensors of the stacked form, in the order their values are checked.
-SCALE_NAMES = ("w13_weight_scale_2", "w13_input_scale", "w2_weight_scale_2", "w2_input_scale")
+SCALE_NAMES = STACKED_SCALE_NAMES
 
 BLOCK_SCALE_DTYPES = (torch.float8_e4m3fn, torch.uint8)
 

@@ -158,6 +158,7 @@ class BoundedRunner:
             if job.abandoned:
                 with self._cond:
                     self.stuck -= 1
+            del job  # its work's closure may hold what the read filled (a layer on the device): not while idle
 
     def close(self) -> None:
         """Ends idle threads and refuses new work; threads held by reads that never return stay (daemons)."""

@@ -125,12 +125,14 @@ class CallClock:
 
     @contextlib.contextmanager
     def doing(self, activity: str, client: bool = False) -> Iterator[None]:
-        """Marks what the call does meanwhile (``client``: waits on its client), for the watchdog's status."""
-        self._doing.append((activity, client))
+        """Marks what the call does meanwhile (``client``: waits on its client), for the watchdog's status; the
+        latest mark of any thread (a call answered while it arrives receives on a thread of its own) counts."""
+        entry = (activity, client)
+        self._doing.append(entry)
         try:
             yield
         finally:
-            self._doing.pop()
+            self._doing.remove(entry)  # this thread's, whatever other threads marked since
 
     def received(self, items: Iterator[T]) -> Iterator[T]:
         """The request stream ``items``, checking the deadline on each message and --idle-timeout between

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from nvfp4_prep import pipeline
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import chunk_of
 
@@ -20,6 +21,7 @@ from .bulk.connection import BulkHub, BulkSession
 from .cache import CachedLayer
 from .config import ServeConfig
 from .deadline import CallClock
+from .early_answer import EarlyAnswer
 from .errors import CallCancelled, invalid
 from .ipc import IpcLease, packed_size, packing_room, stream_reason
 from .params import CUDA_IPC, Params, read_params
@@ -73,8 +75,13 @@ class PrepareCall:
                 requests, responder.bulk = session.choose(self._requests)
                 if isinstance(source, StreamedSource):
                     source.requests, source.bulk = requests, responder.bulk
+                elif responder.bulk is not None:
+                    responder.bulk.take_empty_upload()
                 if responder.bulk is not None:
                     self.summary["bulk_streams"] = responder.bulk.streams
+            if source.answers_early(header.HasField("resume_from")):
+                yield from self._answer_early(source, params, responder)
+                return
             with source.layer() as layer:
                 if isinstance(layer, CachedLayer):
                     if params.delivery == CUDA_IPC:
@@ -87,6 +94,31 @@ class PrepareCall:
                 session.close()
             if source.inputs:
                 self.summary["bytes_in"] = source.inputs
+
+    def _answer_early(self, source: StreamedSource | ReferencedSource, params: Params,
+                      responder: Responder) -> Iterator[pb.PrepareResponse | bytes]:
+        """Prepares and sends the layer expert group by expert group while it arrives (``early_answer``). Waiting for
+        its next bytes is waiting for the client, or the server's read, which the receiving (reading) thread marks
+        and bounds: the deadline and --idle-timeout are enforced there (or by the watchdog), and the wait ends
+        with the call."""
+        def check() -> None:
+            if self._cancelled():
+                raise CallCancelled("client went away while its layer was answered as it arrived")
+
+        with source.arriving() as layer:
+            self.summary["answered_early"] = True
+            answer = None
+            try:
+                tensors = layer.arrivals.tensors(check)
+                prep = pipeline.preparation(tensors, params.backend, params.activation, params.policy,
+                                            **params.options())
+                answer = EarlyAnswer(prep, tensors, layer.arrivals, layer.worker, check, self._clock.deadline)
+                header = answer.header()
+                chunks = answer.chunks(self._resources.chunk_size, layer.worker.ring(), responder.held())
+                yield from responder.send_early(header, chunks, params.backend)
+            finally:
+                if answer is not None:
+                    self.summary["compute_s"] = round(answer.compute_seconds, 4)
 
     def _compute_and_send(self, layer: LayerOnDevice, params: Params,
                           responder: Responder) -> Iterator[pb.PrepareResponse | bytes]:

@@ -1,9 +1,11 @@
 """The answer of a Prepare call: its header, then the prepared tensors chunk by chunk.
 
 Sends a freshly prepared layer (device-to-host copies overlapped with the network, the encoded chunks
-kept for the cache when they fit), or replays a cached one; either starts at the resume point the
-request names. Chunks are encoded (CRC32C, then the one copy into the message) a few at once on the
-server's pool for chunk work, in order: one thread alone encodes at about the rate of one TCP stream.
+kept for the cache when they fit), one prepared while it arrives (``early_answer``), or replays a cached one;
+a whole or cached answer starts at the resume point the request names. Inline, chunks are encoded (CRC32C, then
+the one copy into the message) a few at once on the server's pool for chunk work, in order: one thread alone
+encodes at about the rate of one TCP stream. Over the bulk connections each chunk is checksummed and written
+straight from its buffer on its connection's thread.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from .worker import DeviceWorker
 # Chunks of one answer encoded at once, on the server's pool for chunk work (``hash_pool``, which also hashes
 # received chunks for the cache).
 ENCODE_DEPTH = 4
+# Chunks of one answer being written over its bulk connections at once, each straight from its staging buffer
+# (fewer than the ring's slots: the others are copied off the device ahead).
+BULK_DEPTH = 6
 
 
 class Responder:
@@ -38,6 +43,11 @@ class Responder:
         self._resources = resources
         self._summary = summary
         self.bulk: BulkChannel | None = None
+
+    def held(self, cached: bool = False) -> int:
+        """How many chunks the answer works on at once (their buffers must stay valid meanwhile): written from
+        their buffers over the bulk connections, or encoded on the pool (always when ``cached``)."""
+        return BULK_DEPTH if self.bulk is not None and not cached else ENCODE_DEPTH
 
     def send(self, worker: DeviceWorker, prepared: PreparedLayer, ring: PinnedRing | None, key: CacheKey | None,
              backend: str) -> Iterator[pb.PrepareResponse | bytes]:
@@ -57,12 +67,37 @@ class Responder:
         kept: list[bytes] | None = [] if key is not None and point == START and cache.fits(total) else None
         del prepared
         yield pb.PrepareResponse(header=header)
-        metrics = self._resources.metrics
-        chunks = worker.chunks(remaining(tensors, point), self._resources.chunk_size, ring, held=ENCODE_DEPTH)
+        chunks = worker.chunks(remaining(tensors, point), self._resources.chunk_size, ring, self.held(kept is not None))
         copied = _Timed(renumbered(chunks, point))
-        encoded = Prefetch(_encoded(copied, self._resources.hash_pool, ENCODE_DEPTH))
         try:
-            with metrics.stage_timer("send", backend):
+            yield from self._chunks(copied, backend, kept)
+        finally:
+            self._resources.metrics.stage_seconds.labels("device_to_host", backend).observe(copied.seconds)
+        self._summary["bytes_sent"] = total - bytes_before(point, sizes)
+        if kept is not None:
+            cache.put(key, CachedLayer(header, tuple(kept), total))
+
+    def send_early(self, header: pb.PreparedHeader, chunks: Iterator[tuple[int, int, object]],
+                   backend: str) -> Iterator[pb.PrepareResponse | bytes]:
+        """Streams an answer whose ``chunks`` are prepared while the request still arrives (``early_answer``):
+        each buffer stays valid while ``held()`` more chunks are taken. Never cached, never resumed."""
+        total = sum(tensor.byte_length for tensor in header.tensors)
+        self._summary["bytes_out"] = total
+        yield pb.PrepareResponse(header=header)
+        yield from self._chunks(chunks, backend, None)
+        self._summary["bytes_sent"] = total
+
+    def _chunks(self, chunks: Iterator[tuple[int, int, object]], backend: str,
+                kept: list[bytes] | None) -> Iterator[bytes]:
+        """The chunks over the bulk connections, written from their buffers (encoded messages when the cache keeps
+        them), or encoded on the pool and sent inline (yielded)."""
+        if self.bulk is not None and kept is None:
+            with self._resources.metrics.stage_timer("send", backend):
+                self.bulk.send_pieces(chunks, BULK_DEPTH)
+            return
+        encoded = Prefetch(_encoded(chunks, self._resources.hash_pool, ENCODE_DEPTH))
+        try:
+            with self._resources.metrics.stage_timer("send", backend):
                 messages = _keeping(encoded, kept)
                 if self.bulk is not None:
                     self.bulk.send(messages)
@@ -70,10 +105,6 @@ class Responder:
                     yield from messages
         finally:
             encoded.close()
-            metrics.stage_seconds.labels("device_to_host", backend).observe(copied.seconds)
-        self._summary["bytes_sent"] = total - bytes_before(point, sizes)
-        if kept is not None:
-            cache.put(key, CachedLayer(header, tuple(kept), total))
 
     def replay(self, cached: CachedLayer) -> Iterator[pb.PrepareResponse | bytes]:
         """Streams a cached answer, marked as a cache hit."""

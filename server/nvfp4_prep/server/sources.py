@@ -15,7 +15,8 @@ then the budget counts them, since the read may still be filling its buffers.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -25,19 +26,21 @@ from nvfp4_prep import checkpoint as ckpt
 from nvfp4_prep.checkpoint.activation_scales import ActivationScales, read_activation_scales
 from nvfp4_prep.checkpoint.formats import BF16
 from nvfp4_prep.checkpoint.safetensors_file import TORCH_DTYPES
-from nvfp4_prep.pipeline.shard import Shard
+from nvfp4_prep.pipeline.shard import WEIGHT_NAMES, Shard
+from nvfp4_prep.pipeline.validate import SCALE_NAMES
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import Chunk, TensorReceiver, TensorSpec, chunk_of, read_headers
 
+from .arrivals import Arrivals, Receiving
 from .budget import Reservation
 from .bulk.connection import BulkChannel
 from .cache import CachedLayer, CacheKey
 from .deadline import CallClock
 from .errors import CallCancelled, ReferencesRefused, invalid
 from .hashing import ContentHasher
-from .params import Params
+from .params import CUDA_IPC, Params
 from .resources import CallResources
-from .staging import HostToDevice, PinnedRing
+from .staging import DeviceTensors, HostToDevice, PinnedRing
 from .worker import DeviceWorker
 
 T = TypeVar("T")
@@ -53,6 +56,15 @@ class LayerOnDevice:
     per_expert: bool
     ring: PinnedRing | None
     key: CacheKey | None
+
+
+@dataclass
+class ArrivingLayer:
+    """A layer admitted onto ``worker``'s device and still arriving (streamed in, or read by the server): its
+    tensors, once known, and how far each has got are the ``arrivals``'."""
+
+    worker: DeviceWorker
+    arrivals: Arrivals
 
 
 class StreamedSource:
@@ -116,6 +128,33 @@ class StreamedSource:
             if close is not None:
                 close()
 
+    def answers_early(self, resuming: bool) -> bool:
+        """Whether the answer may start while the tensors arrive (``early_answer``): a stacked NVFP4 layer, with
+        the cache off (its key needs every byte first), no resume point and no CUDA IPC."""
+        return (self._form == pb.TENSOR_FORM_STACKED and not self._params.quantize and not resuming
+                and self._params.delivery != CUDA_IPC and not self._resources.cache.enabled)
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[ArrivingLayer]:
+        """The admitted layer while its chunks are received on a thread of their own (``arrivals``)."""
+        with self._clock.doing("waiting for device memory"):
+            worker, reservation = self._resources.admission.admit_streamed(
+                self._specs, False, self._params, self._clock.deadline, self._cancelled)
+        try:
+            sink = worker.sink(self._specs, worker.ring())
+            arrivals = Arrivals()
+            arrivals.offer(sink.views() if isinstance(sink, DeviceTensors) else sink.tensors())
+            chunks = self._inline() if self.bulk is None else self.bulk.chunks(reuse=True)
+            receiving = Receiving(self._specs, sink, chunks, arrivals, getattr(sink, "close", lambda: None),
+                                  self._resources.metrics.stage_timer("read", self._params.backend))
+        except BaseException:
+            reservation.release()
+            raise
+        try:
+            yield ArrivingLayer(worker, arrivals)
+        finally:
+            receiving.stop(reservation)
+
     def _inline(self) -> Iterator[Chunk | pb.TensorChunk]:
         for request in self.requests:
             chunk = chunk_of(request)
@@ -148,11 +187,8 @@ class ReferencedSource:
     def layer(self) -> Iterator[LayerOnDevice | CachedLayer]:
         prefix, location = self._ref.layer_prefix, self._ref.location
         metrics, backend = self._resources.metrics, self._params.backend
-        roots = self._resources.allowed_roots
         with contextlib.ExitStack() as owned:  # what this call must let go of (or hand to a read it abandons)
-            checkpoint = self._bounded(lambda _interrupt: ckpt.open_checkpoint(location, roots),
-                                       f"opening checkpoint {location}", owned, ckpt.Checkpoint.close)
-            owned.callback(checkpoint.close)
+            checkpoint = self._opened(owned)
             scales = self._activation_scales(checkpoint, owned)
             key = None
             if self._resources.cache.enabled:
@@ -162,13 +198,7 @@ class ReferencedSource:
                 if cached is not None:
                     yield cached
                     return
-            shard = self._params.shard if self._params.inputs == "shard" else None
-            specs = entry_specs(checkpoint, prefix, shard)
-            self.inputs = sum(spec.byte_length for spec in specs)
-            with self._clock.doing("waiting for device memory"):
-                worker, reservation = self._resources.admission.admit_referenced(
-                    specs, self._params, self._clock.deadline, self._cancelled)
-            owned.enter_context(reservation)
+            shard, worker, reservation = self._admit(checkpoint, owned)
             activation, upload = self._params.activation, worker.upload()
             try:
                 with metrics.stage_timer("read", backend):
@@ -181,6 +211,92 @@ class ReferencedSource:
                 received = [upload.finish(host) if upload is not None else host]
             del host
             yield LayerOnDevice(worker, reservation, received, self.inputs, scales is not None, worker.ring(), key)
+
+    def _opened(self, owned: contextlib.ExitStack) -> ckpt.Checkpoint:
+        """The referenced checkpoint, opened on a reader thread and closed with ``owned``."""
+        location = self._ref.location
+        checkpoint = self._bounded(lambda _interrupt: ckpt.open_checkpoint(location, self._resources.allowed_roots),
+                                   f"opening checkpoint {location}", owned, ckpt.Checkpoint.close)
+        owned.callback(checkpoint.close)
+        return checkpoint
+
+    def _admit(self, checkpoint: ckpt.Checkpoint, owned: contextlib.ExitStack
+               ) -> tuple[Shard | None, DeviceWorker, Reservation]:
+        """The rank's input shard to read (None: the whole layer), and the worker whose budget now holds the layer
+        (the reservation held by ``owned``), from the shard headers, before a byte is read."""
+        shard = self._params.shard if self._params.inputs == "shard" else None
+        specs = entry_specs(checkpoint, self._ref.layer_prefix, shard)
+        self.inputs = sum(spec.byte_length for spec in specs)
+        with self._clock.doing("waiting for device memory"):
+            worker, reservation = self._resources.admission.admit_referenced(
+                specs, self._params, self._clock.deadline, self._cancelled)
+        owned.enter_context(reservation)
+        return shard, worker, reservation
+
+    def answers_early(self, resuming: bool) -> bool:
+        """Whether the answer may start while the layer is read (``early_answer``): an NVFP4 layer, with the cache
+        off (it keeps encoded chunks, which this answer never makes), no resume point and no CUDA IPC."""
+        return (not self._params.quantize and not resuming and self._params.delivery != CUDA_IPC
+                and not self._resources.cache.enabled)
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[ArrivingLayer]:
+        """The admitted layer while a reader thread reads it (scales first) and copies its experts to the device as
+        they are read; the read is bounded as in ``layer``, and stopped when the answer ends first."""
+        with contextlib.ExitStack() as owned:
+            checkpoint = self._opened(owned)
+            self._activation_scales(checkpoint, owned)  # refuses a BF16 checkpoint, which needs header.quantize
+            shard, worker, _ = self._admit(checkpoint, owned)
+            arrivals, stop = Arrivals(), threading.Event()
+            reader = threading.Thread(target=self._read_arriving, name="nvfp4-prep-read-layer", daemon=True,
+                                      args=(checkpoint, shard, worker.upload(), arrivals, owned, stop))
+            reader.start()
+            try:
+                yield ArrivingLayer(worker, arrivals)
+            finally:
+                stop.set()
+                reader.join()  # it hands ``owned`` to a read it abandons before it returns
+
+    def _read_arriving(self, checkpoint: ckpt.Checkpoint, shard: Shard | None, upload: HostToDevice | None,
+                       arrivals: Arrivals, owned: contextlib.ExitStack, stop: threading.Event) -> None:
+        """Reads the layer for ``arriving``, telling ``arrivals`` of its scales, then of each run of experts."""
+        prefix, location = self._ref.layer_prefix, self._ref.location
+        stage = f"while reading layer {prefix} of checkpoint {location}"
+
+        def scales(host: Mapping[str, torch.Tensor]) -> None:
+            tensors = upload.begin(host, SCALE_NAMES) if upload is not None else dict(host)
+            arrivals.offer(tensors)
+            event = upload.landed() if upload is not None else None
+            for name in SCALE_NAMES:
+                arrivals.landed(arrivals.index[name], host[name].numel() * host[name].element_size(), event)
+
+        def ready(host: Mapping[str, torch.Tensor], start: int, end: int) -> None:
+            if upload is not None:
+                upload.experts(host, start, end)
+            event = upload.landed() if upload is not None else None
+            for name in WEIGHT_NAMES:
+                arrivals.landed(arrivals.index[name], end * host[name][0].numel() * host[name].element_size(), event)
+
+        def check() -> None:
+            self._clock.check(stage)
+            if self._cancelled():
+                raise CallCancelled(f"client went away {stage}")
+            if stop.is_set():
+                raise CallCancelled(f"the answer ended {stage}")
+
+        metrics = self._resources.metrics
+        try:
+            with metrics.stage_timer("read", self._params.backend), \
+                    self._clock.doing(f"reading layer {prefix} of checkpoint {location}"):
+                self._resources.reads.run(
+                    lambda interrupt: checkpoint.read_layer(prefix, self._params.activation, upload is not None,
+                                                            interrupt=interrupt, shard=shard, ready=ready,
+                                                            scales=scales), check, owned)
+            arrivals.ended(None)
+        except BaseException as err:  # the answer raises it at its next wait
+            arrivals.ended(err)
+        finally:
+            metrics.checkpoint_read_bytes.labels(self._params.backend).inc(checkpoint.bytes_read)
 
     def _activation_scales(self, checkpoint: ckpt.Checkpoint, owned: contextlib.ExitStack
                            ) -> ActivationScales | None:

@@ -71,11 +71,22 @@ class DeviceTensors:
                 target.copy_(self._ring.buffers[slot].narrow(0, 0, len(piece)), non_blocking=True)
             self._ring.mark(slot, self._stream)
 
+    def views(self) -> dict[str, torch.Tensor]:
+        """The tensors being assembled, with their announced dtypes and shapes; a byte is there once the event
+        ``landed`` recorded after its chunk's write completes."""
+        pairs = zip(self._specs, self._buffers, strict=True)
+        return {spec.name: buf.view(spec.dtype).reshape(spec.shape) for spec, buf in pairs}
+
+    def landed(self) -> torch.cuda.Event:
+        """An event that completes once every chunk written so far is on the device."""
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        return event
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The assembled tensors, once every copy to the device finished."""
         self._stream.synchronize()
-        pairs = zip(self._specs, self._buffers, strict=True)
-        return {spec.name: buf.view(spec.dtype).reshape(spec.shape) for spec, buf in pairs}
+        return self.views()
 
     def close(self) -> None:
         """Waits for copies still reading the ring (e.g. after an error) and drops the buffers."""
@@ -102,6 +113,21 @@ class HostToDevice:
             self._track(target)
         return target
 
+    def begin(self, host: Mapping[str, torch.Tensor], now: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The device tensors of the whole layer ``host``, made now, those named in ``now`` copied at once; the
+        others fill as ``experts`` copies them."""
+        targets = {name: self._target(name, tensor) for name, tensor in host.items()}
+        with torch.cuda.stream(self._stream):
+            for name in now:
+                targets[name].copy_(host[name], non_blocking=True)
+        return targets
+
+    def landed(self) -> torch.cuda.Event:
+        """An event that completes once every copy queued so far is on the device."""
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        return event
+
     def experts(self, host: Mapping[str, torch.Tensor], start: int, end: int) -> None:
         targets = {name: self._target(name, tensor) for name, tensor in host.items()}
         with torch.cuda.stream(self._stream):
@@ -120,8 +146,11 @@ class HostToDevice:
 
 
 def device_chunks(tensors: Sequence[torch.Tensor], chunk_size: int, ring: PinnedRing,
-                  device: torch.device, held: int) -> Iterator[tuple[int, int, numpy.ndarray]]:
-    """``(tensor index, offset, bytes)`` of every chunk, copied off the device ahead of the consumer.
+                  device: torch.device, held: int, spans: Sequence[tuple[int, int]] | None = None
+                  ) -> Iterator[tuple[int, int, numpy.ndarray]]:
+    """``(tensor index, offset, bytes)`` of every chunk, copied off the device ahead of the consumer, after the work
+    queued so far on the device's current stream; ``spans``: the ``[start, end)`` byte range of each tensor to send
+    (default: all of it).
 
     The bytes are a view of a pinned buffer that stays valid while the consumer asks for ``held`` more chunks
     (1 to ``RING_SLOTS - 1``): a consumer may work on its last ``held`` chunks at once; the other slots are
@@ -132,8 +161,9 @@ def device_chunks(tensors: Sequence[torch.Tensor], chunk_size: int, ring: Pinned
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     flats = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
-    pieces = iter([(index, offset, min(chunk_size, flat.numel() - offset))
-                   for index, flat in enumerate(flats) for offset in range(0, flat.numel(), chunk_size)])
+    spans = spans or [(0, flat.numel()) for flat in flats]
+    pieces = iter([(index, offset, min(chunk_size, end - offset))
+                   for index, (start, end) in enumerate(spans) for offset in range(start, end, chunk_size)])
     in_flight: deque[tuple[int, int, int, int, torch.cuda.Event]] = deque()
 
     def launch() -> None:

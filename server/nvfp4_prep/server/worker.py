@@ -14,7 +14,7 @@ import torch
 
 from nvfp4_prep import pipeline
 from nvfp4_prep.v1 import prep_pb2 as pb
-from nvfp4_prep.wire import ChunkSink, HostTensors, TensorSpec, iter_pieces
+from nvfp4_prep.wire import ChunkSink, HostTensors, TensorSpec, iter_pieces, tensor_bytes
 
 from .budget import MemoryBudget
 from .config import ConfigError
@@ -92,7 +92,7 @@ class DeviceWorker:
 
     def sink(self, specs: Sequence[TensorSpec], ring: PinnedRing | None) -> ChunkSink:
         if ring is None:
-            sink = HostTensors(specs)
+            sink = HostTensors(specs, prefault=True)
             for tensor in sink.tensors().values():
                 self.live.track(tensor)
             return sink
@@ -109,40 +109,52 @@ class DeviceWorker:
         ``deadline`` (a ``time.monotonic()`` instant); ``options`` are ``pipeline.prepare``'s profile and shard
         keywords; ``quantize`` names the recipe that quantizes high-precision ``tensors`` (weights and activation
         scales) here first, in the same pass; raises PrepError for bad input."""
+        with self.computing(deadline):
+            return self._prepare(tensors, per_expert, backend, activation, policy, options or {}, quantize)
+
+    @contextlib.contextmanager
+    def computing(self, deadline: float | None) -> Iterator[None]:
+        """This device's compute, once the work before it is done (waited for no later than ``deadline``, a
+        ``time.monotonic()`` instant), with the device current."""
         wait = -1 if deadline is None else max(deadline - time.monotonic(), 0.0)
         if not self._compute.acquire(timeout=wait):
             raise DeadlinePassed(f"deadline passed while waiting for {self.device} to finish the layer before")
         try:
-            return self._prepare(tensors, per_expert, backend, activation, policy, options or {}, quantize)
+            with self._device_context():
+                yield
         finally:
             self._compute.release()
 
     def _prepare(self, tensors: Mapping[str, torch.Tensor], per_expert: bool, backend: str, activation: str,
                  policy: str, options: Mapping, quantize: str) -> pipeline.PreparedLayer:
-        with self._device_context():
-            if quantize:
-                weights, scales = pipeline.split_quantize_inputs(tensors)
-                prepared = pipeline.prepare_quantized(weights, quantize, scales, backend, activation, policy,
-                                                      **options)
-            else:
-                stacked = pipeline.assemble_layer(tensors, activation) if per_expert else tensors
-                prepared = pipeline.prepare(stacked, backend, activation, policy, **options)
-            if self.is_cuda:  # so the compute time logged is the kernels', not their launch's
-                torch.cuda.current_stream(self.device).synchronize()
-            for tensor in prepared.tensors.values():
-                self.live.track(tensor)
-            return prepared
+        if quantize:
+            weights, scales = pipeline.split_quantize_inputs(tensors)
+            prepared = pipeline.prepare_quantized(weights, quantize, scales, backend, activation, policy,
+                                                  **options)
+        else:
+            stacked = pipeline.assemble_layer(tensors, activation) if per_expert else tensors
+            prepared = pipeline.prepare(stacked, backend, activation, policy, **options)
+        if self.is_cuda:  # so the compute time logged is the kernels', not their launch's
+            torch.cuda.current_stream(self.device).synchronize()
+        for tensor in prepared.tensors.values():
+            self.live.track(tensor)
+        return prepared
 
     def chunks(self, tensors: Sequence[torch.Tensor], chunk_size: int, ring: PinnedRing | None,
-               held: int) -> Iterator[tuple[int, int, object]]:
-        """``(tensor index, offset, buffer)`` of the tensors' chunks, in order; each buffer is a view, valid
-        while the consumer asks for ``held`` more chunks (see ``device_chunks``; on cpu, for as long as the
-        tensors live)."""
-        if ring is None:
+               held: int, spans: Sequence[tuple[int, int]] | None = None) -> Iterator[tuple[int, int, object]]:
+        """``(tensor index, offset, buffer)`` of the tensors' chunks (of the byte ``spans`` of each, default all),
+        in order; each buffer is a view, valid while the consumer asks for ``held`` more chunks (see
+        ``device_chunks``; on cpu, for as long as the tensors live)."""
+        if ring is not None:
+            with self._device_context():
+                yield from device_chunks(tensors, chunk_size, ring, self.device, held, spans)
+        elif spans is None:
             yield from iter_pieces(tensors, chunk_size)
-            return
-        with self._device_context():
-            yield from device_chunks(tensors, chunk_size, ring, self.device, held)
+        else:
+            for index, (tensor, (start, end)) in enumerate(zip(tensors, spans, strict=True)):
+                data = tensor_bytes(tensor, f"tensors[{index}]")
+                for offset in range(start, end, chunk_size):
+                    yield index, offset, data[offset:min(offset + chunk_size, end)]
 
     def _device_context(self):
         return torch.cuda.device(self.device) if self.is_cuda else contextlib.nullcontext()

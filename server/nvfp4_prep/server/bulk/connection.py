@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import grpc
 
 from nvfp4_prep.v1 import prep_pb2 as pb
-from nvfp4_prep.wire import Chunk, decode_chunk
-from nvfp4_prep.wire.bulk_transport import MAX_STREAMS, BulkStreamError, FrameReaders, FrameWriters
+from nvfp4_prep.wire import Chunk
+from nvfp4_prep.wire.bulk_transport import MAX_STREAMS, BulkStreamError, FrameReaders, FrameWriters, Piece
 
 from ..deadline import CallClock
 from ..errors import CallCancelled, DeadlinePassed, ServerDraining, invalid
@@ -63,12 +63,11 @@ class BulkChannel:
         return len(self._sockets)
 
     def chunks(self, reuse: bool) -> Iterator[Chunk]:
-        """The request's chunks, in order; each chunk's data is valid until the next is asked for (also after,
-        unless ``reuse``)."""
+        """The request's chunks, in order, each with the CRC32C its stream's thread computed; each chunk's data
+        is valid until the next is asked for (also after, unless ``reuse``)."""
         readers = FrameReaders(self._sockets, self._hub.frame_limit, self._check, reuse)
         try:
-            for frame in readers:
-                chunk = decode_chunk(frame)
+            for frame, chunk in readers:
                 if chunk is None:
                     raise invalid("bulk.frame", f"holds {len(frame)} bytes that are not a chunk message",
                                   "a serialized PrepareRequest holding one TensorChunk")
@@ -78,12 +77,42 @@ class BulkChannel:
         finally:
             readers.close()
 
+    def take_empty_upload(self) -> None:
+        """Reads the request direction of a call that uploads nothing (a reference): its end on every stream. Left
+        unread, those bytes would make closing the connections reset them, and the client could lose answer bytes
+        it had not read yet."""
+        for _ in self.chunks(reuse=True):
+            raise invalid("bulk.frame", "carries a chunk in a call whose layer the server reads",
+                          "no chunks (the header names header.ref)")
+
     def send(self, messages: Iterable[bytes]) -> None:
         """Sends the answer's encoded chunk messages and returns once every byte was written."""
         writers = FrameWriters(self._sockets, self._check)
         try:
             for message in messages:
                 writers.send(message)
+            writers.finish()
+        except BulkStreamError as err:
+            raise self._failure(err, "read") from None
+        finally:
+            writers.close()
+
+    def send_pieces(self, pieces: Iterable[Piece], held: int) -> None:
+        """Sends the answer's chunks as ``(tensor index, offset, buffer)`` pieces, each checksummed and written
+        straight from its buffer on its stream's thread (no copy into a message); a buffer stays valid while
+        ``held`` more pieces are taken, so none is taken before all those ``held`` back were written."""
+        writers = FrameWriters(self._sockets, self._check)
+        try:
+            taken = iter(pieces)
+            sequence = 0
+            while True:
+                if sequence > held:
+                    writers.wait_written(sequence - held - 1)
+                piece = next(taken, None)
+                if piece is None:
+                    break
+                writers.send(piece)
+                sequence += 1
             writers.finish()
         except BulkStreamError as err:
             raise self._failure(err, "read") from None
