@@ -125,10 +125,22 @@ def dial(port: int, ticket: bytes, index: int, context: ssl.SSLContext | None = 
         return sock, b""
 
 
+def connected(call: RawCall, streams: int) -> list[socket.socket]:
+    """Every stream of ``call``'s offer connected and accepted; then its request stream ends (the upload goes over
+    the connections)."""
+    sockets = [dial(call.offer.port, call.offer.ticket, index)[0] for index in range(streams)]
+    call.end()
+    return sockets
+
+
+def send_frame(sock: socket.socket, message: bytes) -> None:
+    sock.sendall(frame_header(len(message)) + message)
+
+
 def send_frames(sock: socket.socket, messages: list[bytes]) -> None:
     for message in messages:
-        sock.sendall(struct.pack("!I", len(message)) + message)
-    sock.sendall(struct.pack("!I", 0))
+        send_frame(sock, message)
+    sock.sendall(frame_header(0))
 
 
 def read_frames(sock: socket.socket) -> list[pb.TensorChunk]:
@@ -225,8 +237,7 @@ def test_a_cached_answer_is_replayed_over_bulk(start_server, raw_calls, layer):
     server = start_server(cache_bytes=64 << 20, **BULK)
     for attempt in range(2):
         call = raw_calls(server.address, header_of(layer, 2))
-        sockets = [dial(call.offer.port, call.offer.ticket, i)[0] for i in range(2)]
-        call.end()
+        sockets = connected(call, 2)
         messages = messages_of(layer)
         for index, sock in enumerate(sockets):
             send_frames(sock, messages[index::2])
@@ -326,12 +337,11 @@ def test_a_corrupted_frame_is_refused_naming_the_tensor(start_server, raw_calls,
 def test_a_frame_that_is_not_a_chunk_is_refused_naming_the_frame(start_server, raw_calls, layer):
     server = start_server(**BULK)
     call = raw_calls(server.address, header_of(layer, 2))
-    sockets = [dial(call.offer.port, call.offer.ticket, i)[0] for i in range(2)]
-    call.end()
+    sockets = connected(call, 2)
     messages = messages_of(layer)
     again = pb.PrepareRequest(header=header_of(layer, 2)).SerializeToString()
     for sock, message in zip(sockets, [messages[0], again], strict=True):  # chunk 1's turn: a header instead
-        sock.sendall(struct.pack("!I", len(message)) + message)
+        send_frame(sock, message)
     error = call.rest()
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "bulk.frame" in error.details() and f"{len(again)} bytes" in error.details()
@@ -352,11 +362,10 @@ def test_a_frame_larger_than_the_server_takes_is_refused(start_server, raw_calls
 def test_a_connection_dropping_mid_upload_fails_the_call_and_frees_everything(start_server, raw_calls, layer):
     server = start_server(**BULK)
     call = raw_calls(server.address, header_of(layer, 2))
-    sockets = [dial(call.offer.port, call.offer.ticket, i)[0] for i in range(2)]
-    call.end()
+    sockets = connected(call, 2)
     messages = messages_of(layer)
-    for message in messages[:2]:
-        sockets[messages.index(message) % 2].sendall(struct.pack("!I", len(message)) + message)
+    for index, message in enumerate(messages[:2]):
+        send_frame(sockets[index % 2], message)
     wait_for(lambda: server.workers[0].budget.in_use > 0, 30)
     sockets[1].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sockets[1].close()  # a reset, as when the client's host goes away

@@ -89,9 +89,7 @@ class StreamedSource:
     @contextlib.contextmanager
     def layer(self) -> Iterator[LayerOnDevice | CachedLayer]:
         per_expert = self._form == pb.TENSOR_FORM_PER_EXPERT
-        with self._clock.doing("waiting for device memory"):
-            worker, reservation = self._resources.admission.admit_streamed(
-                self._specs, per_expert, self._params, self._clock.deadline, self._cancelled)
+        worker, reservation = self._admit(per_expert)
         with reservation:
             ring = worker.ring()
             with self._resources.metrics.stage_timer("read", self._params.backend):
@@ -104,6 +102,12 @@ class StreamedSource:
                 yield cached
                 return
             yield LayerOnDevice(worker, reservation, received, self.inputs, per_expert, ring, key)
+
+    def _admit(self, per_expert: bool) -> tuple[DeviceWorker, Reservation]:
+        """A worker and the reservation of the announced tensors (limits first), waited for as long as allowed."""
+        with self._clock.doing("waiting for device memory"):
+            return self._resources.admission.admit_streamed(
+                self._specs, per_expert, self._params, self._clock.deadline, self._cancelled)
 
     def _receive(self, worker: DeviceWorker, ring: PinnedRing | None
                  ) -> tuple[list[dict[str, torch.Tensor]], str | None]:
@@ -137,9 +141,7 @@ class StreamedSource:
     @contextlib.contextmanager
     def arriving(self) -> Iterator[ArrivingLayer]:
         """The admitted layer while its chunks are received on a thread of their own (``arrivals``)."""
-        with self._clock.doing("waiting for device memory"):
-            worker, reservation = self._resources.admission.admit_streamed(
-                self._specs, False, self._params, self._clock.deadline, self._cancelled)
+        worker, reservation = self._admit(per_expert=False)
         try:
             sink = worker.sink(self._specs, worker.ring())
             arrivals = Arrivals()

@@ -21,6 +21,13 @@ from nvfp4_prep.wire import TensorSpec
 RING_SLOTS = 8
 
 
+def recorded(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    """An event that completes once the work queued on ``stream`` so far is done."""
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
+
+
 class PinnedRing:
     """A few pinned host buffers, each reusable once the copy that last used it finished."""
 
@@ -42,9 +49,7 @@ class PinnedRing:
         return slot
 
     def mark(self, slot: int, stream: torch.cuda.Stream) -> torch.cuda.Event:
-        event = torch.cuda.Event()
-        event.record(stream)
-        self.events[slot] = event
+        event = self.events[slot] = recorded(stream)
         return event
 
 
@@ -79,9 +84,7 @@ class DeviceTensors:
 
     def landed(self) -> torch.cuda.Event:
         """An event that completes once every chunk written so far is on the device."""
-        event = torch.cuda.Event()
-        event.record(self._stream)
-        return event
+        return recorded(self._stream)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The assembled tensors, once every copy to the device finished."""
@@ -124,9 +127,7 @@ class HostToDevice:
 
     def landed(self) -> torch.cuda.Event:
         """An event that completes once every copy queued so far is on the device."""
-        event = torch.cuda.Event()
-        event.record(self._stream)
-        return event
+        return recorded(self._stream)
 
     def experts(self, host: Mapping[str, torch.Tensor], start: int, end: int) -> None:
         targets = {name: self._target(name, tensor) for name, tensor in host.items()}
