@@ -18,12 +18,18 @@ given size:
   checkpoint under the server's ``--allowed-root`` (hot page cache): the server
   reads it and only prepared bytes travel, so this row's rate counts bytes down
   over wall time, against one raw TCP stream carrying as many bytes one way;
-  ``reference x1 (bulk)`` the same through the bulk client, the answer over the
-  bulk transport (skipped, saying why, when the server's log shows an answer
-  that went inline);
+  through the bulk client, the answer over the bulk transport (skipped, saying
+  why, when the server's log shows an answer that went inline), and through the
+  inline client;
 - cuda_ipc: the same reference with ``delivery="cuda_ipc"`` into this process's memory on the server's GPU
-  (client and server share the node): the prepared bytes over the hand-over time, against ``clone()`` of as many
-  bytes on that device (skipped, saying why, without a GPU).
+  (client and server share the node): the prepared bytes over the delivery time, against ``clone()`` of as many
+  bytes on that device (skipped, saying why, without a GPU). Delivery is the SDK's own figure (its DEBUG line
+  from ``nvfp4_prep.client.ipc``): from the handles' arrival to every byte copied into this process's memory
+  and the mappings closed. The server's hand-over (from sending the handles to the client's ``taken``, so two
+  gRPC messages more) and the whole call are printed beside it.
+
+The JSON's rows ``stream xN`` and ``reference x1`` are the bulk transport's (the fast path, which a client
+asks for with ``bulk_streams``); the inline gRPC rows are ``stream xN (inline)`` and ``reference x1 (inline)``.
 
 Rates count bytes up plus bytes down over wall time (the reference rows: down only). ``vs tcp1`` divides by the
 single raw TCP stream, ``vs tcpN`` by N raw streams side by side. ``overlap``
@@ -50,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -403,13 +410,26 @@ def timed_reference(client: PrepClient, location: str, backend: str, activation:
     return seconds, result.request_id
 
 
+class _Deliveries(logging.Handler):
+    """Seconds of each CUDA IPC delivery, from the SDK's DEBUG lines."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.seconds: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("cuda_ipc: lease"):
+            self.seconds.append(record.args[-1])
+
+
 def run_cuda_ipc(client: PrepClient, location: str, backend: str, activation: str, device: str, down: int,
                  server: Server, repeat: int) -> ReportRow | None:
     """The ``cuda_ipc x1`` row: the referenced layer handed over as CUDA IPC handles and copied into this
     process's memory on ``device`` (the server's GPU), against ``clone()`` of as many bytes there. Its rate is the
-    prepared bytes over the hand-over (the server's ``handover_s``: this client opening, copying and taking them);
-    the whole call, reading and compute included, is printed beside it, and so are the server's peaks during the
-    calls. None, with the reason printed, without a GPU or when the server streamed instead."""
+    prepared bytes over the delivery (the SDK's: this client opening, copying and closing them); the server's
+    hand-over (that and the two messages around it) and the whole call, reading and compute included, are
+    printed beside it, and so are the server's peaks during the calls. None, with the reason printed, without a
+    GPU or when the server streamed instead."""
     if not device.startswith("cuda") or not torch.cuda.is_available():
         print(f"cuda_ipc x1: skipped (the server runs on {device}; CUDA IPC needs it on a GPU of this node)")
         return None
@@ -426,20 +446,29 @@ def run_cuda_ipc(client: PrepClient, location: str, backend: str, activation: st
     clone_rate = down / min(clones[1:])
     server.handover_s.clear()
     walls = []
-    with server_peaks(server) as peaks:
-        for _ in range(repeat):
-            started = time.perf_counter()
-            result = client.prepare_reference(location, PREFIX, backend, activation, delivery="cuda_ipc",
-                                              device=device)
-            walls.append(time.perf_counter() - started)
-            del result
-    if not server.wait_for(lambda: len(server.handover_s) >= repeat):
+    deliveries = _Deliveries()
+    sdk_log = logging.getLogger("nvfp4_prep.client.ipc")
+    sdk_log.addHandler(deliveries)
+    sdk_log.setLevel(logging.DEBUG)
+    try:
+        with server_peaks(server) as peaks:
+            for _ in range(repeat + 1):  # the first maps this process's CUDA context into the server's
+                started = time.perf_counter()
+                result = client.prepare_reference(location, PREFIX, backend, activation, delivery="cuda_ipc",
+                                                  device=device)
+                walls.append(time.perf_counter() - started)
+                del result
+    finally:
+        sdk_log.removeHandler(deliveries)
+    if not server.wait_for(lambda: len(server.handover_s) > repeat) or len(deliveries.seconds) <= repeat:
         print("cuda_ipc x1: skipped (the server streamed the answer; its log says why)")
         return None
-    rate = down / min(server.handover_s)
-    print(f"cuda_ipc x1: {down / 1e9:.2f} GB handed over in {min(server.handover_s):.4f}s, {rate / 1e9:.1f} GB/s, "
-          f"{rate / clone_rate:.2f} of clone() ({clone_rate / 1e9:.1f} GB/s); whole call {min(walls):.2f}s; "
-          f"{peaks_text(peaks)}", flush=True)
+    delivery = min(deliveries.seconds[1:])
+    rate = down / delivery
+    print(f"cuda_ipc x1: {down / 1e9:.2f} GB delivered in {delivery * 1e3:.2f} ms, {rate / 1e9:.1f} GB/s, "
+          f"{rate / clone_rate:.2f} of clone() ({clone_rate / 1e9:.1f} GB/s); the server's hand-over "
+          f"{min(server.handover_s[1:]) * 1e3:.2f} ms; whole call {min(walls[1:]):.2f}s; {peaks_text(peaks)}",
+          flush=True)
     return ReportRow("cuda_ipc x1", rate / 1e9, rate / clone_rate, "clone() on the device", peaks.rss or 0,
                      peaks.device or 0)
 
@@ -522,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             sink.clear()
             client.prepare_reference(str(location), PREFIX, args.backend, args.activation)  # the page cache, warm
             references: dict[str, tuple[float, Peaks]] = {}
-            for name, via in (("reference x1", client), ("reference x1 (bulk)", bulk_client)):
+            for name, via in (("reference x1 (inline)", client), ("reference x1", bulk_client)):
                 with server_peaks(server) as peaks:
                     runs = [timed_reference(via, str(location), args.backend, args.activation)
                             for _ in range(args.repeat)]
@@ -562,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"chunk size {args.chunk_size}, backend {args.backend}, activation {args.activation}, "
           f"{args.bulk_streams} bulk connections per call in the bulk rows")
     # The JSON rows: each gRPC row against as many raw TCP streams; its memory is the server process's, that row's.
-    suffixes = {"gRPC prepare": "", "bulk prepare": " (bulk)"}
+    suffixes = {"gRPC prepare": " (inline)", "bulk prepare": ""}
     json_rows = [ReportRow(f"stream x{row.streams}{suffixes[row.mode]}", row.rate / 1e9, row.rate / tcp[row.streams],
                            f"raw TCP x{row.streams}", row.peaks.rss or 0, row.peaks.device or 0)
                  for row in rows if row.mode in suffixes]

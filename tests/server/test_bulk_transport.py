@@ -374,6 +374,30 @@ def test_a_connection_dropping_mid_upload_fails_the_call_and_frees_everything(st
     wait_for(lambda: idle(server), 30)
 
 
+@pytest.mark.parametrize("tls", [False, True])
+def test_an_upload_stalled_mid_frame_ends_at_the_idle_timeout_and_frees_everything(start_server, raw_calls, pki,
+                                                                                   layer, tls):
+    idle_timeout = 1.0
+    tls_files = {"tls_cert": pki.server.cert_path, "tls_key": pki.server.key_path} if tls else {}
+    server = start_server(idle_timeout=idle_timeout, **tls_files, **BULK)
+    credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca.cert_pem) if tls else None
+    call = raw_calls(f"localhost:{server.port}", header_of(layer, 1), credentials)
+    context = ssl.create_default_context(cadata=pki.ca.cert_pem.decode()) if tls else None
+    sock, answer = dial(call.offer.port, call.offer.ticket, 0, context)
+    assert answer == b"\x00"
+    call.end()
+    messages = messages_of(layer)
+    send_frame(sock, messages[0])
+    sock.sendall(frame_header(len(messages[1])) + messages[1][:len(messages[1]) // 2])  # then nothing more
+    started = time.monotonic()
+    error = call.rest()
+    waited = time.monotonic() - started
+    assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "bulk.stream[0]" in error.details() and "--idle-timeout=1s" in error.details()
+    assert waited < idle_timeout + 20, f"the stalled upload held the call for {waited:.1f}s"
+    wait_for(lambda: idle(server), 30)
+
+
 # -- TLS ------------------------------------------------------------------------------------------------
 
 def test_the_bulk_port_speaks_tls_when_the_server_does(start_server, raw_calls, pki, layer):

@@ -6,7 +6,9 @@ and derived scalars, can go out; then each prepared weight, in answer order, is 
 the experts whose inputs have landed (as many as have once ``GROUP_BYTES`` more came, at least one). So the
 answer trails its input by about one group instead of starting after its last byte, and a round trip takes about
 the time of its larger direction.
-The device's compute lock is taken per group: a slow upload holds no other call's compute back.
+The device's compute lock is taken per group: a slow upload holds no other call's compute back. On a GPU each
+call gathers on a stream of its own, which waits only for its own landed bytes: on one stream shared by every
+call, a group would also wait for each group queued before it, whose inputs belong to other, slower uploads.
 
 Calls answered this way: an NVFP4 layer streamed in stacked form, or read from a checkpoint by the server (its
 scales first, then its experts in order), with the cache off, no resume point and no CUDA IPC; the others have
@@ -52,6 +54,7 @@ class EarlyAnswer:
         self._check = check
         self._deadline = deadline
         self._outputs: dict[str, torch.Tensor] = {}
+        self._stream = torch.cuda.Stream(worker.device) if worker.is_cuda else None
         self.compute_seconds = 0.0
 
     def _landed(self, name: str, nbytes: int) -> tuple[int, torch.cuda.Event | None]:
@@ -69,7 +72,8 @@ class EarlyAnswer:
         device = self._inputs["w13_weight"].device
         for name in PREPARED_NAMES:
             if name in WEIGHT_NAMES:
-                weight = torch.empty(self._prep.weight_shape(name), dtype=torch.uint8, device=device)
+                with torch.cuda.stream(self._stream):  # the stream that writes it, and frees it after
+                    weight = torch.empty(self._prep.weight_shape(name), dtype=torch.uint8, device=device)
                 self._worker.live.track(weight)
                 self._outputs[name] = weight
             else:
@@ -108,12 +112,12 @@ class EarlyAnswer:
             landed, event = self._landed(name, min(needed[start] + GROUP_BYTES, needed[-1]))
             end = bisect.bisect_right(needed, landed)  # every expert whose inputs are in
             started = time.perf_counter()
-            with self._worker.computing(self._deadline):
+            with self._worker.computing(self._deadline, self._stream):
                 if event is not None:
-                    torch.cuda.current_stream(self._worker.device).wait_event(event)
+                    self._stream.wait_event(event)
                 prep.gather(self._inputs, name, out, start, end)
             self.compute_seconds += time.perf_counter() - started
             spans = [(0, 0)] * len(outputs)
             spans[place] = (start * per_output, end * per_output)
-            yield from self._worker.chunks(outputs, chunk_size, ring, held, spans)
+            yield from self._worker.chunks(outputs, chunk_size, ring, held, spans, after=self._stream)
             start = end

@@ -147,11 +147,11 @@ class HostToDevice:
 
 
 def device_chunks(tensors: Sequence[torch.Tensor], chunk_size: int, ring: PinnedRing,
-                  device: torch.device, held: int, spans: Sequence[tuple[int, int]] | None = None
-                  ) -> Iterator[tuple[int, int, numpy.ndarray]]:
+                  device: torch.device, held: int, spans: Sequence[tuple[int, int]] | None = None,
+                  after: torch.cuda.Stream | None = None) -> Iterator[tuple[int, int, numpy.ndarray]]:
     """``(tensor index, offset, bytes)`` of every chunk, copied off the device ahead of the consumer, after the work
-    queued so far on the device's current stream; ``spans``: the ``[start, end)`` byte range of each tensor to send
-    (default: all of it).
+    queued so far on ``after`` (default: the device's current stream); ``spans``: the ``[start, end)`` byte range
+    of each tensor to send (default: all of it).
 
     The bytes are a view of a pinned buffer that stays valid while the consumer asks for ``held`` more chunks
     (1 to ``RING_SLOTS - 1``): a consumer may work on its last ``held`` chunks at once; the other slots are
@@ -160,7 +160,7 @@ def device_chunks(tensors: Sequence[torch.Tensor], chunk_size: int, ring: Pinned
     if not 1 <= held < len(ring.buffers):
         raise ValueError(f"held is {held}; expected 1 to {len(ring.buffers) - 1}, fewer than the ring's slots")
     stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
+    stream.wait_stream(after or torch.cuda.current_stream(device))
     flats = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
     spans = spans or [(0, flat.numel()) for flat in flats]
     pieces = iter([(index, offset, min(chunk_size, end - offset))

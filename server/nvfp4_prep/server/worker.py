@@ -113,14 +113,14 @@ class DeviceWorker:
             return self._prepare(tensors, per_expert, backend, activation, policy, options or {}, quantize)
 
     @contextlib.contextmanager
-    def computing(self, deadline: float | None) -> Iterator[None]:
+    def computing(self, deadline: float | None, stream: torch.cuda.Stream | None = None) -> Iterator[None]:
         """This device's compute, once the work before it is done (waited for no later than ``deadline``, a
-        ``time.monotonic()`` instant), with the device current."""
+        ``time.monotonic()`` instant), with the device current, and ``stream`` too when given."""
         wait = -1 if deadline is None else max(deadline - time.monotonic(), 0.0)
         if not self._compute.acquire(timeout=wait):
             raise DeadlinePassed(f"deadline passed while waiting for {self.device} to finish the layer before")
         try:
-            with self._device_context():
+            with self._device_context(), torch.cuda.stream(stream):
                 yield
         finally:
             self._compute.release()
@@ -141,13 +141,15 @@ class DeviceWorker:
         return prepared
 
     def chunks(self, tensors: Sequence[torch.Tensor], chunk_size: int, ring: PinnedRing | None,
-               held: int, spans: Sequence[tuple[int, int]] | None = None) -> Iterator[tuple[int, int, object]]:
+               held: int, spans: Sequence[tuple[int, int]] | None = None,
+               after: torch.cuda.Stream | None = None) -> Iterator[tuple[int, int, object]]:
         """``(tensor index, offset, buffer)`` of the tensors' chunks (of the byte ``spans`` of each, default all),
-        in order; each buffer is a view, valid while the consumer asks for ``held`` more chunks (see
-        ``device_chunks``; on cpu, for as long as the tensors live)."""
+        in order, once the work queued on ``after`` (default: the current stream) is done; each buffer is a view,
+        valid while the consumer asks for ``held`` more chunks (see ``device_chunks``; on cpu, for as long as the
+        tensors live)."""
         if ring is not None:
             with self._device_context():
-                yield from device_chunks(tensors, chunk_size, ring, self.device, held, spans)
+                yield from device_chunks(tensors, chunk_size, ring, self.device, held, spans, after)
         elif spans is None:
             yield from iter_pieces(tensors, chunk_size)
         else:

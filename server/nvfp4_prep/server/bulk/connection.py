@@ -19,7 +19,14 @@ import grpc
 
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import Chunk
-from nvfp4_prep.wire.bulk_transport import MAX_STREAMS, BulkStreamError, FrameReaders, FrameWriters, Piece
+from nvfp4_prep.wire.bulk_transport import (
+    MAX_STREAMS,
+    BulkStreamError,
+    FrameReaders,
+    FrameWriters,
+    Piece,
+    bound_idle,
+)
 
 from ..deadline import CallClock
 from ..errors import CallCancelled, DeadlinePassed, ServerDraining, invalid
@@ -56,7 +63,7 @@ class BulkChannel:
         self._hub = hub
         self._check = check
         for sock in sockets:
-            sock.settimeout(hub.idle_seconds)
+            bound_idle(sock, hub.idle_seconds)
 
     @property
     def streams(self) -> int:
