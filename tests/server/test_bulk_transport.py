@@ -398,6 +398,28 @@ def test_an_upload_stalled_mid_frame_ends_at_the_idle_timeout_and_frees_everythi
     wait_for(lambda: idle(server), 30)
 
 
+def test_a_client_that_stops_reading_the_answer_ends_at_the_idle_timeout(start_server, raw_calls):
+    big = random_layer(16, 1024, 512)  # an answer of some 12 MB: more than both kernel buffers hold
+    server = start_server(idle_timeout=1.0, **BULK)
+    call = raw_calls(server.address, header_of(big, 1))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", call.offer.port))
+    sock.sendall(call.offer.ticket + bytes((0,)))
+    assert sock.recv(1) == b"\x00"
+    call.end()
+    send_frames(sock, messages_of(big))  # and then no answer byte is read
+    started = time.monotonic()
+    error = call.rest()
+    waited = time.monotonic() - started
+    sock.close()
+    assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "bulk.stream[0]: the client did not read anything" in error.details()
+    assert waited < 21, f"the stuck reader held the call for {waited:.1f}s"
+    wait_for(lambda: idle(server), 30)
+
+
 # -- TLS ------------------------------------------------------------------------------------------------
 
 def test_the_bulk_port_speaks_tls_when_the_server_does(start_server, raw_calls, pki, layer):
