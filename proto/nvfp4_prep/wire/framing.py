@@ -76,12 +76,18 @@ def fill_chunk(message: pb.TensorChunk, index: int, offset: int, data: bytes) ->
     return message
 
 
-def iter_pieces(tensors: Sequence[torch.Tensor], chunk_size: int) -> Iterator[tuple[int, int, memoryview]]:
-    """``(tensor index, offset, view of the bytes)`` of every chunk of CPU tensors, in order, without copies."""
+def iter_pieces(tensors: Sequence[torch.Tensor], chunk_size: int, spans: Sequence[tuple[int, int]] | None = None
+                ) -> Iterator[tuple[int, int, memoryview]]:
+    """``(tensor index, offset, view of the bytes)`` of every chunk of CPU tensors, in order, without copies;
+    ``spans``: the ``[start, end)`` byte range of each tensor to cut (default: all of it)."""
     for index, tensor in enumerate(tensors):
+        start, end = spans[index] if spans is not None else (0, None)
+        if start == end:
+            continue
         data = tensor_bytes(tensor, f"tensors[{index}]")
-        for offset in range(0, len(data), chunk_size):
-            yield index, offset, data[offset:offset + chunk_size]
+        end = len(data) if end is None else end
+        for offset in range(start, end, chunk_size):
+            yield index, offset, data[offset:min(offset + chunk_size, end)]
 
 
 def read_headers(headers: Sequence[pb.TensorHeader], field: str) -> list[TensorSpec]:

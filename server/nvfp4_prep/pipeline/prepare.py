@@ -15,6 +15,7 @@ from nvfp4_prep.contract.layout import (
     GATED_ACTIVATIONS,
     INTERLEAVED_ACTIVATIONS,
     PREPARED_NAMES,
+    STACKED_SCALE_NAMES,
 )
 from nvfp4_prep.contract.tensor_bytes import dense
 
@@ -23,7 +24,7 @@ from .layout import layout_record, padded_dims
 from .plan import LayerPlan, layer_plan
 from .scales import derived_scalars, input_scales, weight_scale_2
 from .shard import INPUT_FORMS, WEIGHT_NAMES, Shard, rank_inputs, rank_weight, select_experts
-from .validate import SCALE_NAMES, check_alignment, check_choice, check_layer, host_scales, validate
+from .validate import check_alignment, check_choice, check_layer, host_scales, validate
 
 
 @dataclass
@@ -43,7 +44,7 @@ def _stage_scales(tensors: Mapping[str, torch.Tensor]) -> Callable[[], dict[str,
     if not tensors["w13_input_scale"].is_cuda:
         return lambda: host_scales(tensors)
     staged = {}
-    for name in SCALE_NAMES:
+    for name in STACKED_SCALE_NAMES:
         staged[name] = torch.empty(tensors[name].shape, dtype=tensors[name].dtype, pin_memory=True)
         staged[name].copy_(tensors[name], non_blocking=True)
     copied = torch.cuda.Event()
@@ -142,9 +143,9 @@ class Preparation:
         return self.gather(tensors, name, out).view(WEIGHT_DTYPES[name])
 
     def scale_inputs(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The four per-expert scale tensors ``scalars`` reads (``SCALE_NAMES``): the global weight scales of the
-        rank's experts, and the input scales of every expert of the layer."""
-        scales = {name: tensors[name] for name in SCALE_NAMES}
+        """The four per-expert scale tensors ``scalars`` reads (``STACKED_SCALE_NAMES``): the global weight scales
+        of the rank's experts, and the input scales of every expert of the layer."""
+        scales = {name: tensors[name] for name in STACKED_SCALE_NAMES}
         if self.inputs == "layer":
             for name in ("w13_weight_scale_2", "w2_weight_scale_2"):
                 scales[name] = select_experts(scales[name], self.ids)

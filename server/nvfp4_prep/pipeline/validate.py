@@ -22,9 +22,6 @@ from nvfp4_prep.contract.layout import (
 from .layout import LayerDims
 from .shard import Shard
 
-# The per-expert scale tensors of the stacked form, in the order their values are checked.
-SCALE_NAMES = STACKED_SCALE_NAMES
-
 BLOCK_SCALE_DTYPES = (torch.float8_e4m3fn, torch.uint8)
 
 
@@ -68,7 +65,7 @@ def host_scales(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     queued, so that the wait overlaps them.
     """
     host = {}
-    for name in SCALE_NAMES:
+    for name in STACKED_SCALE_NAMES:  # in the order their values are checked
         tensor = tensors[name].detach().cpu()
         bad = ~torch.isfinite(tensor) | (tensor <= 0)
         if bool(bad.any()):

@@ -23,11 +23,11 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
-from nvfp4_prep.contract.layout import PREPARED_NAMES
+from nvfp4_prep.contract.layout import PREPARED_NAMES, STACKED_SCALE_NAMES
 from nvfp4_prep.pipeline import Preparation
 from nvfp4_prep.pipeline.prepare import WEIGHT_DTYPES
 from nvfp4_prep.pipeline.shard import WEIGHT_NAMES
-from nvfp4_prep.pipeline.validate import SCALE_NAMES, host_scales
+from nvfp4_prep.pipeline.validate import host_scales
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import header_for, layout_to_proto, scalars_to_proto, tensor_bytes
 
@@ -64,7 +64,7 @@ class EarlyAnswer:
         """The answer's header, once the four scale tensors landed: checked and combined on the host, the derived
         scalars are the header's and the answer's last tensors (PrepError naming the input for a bad value)."""
         event = None
-        for name in SCALE_NAMES:
+        for name in STACKED_SCALE_NAMES:
             _, event = self._landed(name, self._inputs[name].numel() * self._inputs[name].element_size())
         if event is not None:
             event.synchronize()

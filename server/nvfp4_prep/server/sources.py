@@ -26,8 +26,8 @@ from nvfp4_prep import checkpoint as ckpt
 from nvfp4_prep.checkpoint.activation_scales import ActivationScales, read_activation_scales
 from nvfp4_prep.checkpoint.formats import BF16
 from nvfp4_prep.checkpoint.safetensors_file import TORCH_DTYPES
+from nvfp4_prep.contract.layout import STACKED_SCALE_NAMES
 from nvfp4_prep.pipeline.shard import WEIGHT_NAMES, Shard
-from nvfp4_prep.pipeline.validate import SCALE_NAMES
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import Chunk, TensorReceiver, TensorSpec, chunk_of, read_headers
 
@@ -65,6 +65,13 @@ class ArrivingLayer:
 
     worker: DeviceWorker
     arrivals: Arrivals
+
+
+def may_answer_early(params: Params, resources: CallResources, resuming: bool) -> bool:
+    """Whether a call's answer may start while its layer still arrives: an NVFP4 layer (no quantizing), with the
+    cache off (it keeps encoded chunks of whole answers), no resume point and no CUDA IPC."""
+    return (not params.quantize and not resuming and params.delivery != CUDA_IPC
+            and not resources.cache.enabled)
 
 
 class StreamedSource:
@@ -133,10 +140,9 @@ class StreamedSource:
                 close()
 
     def answers_early(self, resuming: bool) -> bool:
-        """Whether the answer may start while the tensors arrive (``early_answer``): a stacked NVFP4 layer, with
-        the cache off (its key needs every byte first), no resume point and no CUDA IPC."""
-        return (self._form == pb.TENSOR_FORM_STACKED and not self._params.quantize and not resuming
-                and self._params.delivery != CUDA_IPC and not self._resources.cache.enabled)
+        """Whether the answer may start while the tensors arrive (``early_answer``): a stacked layer that
+        ``may_answer_early`` (the cache's key needs every byte first)."""
+        return self._form == pb.TENSOR_FORM_STACKED and may_answer_early(self._params, self._resources, resuming)
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[ArrivingLayer]:
@@ -236,10 +242,8 @@ class ReferencedSource:
         return shard, worker, reservation
 
     def answers_early(self, resuming: bool) -> bool:
-        """Whether the answer may start while the layer is read (``early_answer``): an NVFP4 layer, with the cache
-        off (it keeps encoded chunks, which this answer never makes), no resume point and no CUDA IPC."""
-        return (not self._params.quantize and not resuming and self._params.delivery != CUDA_IPC
-                and not self._resources.cache.enabled)
+        """Whether the answer may start while the layer is read (``early_answer``): ``may_answer_early``."""
+        return may_answer_early(self._params, self._resources, resuming)
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[ArrivingLayer]:
@@ -266,10 +270,10 @@ class ReferencedSource:
         stage = f"while reading layer {prefix} of checkpoint {location}"
 
         def scales(host: Mapping[str, torch.Tensor]) -> None:
-            tensors = upload.begin(host, SCALE_NAMES) if upload is not None else dict(host)
+            tensors = upload.begin(host, STACKED_SCALE_NAMES) if upload is not None else dict(host)
             arrivals.offer(tensors)
             event = upload.landed() if upload is not None else None
-            for name in SCALE_NAMES:
+            for name in STACKED_SCALE_NAMES:
                 arrivals.landed(arrivals.index[name], host[name].numel() * host[name].element_size(), event)
 
         def ready(host: Mapping[str, torch.Tensor], start: int, end: int) -> None:

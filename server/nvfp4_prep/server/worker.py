@@ -14,7 +14,7 @@ import torch
 
 from nvfp4_prep import pipeline
 from nvfp4_prep.v1 import prep_pb2 as pb
-from nvfp4_prep.wire import ChunkSink, HostTensors, TensorSpec, iter_pieces, tensor_bytes
+from nvfp4_prep.wire import ChunkSink, HostTensors, TensorSpec, iter_pieces
 
 from .budget import MemoryBudget
 from .config import ConfigError
@@ -150,13 +150,8 @@ class DeviceWorker:
         if ring is not None:
             with self._device_context():
                 yield from device_chunks(tensors, chunk_size, ring, self.device, held, spans, after)
-        elif spans is None:
-            yield from iter_pieces(tensors, chunk_size)
         else:
-            for index, (tensor, (start, end)) in enumerate(zip(tensors, spans, strict=True)):
-                data = tensor_bytes(tensor, f"tensors[{index}]")
-                for offset in range(start, end, chunk_size):
-                    yield index, offset, data[offset:min(offset + chunk_size, end)]
+            yield from iter_pieces(tensors, chunk_size, spans)
 
     def _device_context(self):
         return torch.cuda.device(self.device) if self.is_cuda else contextlib.nullcontext()
