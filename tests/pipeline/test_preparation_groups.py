@@ -1,6 +1,7 @@
 """``Preparation``: gathering a layer's weights in expert groups, as a server answering a layer that still
-arrives does, writes the bytes of ``prepare`` (checked against the SPEC formulas and vLLM elsewhere) whatever the
-groups, for every backend, whole layers and rank shards alike; and its checks read no tensor data."""
+arrives does, writes the bytes of ``prepare`` whatever the groups, for every backend, whole layers and rank shards
+alike, and of the SPEC formulas (``reference_prepare``, which shares no code with the pipeline) for whole layers;
+and its checks read no tensor data."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from nvfp4_prep.pipeline.prepare import WEIGHT_DTYPES
 from nvfp4_prep.pipeline.shard import WEIGHT_NAMES
 from nvfp4_prep.pipeline.validate import host_scales
 from tests.helpers.layer_factory import random_layer
-from tests.helpers.pipeline_reference import assert_same_tensors
+from tests.helpers.pipeline_reference import assert_same_tensors, reference_prepare
 
 SHARDS = [{}, {"tp_rank": 1, "tp_size": 2}, {"ep_rank": 2, "ep_size": 3, "expert_placement": "round_robin"},
           {"ep_rank": 0, "ep_size": 2, "tp_rank": 0, "tp_size": 2}]
@@ -43,6 +44,12 @@ def test_expert_groups_give_the_bytes_of_prepare(backend, shard):
     want = prepare(layer, backend, **shard).tensors
     for cuts in ([], [1], [1, 2, 3, 4, 5], [2, 5]):
         assert_same_tensors(in_groups(layer, backend, cuts, **shard), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expert_groups_give_the_bytes_of_the_spec_formulas(backend):
+    layer = random_layer(6, 256, 256, gated=True, seed=11)
+    assert_same_tensors(in_groups(layer, backend, [2, 3]), reference_prepare(layer, backend, "swiglu"))
 
 
 def test_rank_shard_inputs_in_groups_match_the_whole_layer():
