@@ -6,7 +6,8 @@ The layer is ``LAYER`` (random, seeded), so the test builds the same one to comp
 
 - ``take``: ``PrepClient.prepare_layer(..., delivery="cuda_ipc", device=DEVICE)``; saves the tensors (on the CPU) to
   OUT with ``torch.save`` and prints ``taken``. ``take-bulk``: the same from a client that also offers the bulk
-  transport (``bulk_streams=2``), which the upload then takes.
+  transport (``bulk_streams=2``), which the upload then takes. ``take-out``: the same into tensors this process
+  allocated on DEVICE (``out=``: one copy per tensor, where ``device=`` lands the packed layer in one).
 - ``hold``: a raw call that opens every handle, prints ``opened`` and waits to be killed (a client that dies with
   the server's memory mapped, before it took the layer).
 - ``wait``: a raw call that opens nothing and never takes the layer; prints ``handed``, then the call's end as a
@@ -39,11 +40,17 @@ def layer() -> dict[str, torch.Tensor]:
     return random_layer(**LAYER)
 
 
-def take(address: str, device: str, out: str, bulk_streams: int = 0) -> None:
+def take(address: str, device: str, out: str, bulk_streams: int = 0, into: bool = False) -> None:
     with PrepClient(address, timeout=120, bulk_streams=bulk_streams) as client:
-        got = client.prepare_layer(layer(), BACKEND, delivery="cuda_ipc", device=device)
-    assert all(tensor.device == torch.device(device) for tensor in got.tensors.values())
-    torch.save({name: tensor.cpu() for name, tensor in got.tensors.items()}, out)
+        if into:  # the shapes and dtypes of the answer, from a streamed one
+            shapes = client.prepare_layer(layer(), BACKEND).tensors
+            mine = {name: torch.full_like(tensor, 7, device=device) for name, tensor in shapes.items()}
+            client.prepare_layer(layer(), BACKEND, delivery="cuda_ipc", out=mine)
+            got = mine
+        else:
+            got = client.prepare_layer(layer(), BACKEND, delivery="cuda_ipc", device=device).tensors
+    assert all(tensor.device == torch.device(device) for tensor in got.values())
+    torch.save({name: tensor.cpu() for name, tensor in got.items()}, out)
     print("taken", flush=True)
 
 
@@ -78,7 +85,7 @@ def raw(address: str, mode: str, device: str) -> None:
 
 if __name__ == "__main__":
     address, mode, device, out = sys.argv[1:5]
-    if mode in ("take", "take-bulk"):
-        take(address, device, out, bulk_streams=2 if mode == "take-bulk" else 0)
+    if mode in ("take", "take-bulk", "take-out"):
+        take(address, device, out, bulk_streams=2 if mode == "take-bulk" else 0, into=mode == "take-out")
     else:
         raw(address, mode, device)

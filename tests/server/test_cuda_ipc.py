@@ -31,10 +31,11 @@ from nvfp4_prep.client import PrepClient
 from nvfp4_prep.client.ipc import HeldRequests
 from nvfp4_prep.client.sdk import header_options
 from nvfp4_prep.contract.node import node_id
+from nvfp4_prep.contract.tensor_bytes import packed_offsets
 from nvfp4_prep.server.budget import MemoryBudget
 from nvfp4_prep.server.config import ServeConfig
 from nvfp4_prep.server.estimate import reservation_bytes
-from nvfp4_prep.server.ipc import pack, packed_offsets, packed_size, packing_room
+from nvfp4_prep.server.ipc import pack, packed_size, packing_room
 from nvfp4_prep.server.server import PrepServer
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.v1 import prep_pb2_grpc
@@ -182,12 +183,13 @@ def _served(caplog) -> list[logging.LogRecord]:
 @pytest.mark.gpu
 @cuda_only
 @pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
-def test_same_node_client_gets_bit_exact_tensors_by_cuda_ipc(gpu_server, tmp_path, caplog, device):
+@pytest.mark.parametrize("mode", ["take", "take-out"])  # device= (the packed layer in one copy), out= (per tensor)
+def test_same_node_client_gets_bit_exact_tensors_by_cuda_ipc(gpu_server, tmp_path, caplog, device, mode):
     if torch.device(device).index >= torch.cuda.device_count():
         pytest.skip("needs a second GPU (a peer copy from the server's)")
     caplog.set_level(logging.INFO, logger="nvfp4_prep.server")
     out = tmp_path / "layer.pt"
-    client = _client(gpu_server, "take", device, out)
+    client = _client(gpu_server, mode, device, out)
     stdout, _ = client.communicate(timeout=120)
     assert client.returncode == 0 and "taken" in stdout
     same_tensors(torch.load(out), gpu_server.streamed)

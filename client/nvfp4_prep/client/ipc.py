@@ -3,7 +3,8 @@
 A client beside the server (a sidecar on the engine's host) asks with ``delivery="cuda_ipc"``; when the server can,
 it answers with ``PrepareResponse.ipc`` instead of chunks. The client maps each storage once (torch's
 ``UntypedStorage._new_shared_cuda``; this server packs the whole layer into one), copies each tensor whole into the
-landing (``device=`` or ``out=``; a peer copy when the server's GPU is another one), waits for the copies, closes
+landing (``device=`` or ``out=``; a peer copy when the server's GPU is another one; into a ``device=`` landing,
+which is packed the same way, the whole layer in one copy), waits for the copies, closes
 the mappings and only then sends ``PrepareRequest.taken``; the call's OK status after that confirms the server held
 the memory throughout. Otherwise the answer streams as usual: asking is always safe.
 
@@ -98,35 +99,74 @@ def land(message: pb.IpcLayer, specs: Sequence[TensorSpec], sink: Landing, landi
     if len(message.tensors) != len(specs):
         raise PrepProtocolError(f"{field}: holds {len(message.tensors)} tensors, the header announces {len(specs)}",
                                 field=field)
+    starts = [_checked_start(f"{field}[{index}] ({spec.name})", field, spec, shared)
+              for index, (spec, shared) in enumerate(zip(specs, message.tensors, strict=True))]
     torch.cuda.init()  # _new_shared_cuda needs CUDA set up, which out= CPU tensors alone never did
     device = _local_device(message.device_uuid, landing_device)
     storages: dict[tuple[bytes, int], torch.UntypedStorage] = {}
+    try:
+        _copy(message, specs, starts, sink, device, storages)
+    finally:
+        storages.clear()  # closes the mappings (torch counts them down for the server)
+    log.debug("cuda_ipc: lease %s: %d bytes landed in %.6f s", message.lease_id,
+              sum(spec.byte_length for spec in specs), time.perf_counter() - started)
+
+
+def _copy(message: pb.IpcLayer, specs: Sequence[TensorSpec], starts: Sequence[int], sink: Landing, device: int,
+          storages: dict[tuple[bytes, int], torch.UntypedStorage]) -> None:
+    """Maps each storage of ``message`` once (into ``storages``) and copies every tensor out of them."""
     with torch.cuda.device(device):
-        for index, (spec, shared) in enumerate(zip(specs, message.tensors, strict=True)):
-            if spec.byte_length == 0:
-                continue
-            where = f"{field}[{index}] ({spec.name})"
-            if tuple(shared.stride) != row_major_strides(spec.shape):
-                raise PrepProtocolError(f"{where}.stride: is {list(shared.stride)}, expected the row-major "
-                                        f"{list(row_major_strides(spec.shape))}", field=f"{field}.stride")
-            start = shared.tensor_offset * spec.dtype.itemsize
-            if not shared.storage_handle or start + spec.byte_length > shared.storage_size_bytes:
-                raise PrepProtocolError(f"{where}: bytes {start} to {start + spec.byte_length} lie outside its "
-                                        f"storage of {shared.storage_size_bytes} bytes", field=f"{field}.storage")
+        for spec, shared in zip(specs, message.tensors, strict=True):
             key = (shared.storage_handle, shared.storage_offset_bytes)
-            if key not in storages:  # once: closing each mapping counts the server's storage down once
+            if spec.byte_length and key not in storages:  # once: each mapping counts the server's storage up once
                 storages[key] = torch.UntypedStorage._new_shared_cuda(
                     device, shared.storage_handle, shared.storage_size_bytes, shared.storage_offset_bytes,
                     shared.ref_counter_handle, shared.ref_counter_offset, shared.event_handle,
                     shared.event_sync_required)
-            source = torch.empty(0, dtype=torch.uint8, device=device).set_(
-                storages[key], start, (spec.byte_length,), (1,))
-            sink.copy_in(index, source)
-            del source
+        base = _packed_base(specs, message.tensors, starts, sink)
+        if base is not None:  # one storage, laid out as the landing is: one copy
+            (storage,) = storages.values()
+            sink.copy_packed(_flat(storage, device, base, sink.packed.numel()))
+        else:
+            for index, (spec, shared) in enumerate(zip(specs, message.tensors, strict=True)):
+                if spec.byte_length:
+                    storage = storages[(shared.storage_handle, shared.storage_offset_bytes)]
+                    sink.copy_in(index, _flat(storage, device, starts[index], spec.byte_length))
         sink.tensors()  # every copy landed: the server's memory may go
-    storages.clear()  # closes the mappings (torch counts them down for the server)
-    log.debug("cuda_ipc: lease %s: %d bytes landed in %.6f s", message.lease_id,
-              sum(spec.byte_length for spec in specs), time.perf_counter() - started)
+
+
+def _checked_start(where: str, field: str, spec: TensorSpec, shared: pb.CudaIpcTensor) -> int:
+    """Where tensor ``spec``'s bytes start in its storage, once its strides and extent check out."""
+    if not spec.byte_length:
+        return 0
+    if tuple(shared.stride) != row_major_strides(spec.shape):
+        raise PrepProtocolError(f"{where}.stride: is {list(shared.stride)}, expected the row-major "
+                                f"{list(row_major_strides(spec.shape))}", field=f"{field}.stride")
+    start = shared.tensor_offset * spec.dtype.itemsize
+    if not shared.storage_handle or start + spec.byte_length > shared.storage_size_bytes:
+        raise PrepProtocolError(f"{where}: bytes {start} to {start + spec.byte_length} lie outside its "
+                                f"storage of {shared.storage_size_bytes} bytes", field=f"{field}.storage")
+    return start
+
+
+def _packed_base(specs: Sequence[TensorSpec], tensors: Sequence[pb.CudaIpcTensor], starts: Sequence[int],
+                 sink: Landing) -> int | None:
+    """Where ``sink``'s packed buffer starts in the one storage that holds every tensor at the landing's own
+    offsets (what this server sends to a ``DeviceLanding``); None when the layout differs or there is no such
+    buffer (the caller's own tensors)."""
+    offsets = getattr(sink, "offsets", None)
+    keys = {(shared.storage_handle, shared.storage_offset_bytes) for spec, shared in zip(specs, tensors, strict=True)
+            if spec.byte_length}
+    if offsets is None or len(keys) != 1:
+        return None
+    bases = {start - offset for spec, start, offset in zip(specs, starts, offsets, strict=True) if spec.byte_length}
+    base = bases.pop() if len(bases) == 1 else -1
+    size = next(shared.storage_size_bytes for shared in tensors if shared.storage_handle)
+    return base if 0 <= base and base + sink.packed.numel() <= size else None
+
+
+def _flat(storage: torch.UntypedStorage, device: int, start: int, length: int) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8, device=device).set_(storage, start, (length,), (1,))
 
 
 def _local_device(uuid: str, landing_device: torch.device | None) -> int:

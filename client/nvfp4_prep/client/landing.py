@@ -2,9 +2,9 @@
 
 The receiver checks every chunk (order, CRC32C) and then hands its bytes to one of these sinks. A loader
 that wants a layer on the GPU should not wait for the whole layer in host memory and copy it again, so
-``DeviceLanding`` allocates each tensor on the device up front and moves chunks through a small ring of
-pinned host buffers with asynchronous copies on a stream of its own, overlapped with receiving the next
-chunks: peak host memory is the ring, not the layer. ``CallerLanding`` writes into tensors the caller
+``DeviceLanding`` allocates the tensors on the device up front (one buffer) and moves chunks through a small
+ring of pinned host buffers with asynchronous copies on a stream of its own, overlapped with receiving the
+next chunks: peak host memory is the ring, not the layer. ``CallerLanding`` writes into tensors the caller
 allocated (an engine's parameters, whose addresses CUDA graphs captured), after checking at the answer's
 header, before any byte is written, that every announced tensor has a destination of the same name,
 shape and dtype.
@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy
 import torch
 
-from nvfp4_prep.contract.tensor_bytes import row_major_strides
+from nvfp4_prep.contract.tensor_bytes import packed_offsets, row_major_strides
 from nvfp4_prep.wire import ChunkSink, HostTensors, TensorSpec
 
 from .errors import PrepInvalidArgument, PrepOutputMismatch
@@ -104,7 +104,7 @@ class StagingRing:
         with torch.cuda.stream(self.stream):
             self._target[self._start:self._start + self._filled].copy_(self.buffers[self._slot][:self._filled],
                                                                        non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=True)  # its wait sleeps instead of spinning a core
             event.record(self.stream)
         self._events[self._slot] = event
         self._slot = (self._slot + 1) % self.count
@@ -170,16 +170,26 @@ class _BufferLanding:
 
 
 class DeviceLanding(_BufferLanding):
-    """Tensors allocated on a CUDA device up front, filled through pinned staging."""
+    """The answer's tensors as views of one device buffer (at ``packed_offsets``, in announced order), allocated
+    up front and filled through pinned staging; a layer handed over by CUDA IPC packed the same way lands in
+    one copy (``copy_packed``)."""
 
     def __init__(self, specs: Sequence[TensorSpec], device: torch.device, staging_bytes: int) -> None:
-        buffers = [torch.empty(spec.byte_length, dtype=torch.uint8, device=device) for spec in specs]
+        self.offsets, size = packed_offsets([spec.byte_length for spec in specs])
+        self.packed = torch.empty(size, dtype=torch.uint8, device=device)
+        buffers = [self.packed[start:start + spec.byte_length] for spec, start in zip(specs, self.offsets,
+                                                                                     strict=True)]
         tensors = {spec.name: buf.view(spec.dtype).reshape(spec.shape) for spec, buf in zip(specs, buffers,
                                                                                             strict=True)}
         super().__init__(buffers, tensors, staging_bytes)
         ring = self.rings[device] = StagingRing(device, staging_bytes)
-        for buf in buffers:  # freed early (an abandoned answer), a buffer waits for the ring's copies
-            buf.record_stream(ring.stream)
+        self.packed.record_stream(ring.stream)  # freed early (an abandoned answer), it waits for the ring's copies
+
+    def copy_packed(self, source: torch.Tensor) -> None:
+        """Writes every tensor from ``source``, a flat uint8 CUDA tensor laid out as ``packed`` is, in one copy
+        (as ``copy_in``)."""
+        self.packed.copy_(source, non_blocking=True)
+        self._copying.update((self.packed.device, source.device))
 
 
 class CallerLanding(_BufferLanding):

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+# Where each tensor of a packed layer starts (a server's CUDA IPC export, a client's device landing): a multiple
+# of what cudaMalloc aligns an allocation to, so that every view is as aligned as a tensor of its own would be.
+PACKED_ALIGNMENT = 256
 
 
 def row_major_strides(shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
@@ -12,6 +18,18 @@ def row_major_strides(shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
         strides.append(step)
         step *= max(size, 1)
     return tuple(reversed(strides))
+
+
+def packed_offsets(sizes: Sequence[int], alignment: int = PACKED_ALIGNMENT) -> tuple[list[int], int]:
+    """The byte offset of each of ``sizes`` in one buffer, in order, each a multiple of ``alignment``; and the
+    buffer's size (the last one's end). A layer packed the same way on both sides of a CUDA IPC hand-over
+    moves in one copy."""
+    offsets, end = [], 0
+    for size in sizes:
+        start = -(-end // alignment) * alignment
+        offsets.append(start)
+        end = start + size
+    return offsets, end
 
 
 def dense(tensor: torch.Tensor) -> torch.Tensor:

@@ -21,12 +21,13 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 
 import grpc
 import torch
 
 from nvfp4_prep.contract.node import node_id
+from nvfp4_prep.contract.tensor_bytes import packed_offsets
 from nvfp4_prep.pipeline import PreparedLayer
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import header_for, layout_to_proto, scalars_to_proto
@@ -41,9 +42,6 @@ log = logging.getLogger(__name__)
 LEASE_FIELD = "ipc_lease_timeout"
 # This server's node, once: a client whose header names another gets chunks.
 NODE_ID = node_id()
-# Where each tensor starts in the packed buffer: a multiple of what cudaMalloc aligns an allocation to, so that
-# every view is as aligned as a tensor of its own would be.
-ALIGNMENT = 256
 
 
 def stream_reason(params: Params, worker: DeviceWorker, lease_seconds: float, resuming: bool) -> str:
@@ -59,17 +57,6 @@ def stream_reason(params: Params, worker: DeviceWorker, lease_seconds: float, re
     if resuming:
         return "the call resumes a streamed answer (header.resume_from)"
     return ""
-
-
-def packed_offsets(sizes: Sequence[int], alignment: int = ALIGNMENT) -> tuple[list[int], int]:
-    """The byte offset of each of ``sizes`` in one buffer, in order, each a multiple of ``alignment``; and the
-    buffer's size (the last one's end)."""
-    offsets, end = [], 0
-    for size in sizes:
-        start = -(-end // alignment) * alignment
-        offsets.append(start)
-        end = start + size
-    return offsets, end
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

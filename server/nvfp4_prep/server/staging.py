@@ -22,10 +22,16 @@ RING_SLOTS = 8
 
 
 def recorded(stream: torch.cuda.Stream) -> torch.cuda.Event:
-    """An event that completes once the work queued on ``stream`` so far is done."""
-    event = torch.cuda.Event()
+    """An event that completes once the work queued on ``stream`` so far is done. A blocking one: a thread waiting
+    for it sleeps, where by default CUDA spins a core, and a server waits on many at once (every call's ring)."""
+    event = torch.cuda.Event(blocking=True)
     event.record(stream)
     return event
+
+
+def drained(stream: torch.cuda.Stream) -> None:
+    """Waits, asleep, for the work queued on ``stream`` so far (``Stream.synchronize`` spins)."""
+    recorded(stream).synchronize()
 
 
 class PinnedRing:
@@ -88,12 +94,12 @@ class DeviceTensors:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The assembled tensors, once every copy to the device finished."""
-        self._stream.synchronize()
+        drained(self._stream)
         return self.views()
 
     def close(self) -> None:
         """Waits for copies still reading the ring (e.g. after an error) and drops the buffers."""
-        self._stream.synchronize()
+        drained(self._stream)
         self._buffers = []
 
 
@@ -141,7 +147,7 @@ class HostToDevice:
         with torch.cuda.stream(self._stream):
             for target, tensor in left.values():
                 target.copy_(tensor, non_blocking=True)
-        self._stream.synchronize()
+        drained(self._stream)
         moved, self._moved = self._moved, {}  # the caller's alone: whatever still holds this object holds no layer
         return {name: moved[name] for name in host}
 
@@ -186,4 +192,4 @@ def device_chunks(tensors: Sequence[torch.Tensor], chunk_size: int, ring: Pinned
             yield index, offset, ring.arrays[slot][:length]
             launch()
     finally:
-        stream.synchronize()
+        drained(stream)

@@ -19,7 +19,7 @@ from nvfp4_prep.wire import ChunkSink, HostTensors, TensorSpec, iter_pieces
 from .budget import MemoryBudget
 from .config import ConfigError
 from .errors import DeadlinePassed
-from .staging import DeviceTensors, HostToDevice, PinnedRing, device_chunks
+from .staging import DeviceTensors, HostToDevice, PinnedRing, device_chunks, drained
 
 # Share of a GPU's (or the host's, for cpu) memory that an "auto" budget takes.
 AUTO_GPU_SHARE = 0.85
@@ -135,7 +135,7 @@ class DeviceWorker:
             stacked = pipeline.assemble_layer(tensors, activation) if per_expert else tensors
             prepared = pipeline.prepare(stacked, backend, activation, policy, **options)
         if self.is_cuda:  # so the compute time logged is the kernels', not their launch's
-            torch.cuda.current_stream(self.device).synchronize()
+            drained(torch.cuda.current_stream(self.device))
         for tensor in prepared.tensors.values():
             self.live.track(tensor)
         return prepared
