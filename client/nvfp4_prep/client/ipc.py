@@ -28,7 +28,7 @@ from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import TensorSpec
 
 from .errors import PrepInvalidArgument, PrepProtocolError
-from .landing import Landing, Placement
+from .landing import DeviceLanding, Landing, Placement
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _copy(message: pb.IpcLayer, specs: Sequence[TensorSpec], starts: Sequence[in
                     device, shared.storage_handle, shared.storage_size_bytes, shared.storage_offset_bytes,
                     shared.ref_counter_handle, shared.ref_counter_offset, shared.event_handle,
                     shared.event_sync_required)
-        base = _packed_base(specs, message.tensors, starts, sink)
+        base = _packed_base(specs, starts, storages, sink)
         if base is not None:  # one storage, laid out as the landing is: one copy
             (storage,) = storages.values()
             sink.copy_packed(_flat(storage, device, base, sink.packed.numel()))
@@ -149,20 +149,17 @@ def _checked_start(where: str, field: str, spec: TensorSpec, shared: pb.CudaIpcT
     return start
 
 
-def _packed_base(specs: Sequence[TensorSpec], tensors: Sequence[pb.CudaIpcTensor], starts: Sequence[int],
-                 sink: Landing) -> int | None:
-    """Where ``sink``'s packed buffer starts in the one storage that holds every tensor at the landing's own
-    offsets (what this server sends to a ``DeviceLanding``); None when the layout differs or there is no such
-    buffer (the caller's own tensors)."""
-    offsets = getattr(sink, "offsets", None)
-    keys = {(shared.storage_handle, shared.storage_offset_bytes) for spec, shared in zip(specs, tensors, strict=True)
-            if spec.byte_length}
-    if offsets is None or len(keys) != 1:
+def _packed_base(specs: Sequence[TensorSpec], starts: Sequence[int],
+                 storages: dict[tuple[bytes, int], torch.UntypedStorage], sink: Landing) -> int | None:
+    """Where ``sink``'s packed buffer starts in the one storage mapped, when it holds every tensor at the landing's
+    own offsets (what this server sends to a ``DeviceLanding``); None otherwise (e.g. the caller's own tensors)."""
+    if not isinstance(sink, DeviceLanding) or len(storages) != 1:
         return None
-    bases = {start - offset for spec, start, offset in zip(specs, starts, offsets, strict=True) if spec.byte_length}
+    bases = {start - offset for spec, start, offset in zip(specs, starts, sink.offsets, strict=True)
+             if spec.byte_length}
+    (storage,) = storages.values()
     base = bases.pop() if len(bases) == 1 else -1
-    size = next(shared.storage_size_bytes for shared in tensors if shared.storage_handle)
-    return base if 0 <= base and base + sink.packed.numel() <= size else None
+    return base if 0 <= base and base + sink.packed.numel() <= storage.nbytes() else None
 
 
 def _flat(storage: torch.UntypedStorage, device: int, start: int, length: int) -> torch.Tensor:
