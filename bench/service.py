@@ -21,12 +21,13 @@ given size:
   through the bulk client, the answer over the bulk transport (skipped, saying
   why, when the server's log shows an answer that went inline), and through the
   inline client;
-- cuda_ipc: the same reference with ``delivery="cuda_ipc"`` into this process's memory on the server's GPU
-  (client and server share the node): the prepared bytes over the delivery time, against ``clone()`` of as many
-  bytes on that device (skipped, saying why, without a GPU). Delivery is the SDK's own figure (its DEBUG line
-  from ``nvfp4_prep.client.ipc``): from the handles' arrival to every byte copied into this process's memory
-  and the mappings closed. The server's hand-over (from sending the handles to the client's ``taken``, so two
-  gRPC messages more) and the whole call are printed beside it.
+- cuda_ipc: the same reference with ``delivery="cuda_ipc"`` into tensors this process allocated once on the
+  server's GPU (``out=``, as an engine's parameters in a weight sync; client and server share the node): the
+  prepared bytes over the delivery time, against ``clone()`` of as many bytes on that device (skipped, saying
+  why, without a GPU). The server writes the layer into those tensors, whose places went with the request.
+  Delivery is the SDK's own figure (its DEBUG line from ``nvfp4_prep.client.ipc``): from the answer's header to
+  the server's word that every byte is written. The server's hand-over (from sending the header to the end of
+  its copies) and the whole call are printed beside it.
 
 The JSON's rows ``stream xN`` and ``reference x1`` are the bulk transport's (the fast path, which a client
 asks for with ``bulk_streams``); the inline gRPC rows are ``stream xN (inline)`` and ``reference x1 (inline)``.
@@ -422,18 +423,9 @@ class _Deliveries(logging.Handler):
             self.seconds.append(record.args[-1])
 
 
-def run_cuda_ipc(client: PrepClient, location: str, backend: str, activation: str, device: str, down: int,
-                 server: Server, repeat: int) -> ReportRow | None:
-    """The ``cuda_ipc x1`` row: the referenced layer handed over as CUDA IPC handles and copied into this
-    process's memory on ``device`` (the server's GPU), against ``clone()`` of as many bytes there. Its rate is the
-    prepared bytes over the delivery (the SDK's: this client opening, copying and closing them); the server's
-    hand-over (that and the two messages around it) and the whole call, reading and compute included, are
-    printed beside it, and so are the server's peaks during the calls. None, with the reason printed, without a
-    GPU or when the server streamed instead."""
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        print(f"cuda_ipc x1: skipped (the server runs on {device}; CUDA IPC needs it on a GPU of this node)")
-        return None
-    flat = torch.empty(down, dtype=torch.uint8, device=device)
+def clone_rate(device: str, nbytes: int, repeat: int) -> float:
+    """Bytes per second of ``clone()`` of ``nbytes`` on ``device``, the best of ``repeat`` after a warm-up."""
+    flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
     clones = []
     for _ in range(repeat + 1):  # the first warms up
         torch.cuda.synchronize(device)
@@ -442,8 +434,18 @@ def run_cuda_ipc(client: PrepClient, location: str, backend: str, activation: st
         torch.cuda.synchronize(device)
         clones.append(time.perf_counter() - started)
         del copy
-    del flat
-    clone_rate = down / min(clones[1:])
+    return nbytes / min(clones[1:])
+
+
+def run_cuda_ipc(client: PrepClient, location: str, backend: str, activation: str, mine: dict[str, torch.Tensor],
+                 clone: float, server: Server, repeat: int) -> ReportRow | None:
+    """The ``cuda_ipc x1`` row: the referenced layer written by CUDA IPC into ``mine``, tensors of this process on
+    the server's GPU (the same ones each call, allocated before the other rows, as the ``clone`` rate there was
+    measured: while they run the server's allocator grows), against that ``clone()`` rate. Its rate is the
+    prepared bytes over the delivery (the SDK's: from the header to the server's ``written``); the server's
+    hand-over and the whole call, reading and compute included, are printed beside it, and so are the server's
+    peaks during the calls. None, with the reason printed, when the server streamed instead."""
+    down = sum(tensor.numel() * tensor.element_size() for tensor in mine.values())
     server.handover_s.clear()
     walls = []
     deliveries = _Deliveries()
@@ -452,12 +454,10 @@ def run_cuda_ipc(client: PrepClient, location: str, backend: str, activation: st
     sdk_log.setLevel(logging.DEBUG)
     try:
         with server_peaks(server) as peaks:
-            for _ in range(repeat + 1):  # the first maps this process's CUDA context into the server's
+            for _ in range(repeat + 1):  # the first has the server map this process's tensors
                 started = time.perf_counter()
-                result = client.prepare_reference(location, PREFIX, backend, activation, delivery="cuda_ipc",
-                                                  device=device)
+                client.prepare_reference(location, PREFIX, backend, activation, delivery="cuda_ipc", out=mine)
                 walls.append(time.perf_counter() - started)
-                del result
     finally:
         sdk_log.removeHandler(deliveries)
     if not server.wait_for(lambda: len(server.handover_s) > repeat) or len(deliveries.seconds) <= repeat:
@@ -466,10 +466,10 @@ def run_cuda_ipc(client: PrepClient, location: str, backend: str, activation: st
     delivery = min(deliveries.seconds[1:])
     rate = down / delivery
     print(f"cuda_ipc x1: {down / 1e9:.2f} GB delivered in {delivery * 1e3:.2f} ms, {rate / 1e9:.1f} GB/s, "
-          f"{rate / clone_rate:.2f} of clone() ({clone_rate / 1e9:.1f} GB/s); the server's hand-over "
+          f"{rate / clone:.2f} of clone() ({clone / 1e9:.1f} GB/s); the server's hand-over "
           f"{min(server.handover_s[1:]) * 1e3:.2f} ms; whole call {min(walls[1:]):.2f}s; {peaks_text(peaks)}",
           flush=True)
-    return ReportRow("cuda_ipc x1", rate / 1e9, rate / clone_rate, "clone() on the device", peaks.rss or 0,
+    return ReportRow("cuda_ipc x1", rate / 1e9, rate / clone, "clone() on the device", peaks.rss or 0,
                      peaks.device or 0)
 
 
@@ -520,6 +520,13 @@ def main(argv: list[str] | None = None) -> int:
             client.prepare_layer(warmup, args.backend, args.activation)
             first = client.prepare_layer(layer, args.backend, args.activation)
             down = nbytes(first.tensors)
+            ipc = args.device.startswith("cuda") and torch.cuda.is_available()
+            if ipc:  # before the other rows grow the server's allocator: the GPU's memory is shared
+                clone = clone_rate(args.device, down, args.repeat)
+                mine = {name: torch.empty_like(tensor, device=args.device) for name, tensor in first.tensors.items()}
+            else:
+                print(f"cuda_ipc x1: skipped (the server runs on {args.device}; CUDA IPC needs it on a GPU of this "
+                      "node)")
             del first
             print(f"bytes up {up / 1e9:.2f} GB, down {down / 1e9:.2f} GB per layer", flush=True)
             sinks = [memoryview(torch.zeros(down, dtype=torch.uint8).numpy()) for _ in range(max(streams))]
@@ -562,8 +569,8 @@ def main(argv: list[str] | None = None) -> int:
                 references[name] = seconds, peaks
                 print(f"{name}: {seconds:.2f}s", flush=True)
             print(f"raw TCP x1 down: {tcp_down:.2f}s", flush=True)
-            ipc_row = run_cuda_ipc(client, str(location), args.backend, args.activation, args.device, down, server,
-                                   args.repeat)
+            ipc_row = run_cuda_ipc(client, str(location), args.backend, args.activation, mine, clone, server,
+                                   args.repeat) if ipc else None
     finally:
         server.process.terminate()
         server.process.wait(timeout=60)

@@ -1,7 +1,10 @@
-"""Same-node delivery over CUDA IPC: a client process maps the server's GPU memory, copies the layer and takes it.
+"""Same-node delivery over CUDA IPC: the server writes the layer into a client process's tensors on its own GPU, or
+the client maps the server's GPU memory, copies the layer and takes it.
 
 The server runs in this process on cuda:0, each client in a subprocess (``tests.helpers.ipc_client``: a process
-cannot open its own CUDA IPC handles). The layer goes as one exported storage, its tensors packed at aligned
+cannot open its own CUDA IPC handles). Written, the layer goes into the client's tensors, whose allocations the
+server keeps mapped for the next call and closes when idle; a destination outside the client's allocation is
+refused before anything is written. Handed out, it goes as one exported storage, its tensors packed at aligned
 offsets. Every way a lease ends must give the memory back: the budget's bytes, the tensors the worker tracks, and
 the device memory itself (torch keeps memory a client still maps in its "limbo"). The packing runs on the CPU too
 and is tested there; the rest is skipped without CUDA, the cross-GPU case needs two devices. The file needs no
@@ -29,6 +32,8 @@ import torch
 from nvfp4_prep import pipeline
 from nvfp4_prep.client import PrepClient
 from nvfp4_prep.client.ipc import HeldRequests
+from nvfp4_prep.client.landing import Placement
+from nvfp4_prep.client.receiver import Answer
 from nvfp4_prep.client.sdk import header_options
 from nvfp4_prep.contract.node import node_id
 from nvfp4_prep.contract.tensor_bytes import packed_offsets
@@ -180,11 +185,21 @@ def _served(caplog) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "nvfp4_prep.server.service" and hasattr(r, "outcome")]
 
 
+WRITTEN = "cuda_ipc (written into the client's memory)"  # the delivery the server logs; handed out: "cuda_ipc"
+
+
+def _mapped(caplog) -> int:
+    """Client allocations the server mapped so far."""
+    return sum(r.name == "nvfp4_prep.server.client_memory" and r.getMessage().startswith("cuda_ipc: mapped")
+               for r in caplog.records)
+
+
 @pytest.mark.gpu
 @cuda_only
 @pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
 @pytest.mark.parametrize("mode", ["take", "take-out"])  # device= (the packed layer in one copy), out= (per tensor)
 def test_same_node_client_gets_bit_exact_tensors_by_cuda_ipc(gpu_server, tmp_path, caplog, device, mode):
+    """On the server's GPU the layer is written into the client's tensors; on another it is handed out."""
     if torch.device(device).index >= torch.cuda.device_count():
         pytest.skip("needs a second GPU (a peer copy from the server's)")
     caplog.set_level(logging.INFO, logger="nvfp4_prep.server")
@@ -194,16 +209,72 @@ def test_same_node_client_gets_bit_exact_tensors_by_cuda_ipc(gpu_server, tmp_pat
     assert client.returncode == 0 and "taken" in stdout
     same_tensors(torch.load(out), gpu_server.streamed)
     record = _served(caplog)[-1]
-    assert record.outcome == "OK" and record.delivery == "cuda_ipc"
+    assert record.outcome == "OK" and record.delivery == (WRITTEN if device == "cuda:0" else "cuda_ipc")
+    if device == "cuda:0":  # the caller's own tensors are known before the call: their places go with the header
+        assert record.ipc_destinations == ("up front" if mode == "take-out" else "asked for")
     assert not getattr(record, "bytes_sent", 0)  # no tensor byte went over the socket
-    assert settled(lambda: _freed(gpu_server)), "the layer's memory did not come back after taken"
+    assert settled(lambda: _freed(gpu_server)), "the layer's memory did not come back after its delivery"
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_landing_in_the_same_tensors_again_maps_nothing_new(gpu_server, tmp_path, caplog):
+    """An engine's weight sync: the second call into the same ``out=`` tensors reuses the server's mappings."""
+    caplog.set_level(logging.INFO, logger="nvfp4_prep.server")
+    caplog.set_level(logging.DEBUG, logger="nvfp4_prep.server.client_memory")  # last: the capture's level too
+    out = tmp_path / "layer.pt"
+    client = subprocess.Popen([sys.executable, "-m", "tests.helpers.ipc_client", gpu_server.address, "again",
+                               "cuda:0", str(out)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ))
+    try:
+        assert client.stdout.readline().strip() == "first"
+        mapped = _mapped(caplog)
+        assert 1 <= mapped == len(gpu_server.service.client_memory)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "taken"
+    finally:
+        client.communicate(timeout=120)
+    assert client.returncode == 0
+    same_tensors(torch.load(out), gpu_server.streamed)  # the second answer overwrote the 7s everywhere
+    assert [(r.delivery, r.ipc_destinations) for r in _served(caplog)[-2:]] == [(WRITTEN, "up front")] * 2
+    assert _mapped(caplog) == mapped, "the second call into the same tensors mapped them again"
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("gpu_server", [2.0], indirect=True)
+def test_idle_client_mappings_are_closed(gpu_server, tmp_path):
+    client = _client(gpu_server, "take", "cuda:0", tmp_path / "layer.pt")
+    assert client.communicate(timeout=120)[0].strip() == "taken"
+    memory = gpu_server.service.client_memory
+    assert len(memory) >= 1
+    assert settled(lambda: len(memory) == 0), "a client allocation stayed mapped past --ipc-lease-timeout"
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_a_destination_past_the_client_allocation_is_refused_and_nothing_breaks(gpu_server, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="nvfp4_prep.server")
+    client = _client(gpu_server, "overrun", "cuda:0", tmp_path / "unused")
+    stdout, _ = client.communicate(timeout=120)
+    end = json.loads(stdout.splitlines()[-1])
+    assert end["code"] == "INVALID_ARGUMENT" and end["field"] == "request.destinations.tensors[0]"
+    assert "inside the client's allocation" in end["details"]
+    assert settled(lambda: _freed(gpu_server)), "a refused write's layer was not freed"
+    # The server's CUDA context is unharmed: the next client gets its layer written, bit-exact.
+    out = tmp_path / "layer.pt"
+    assert _client(gpu_server, "take", "cuda:0", out).communicate(timeout=120)[0].strip() == "taken"
+    same_tensors(torch.load(out), gpu_server.streamed)
+    assert _served(caplog)[-1].delivery == WRITTEN
 
 
 @pytest.mark.gpu
 @cuda_only
 def test_a_bulk_client_asking_for_cuda_ipc_uploads_inline_and_takes_the_handles(serve, tmp_path, caplog):
-    """A client with bulk connections that asks for CUDA IPC: its request stream stays open for ``taken``, so the
-    SDK offers no bulk transport for that call; the chunks go inline and the answer comes back by CUDA IPC."""
+    """A client with bulk connections that asks for CUDA IPC: its request stream stays open for its destinations,
+    so the SDK offers no bulk transport for that call; the chunks go inline and the answer comes back by CUDA
+    IPC."""
     server = serve(devices=("cuda:0",), memory_budget=4 << 30, bulk_address=("127.0.0.1", 0))
     caplog.set_level(logging.INFO, logger="nvfp4_prep.server")
     out = tmp_path / "layer.pt"
@@ -212,7 +283,7 @@ def test_a_bulk_client_asking_for_cuda_ipc_uploads_inline_and_takes_the_handles(
     assert client.returncode == 0 and "taken" in stdout
     same_tensors(torch.load(out), pipeline.prepare(ipc_client.layer(), ipc_client.BACKEND).tensors)
     record = _served(caplog)[-1]
-    assert record.outcome == "OK" and record.delivery == "cuda_ipc" and not hasattr(record, "bulk_streams")
+    assert record.outcome == "OK" and record.delivery == WRITTEN and not hasattr(record, "bulk_streams")
     assert not getattr(record, "bytes_sent", 0)
 
 
@@ -262,7 +333,8 @@ def test_the_layer_is_handed_over_as_one_storage_of_aligned_disjoint_tensors(gpu
 
 @pytest.mark.gpu
 @cuda_only
-def test_a_budget_without_room_for_the_packed_copy_streams_the_answer(serve, caplog):
+def test_a_budget_without_room_for_the_packed_copy_streams_a_handed_out_answer_but_writes_a_written_one(
+        serve, caplog, tmp_path):
     layer = ipc_client.layer()
     inputs = [header_for(name, tensor) for name, tensor in layer.items()]
     need = reservation_bytes(read_headers(inputs, "tensors"), False, ipc_client.BACKEND, "swiglu")
@@ -272,20 +344,36 @@ def test_a_budget_without_room_for_the_packed_copy_streams_the_answer(serve, cap
     assert sum(h.byte_length for h in inputs) < sum(t.numel() * t.element_size() for t in want.values())
     server = serve(devices=("cuda:0",), memory_budget=need, idle_timeout=120)
     caplog.set_level(logging.INFO, logger="nvfp4_prep.server")
-    with PrepClient(server.address) as client:
-        got = client.prepare_layer(layer, ipc_client.BACKEND, delivery="cuda_ipc", device="cuda:0")
+    header = pb.PrepareHeader(backend=ipc_client.BACKEND, activation="swiglu", input_scale_policy="max",
+                              **header_options(), delivery=pb.DELIVERY_CUDA_IPC, node_id=node_id(),
+                              tensors=pb.TensorSet(form=pb.TENSOR_FORM_STACKED, tensors=inputs))
+    held = HeldRequests(iter([pb.PrepareRequest(header=header),
+                              *(pb.PrepareRequest(chunk=c) for c in encode_tensors(layer, 1 << 20))]))
+    try:  # a raw call naming no GPU of its own: the server would hand its memory out
+        with grpc.insecure_channel(server.address) as channel:
+            got = Answer(header, None, Placement(device=torch.device("cuda:0"))).receive(
+                prep_pb2_grpc.PrepStub(channel).Prepare(held, timeout=120), held)
+    finally:
+        held.close()
     same_tensors(got.tensors, want)
     record = _served(caplog)[-1]
     assert record.outcome == "OK" and record.delivery.startswith("stream (")
     assert "no room now for the packed copy" in record.delivery
+    # Written into the client's memory, the answer needs no second copy of its own.
+    out = tmp_path / "layer.pt"
+    assert _client(server, "take", "cuda:0", out).communicate(timeout=120)[0].strip() == "taken"
+    same_tensors(torch.load(out), want)
+    assert _served(caplog)[-1].delivery == WRITTEN
 
 
 @pytest.mark.gpu
 @cuda_only
-def test_client_killed_with_the_handles_open_frees_the_layer(gpu_server, tmp_path):
-    client = _client(gpu_server, "hold", "cuda:0", tmp_path / "unused")
+@pytest.mark.parametrize(("mode", "said"), [("hold", "opened"), ("wait-write", "asked")])
+def test_client_killed_with_the_handles_open_or_before_its_destinations_frees_the_layer(gpu_server, tmp_path, mode,
+                                                                                       said):
+    client = _client(gpu_server, mode, "cuda:0", tmp_path / "unused")
     try:
-        assert client.stdout.readline().startswith("opened")
+        assert client.stdout.readline().startswith(said)
         assert gpu_server.workers[0].budget.in_use > 0  # held for the client meanwhile
     finally:
         client.kill()
@@ -296,16 +384,28 @@ def test_client_killed_with_the_handles_open_frees_the_layer(gpu_server, tmp_pat
 @pytest.mark.gpu
 @cuda_only
 @pytest.mark.parametrize("gpu_server", [2.0], indirect=True)
-def test_lease_timeout_frees_the_layer_and_fails_the_call(gpu_server, tmp_path):
-    client = _client(gpu_server, "wait", "cuda:0", tmp_path / "unused")
+@pytest.mark.parametrize(("mode", "said"), [("wait", "handed"), ("wait-write", "asked")])
+def test_lease_timeout_frees_the_layer_and_fails_the_call(gpu_server, tmp_path, mode, said):
+    client = _client(gpu_server, mode, "cuda:0", tmp_path / "unused")
     try:
-        assert client.stdout.readline().strip() == "handed"
+        assert client.stdout.readline().strip() == said
         end = json.loads(client.stdout.readline())  # the lease (or, unwired, its 30 s default) runs out first
     finally:
         client.kill()
         client.wait(30)
     assert end["code"] == "DEADLINE_EXCEEDED" and "--ipc-lease-timeout=" in end["details"]
     assert settled(lambda: _freed(gpu_server)), "an expired lease's layer was not freed"
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_a_client_in_the_server_process_gets_the_answer_streamed(serve, caplog):
+    server = serve(devices=("cuda:0",), memory_budget=4 << 30)
+    caplog.set_level(logging.INFO, logger="nvfp4_prep.server")
+    with PrepClient(server.address) as client:
+        got = client.prepare_layer(ipc_client.layer(), ipc_client.BACKEND, delivery="cuda_ipc", device="cuda:0")
+    same_tensors(got.tensors, pipeline.prepare(ipc_client.layer(), ipc_client.BACKEND).tensors)
+    assert "server's own process" in _served(caplog)[-1].delivery
 
 
 @pytest.mark.gpu

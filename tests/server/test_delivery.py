@@ -15,9 +15,14 @@ from nvfp4_prep.client import PrepClient, PrepInvalidArgument, PrepProtocolError
 from nvfp4_prep.client.ipc import HeldRequests
 from nvfp4_prep.client.receiver import Answer
 from nvfp4_prep.client.sdk import header_options
+from nvfp4_prep.contract.errors import PrepError
 from nvfp4_prep.contract.node import node_id
+from nvfp4_prep.server.client_memory import ClientMemory
+from nvfp4_prep.server.ipc import IpcWriteLease
+from nvfp4_prep.server.worker import DeviceWorker
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import encode_tensors, header_for
+from tests.helpers.layer_factory import random_layer
 
 BACKEND = "flashinfer_cutlass"
 
@@ -72,6 +77,12 @@ def test_ipc_lease_timeout_zero_turns_cuda_ipc_off(start_server, raw_stub, make_
     ({"delivery": pb.DELIVERY_CUDA_IPC}, "header.node_id", "is empty with DELIVERY_CUDA_IPC"),
     ({"node_id": "boot/host"}, "header.node_id", "is set without DELIVERY_CUDA_IPC"),
     ({"delivery": pb.DELIVERY_CUDA_IPC, "node_id": "x" * 513}, "header.node_id", "at most 512"),
+    ({"ipc_device_uuid": "GPU-1"}, "header.ipc_device_uuid", "is set without DELIVERY_CUDA_IPC"),
+    ({"process_id": "p"}, "header.process_id", "is set without DELIVERY_CUDA_IPC"),
+    ({"delivery": pb.DELIVERY_CUDA_IPC, "node_id": "b/h", "ipc_device_uuid": "x" * 65}, "header.ipc_device_uuid",
+     "at most 64"),
+    ({"delivery": pb.DELIVERY_CUDA_IPC, "node_id": "b/h", "process_id": "x" * 65}, "header.process_id",
+     "at most 64"),
 ])
 def test_bad_delivery_fields_are_refused_naming_them(prep_address, raw_stub, make_layer, fields, field, words):
     layer = make_layer()
@@ -113,6 +124,90 @@ def test_handles_the_client_did_not_ask_for_break_the_framing(make_layer):
     assert info.value.field == "response.ipc"
 
 
+@pytest.mark.parametrize(("responses", "field", "words"), [
+    ([pb.PrepareResponse(ipc_write=pb.IpcWrite(lease_id="l"))], "response.ipc_write", "lands on cpu"),
+    ([pb.PrepareResponse(written=pb.IpcWritten(lease_id="l"))], "response.written", "out of turn"),
+])
+def test_a_write_out_of_turn_breaks_the_framing(make_layer, responses, field, words):
+    """The server asks to write into this process's memory, but the answer lands in pageable host memory; or it
+    says it wrote what it never asked to."""
+    prepared = pipeline.prepare(make_layer(), BACKEND)
+    header = pb.PreparedHeader(tensors=[header_for(n, t) for n, t in prepared.tensors.items()])
+    held = HeldRequests(iter(()))
+    with pytest.raises(PrepProtocolError, match=words) as info:
+        Answer(_header(make_layer()), None).receive(iter([pb.PrepareResponse(header=header), *responses]), held)
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize(("shared", "field", "words"), [
+    (pb.CudaIpcTensor(storage_size_bytes=4096), "d.storage_handle", "is 0 bytes"),
+    (pb.CudaIpcTensor(storage_handle=bytes(300), storage_size_bytes=4096), "d.storage_handle", "is 300 bytes"),
+    (pb.CudaIpcTensor(storage_handle=bytes(64), storage_size_bytes=4096, tensor_offset=1000), "d.storage_size_bytes",
+     "at least 5096"),
+])
+def test_client_memory_refuses_a_destination_before_mapping_it(shared, field, words):
+    memory = ClientMemory(idle_seconds=30)
+    with pytest.raises(PrepError, match=words) as info:
+        memory.destination(0, shared, nbytes=1096, itemsize=4, field="d")
+    assert info.value.field == field
+    assert len(memory) == 0
+
+
+def _write_lease() -> tuple[IpcWriteLease, dict[str, torch.Tensor]]:
+    prepared = pipeline.prepare(random_layer(experts=2, hidden=256, inter=128), BACKEND)
+    shapes = {name: (str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in prepared.tensors.items()}
+    lease = IpcWriteLease(DeviceWorker(torch.device("cpu"), 1 << 30, 1 << 20), prepared, 30.0, lambda error: None)
+    return lease, shapes
+
+
+def _named(shapes: dict, **changes) -> list[pb.IpcDestination]:
+    """Up-front destinations of ``shapes`` (name to dtype and shape), with ``changes`` (name to (dtype, shape),
+    or None to leave the name out)."""
+    wanted = {**shapes, **changes}
+    return [pb.IpcDestination(tensor=pb.TensorHeader(name=name, dtype=dtype, shape=shape),
+                              memory=pb.CudaIpcTensor(storage_handle=bytes(64)))
+            for name, (dtype, shape) in ((n, v) for n, v in wanted.items() if v is not None)]
+
+
+def test_up_front_destinations_are_put_in_the_answers_order():
+    lease, shapes = _write_lease()
+    try:
+        named = list(reversed(_named(shapes)))
+        ordered = lease.named(named)
+        assert len(ordered.tensors) == len(shapes) and ordered.lease_id == lease.lease_id
+        by_name = {destination.tensor.name: destination.memory for destination in named}
+        assert list(ordered.tensors) == [by_name[header.name] for header in lease.header.tensors]
+    finally:
+        lease.release()
+
+
+@pytest.mark.parametrize(("change", "field", "words"), [
+    (lambda shapes: {next(iter(shapes)): None}, "header.ipc_destinations", "has no tensor"),
+    (lambda shapes: {"extra": ("uint8", [1])}, "header.ipc_destinations", "names 'extra'"),
+    (lambda shapes: {name: ("float32", [3]) for name in list(shapes)[:1]}, "header.ipc_destinations['{first}']",
+     "of shape"),
+])
+def test_up_front_destinations_that_do_not_match_the_answer_are_refused(change, field, words):
+    lease, shapes = _write_lease()
+    try:
+        with pytest.raises(PrepError, match=words) as info:
+            lease.named(_named(shapes, **change(shapes)))
+        assert info.value.field == field.format(first=next(iter(shapes)))
+    finally:
+        lease.release()
+
+
+def test_an_up_front_destination_named_twice_is_refused():
+    lease, shapes = _write_lease()
+    try:
+        named = _named(shapes)
+        with pytest.raises(PrepError, match="again") as info:
+            lease.named([*named, named[0]])
+        assert info.value.field == f"header.ipc_destinations[{len(named)}].tensor.name"
+    finally:
+        lease.release()
+
+
 def test_held_requests_stay_open_until_taken_then_end():
     held = HeldRequests(iter(["header", "chunk"]))
     seen: list[object] = []
@@ -120,7 +215,7 @@ def test_held_requests_stay_open_until_taken_then_end():
     reader.start()
     reader.join(0.5)
     assert reader.is_alive() and seen == ["header", "chunk"]  # still waiting for the layer to be taken
-    held.take("lease-1")
+    held.send_last(pb.PrepareRequest(taken=pb.IpcTaken(lease_id="lease-1")))
     reader.join(30)
     assert not reader.is_alive()
     assert seen[2:] == [pb.PrepareRequest(taken=pb.IpcTaken(lease_id="lease-1"))]

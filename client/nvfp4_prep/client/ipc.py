@@ -1,31 +1,40 @@
-"""Same-node delivery on the client: a layer handed over as CUDA IPC handles, copied into the client's own memory.
+"""Same-node delivery on the client: a layer that comes by CUDA IPC into the client's own memory.
 
-A client beside the server (a sidecar on the engine's host) asks with ``delivery="cuda_ipc"``; when the server can,
-it answers with ``PrepareResponse.ipc`` instead of chunks. The client maps each storage once (torch's
+A client beside the server (a sidecar on the engine's host) asks with ``delivery="cuda_ipc"``, naming the GPU it
+lands on (``header.ipc_device_uuid``, when the landing is on one). When the layer was prepared on that GPU, the
+server asks for the landing's tensors (``PrepareResponse.ipc_write``): the client sends CUDA IPC handles of them
+(``destinations``, once the work queued on them is done), the server writes every tensor there and says so
+(``PrepareResponse.written``). Each storage is shared once, its tensors then remembered while they live, so an
+engine landing in its parameters call after call shares nothing again (and the server keeps them mapped).
+
+Otherwise, when the server can, it answers with ``PrepareResponse.ipc`` instead of chunks. The client maps each
+storage once (torch's
 ``UntypedStorage._new_shared_cuda``; this server packs the whole layer into one), copies each tensor whole into the
 landing (``device=`` or ``out=``; a peer copy when the server's GPU is another one; into a ``device=`` landing,
 which is packed the same way, the whole layer in one copy), waits for the copies, closes
 the mappings and only then sends ``PrepareRequest.taken``; the call's OK status after that confirms the server held
 the memory throughout. Otherwise the answer streams as usual: asking is always safe.
 
-How long the delivery took (from the handles' arrival to every byte landed: mapping, copying, closing) is logged
-at DEBUG, for anyone who measures it against a device copy; the ``taken`` message and the server's OK that follow
-are bookkeeping, not delivery.
+How long the delivery took (from the handles' arrival to every byte landed: mapping, copying, closing; or from
+``ipc_write`` to ``written``: sharing, the server's copies) is logged at DEBUG, for anyone who measures it against
+a device copy; the ``taken`` message and the server's OK that follow are bookkeeping, not delivery.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections.abc import Iterator, Sequence
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
-from nvfp4_prep.contract.node import node_id
+from nvfp4_prep.contract.node import node_id, process_id
 from nvfp4_prep.contract.tensor_bytes import row_major_strides
 from nvfp4_prep.v1 import prep_pb2 as pb
-from nvfp4_prep.wire import TensorSpec
+from nvfp4_prep.wire import FramingError, TensorSpec, chunk_of, header_for
 
 from .errors import PrepInvalidArgument, PrepProtocolError
 from .landing import DeviceLanding, Landing, Placement
@@ -54,7 +63,15 @@ def delivery_fields(delivery: str, where: Placement) -> dict:
     if not node:
         raise PrepInvalidArgument("delivery: is 'cuda_ipc', but this host has no boot id to name its node "
                                   "(/proc/sys/kernel/random/boot_id); expected 'stream'", field="delivery")
-    return {"delivery": pb.DELIVERY_CUDA_IPC, "node_id": node}
+    fields = {"delivery": pb.DELIVERY_CUDA_IPC, "node_id": node, "process_id": process_id()}
+    devices = {tensor.device for tensor in where.out.values()} if where.out is not None else {where.device}
+    if len(devices) == 1 and (device := devices.pop()).type == "cuda":  # one GPU: the server may write there
+        fields["ipc_device_uuid"] = str(torch.cuda.get_device_properties(device).uuid)
+        if where.out is not None:  # known already: up front, so that the server writes as soon as it can
+            torch.cuda.current_stream(device).synchronize()
+            fields["ipc_destinations"] = [pb.IpcDestination(tensor=header_for(name, tensor), memory=_memory(tensor))
+                                          for name, tensor in where.out.items()]
+    return fields
 
 
 class HeldRequests:
@@ -81,8 +98,9 @@ class HeldRequests:
         self._last.put(None)  # nothing after it
         return last
 
-    def take(self, lease_id: str) -> None:
-        self._last.put(pb.PrepareRequest(taken=pb.IpcTaken(lease_id=lease_id)))
+    def send_last(self, request: pb.PrepareRequest) -> None:
+        """Sends ``request`` and ends the stream after it."""
+        self._last.put(request)
 
     def close(self) -> None:
         self._last.put(None)
@@ -175,3 +193,103 @@ def _local_device(uuid: str, landing_device: torch.device | None) -> int:
     if landing_device is not None and landing_device.type == "cuda":
         return landing_device.index
     return torch.cuda.current_device()
+
+
+class IpcDelivery:
+    """An answer that comes by CUDA IPC instead of chunks, landing in ``sink``: handles to copy from
+    (``response.ipc``), or a request for destinations to write into (``response.ipc_write``, then ``written``),
+    or, when they went up front (``header.ipc_destinations``), ``written`` alone. ``receive`` takes each response
+    after the header (which came at ``header_came``); ``finish`` raises unless the layer landed."""
+
+    def __init__(self, specs: Sequence[TensorSpec], sink: Landing, held: HeldRequests,
+                 landing_device: torch.device | None, upfront: bool, header_came: float) -> None:
+        self._specs, self._sink, self._held, self._device = specs, sink, held, landing_device
+        # The write the server is doing (its lease, "" for one up front), and since when.
+        self._write: tuple[str, float] | None = ("", header_came) if upfront else None
+        self._asked = False
+        self._landed = False
+
+    def receive(self, response: pb.PrepareResponse) -> None:
+        kind = "chunk" if chunk_of(response) is not None else response.WhichOneof("message") or "message"
+        if self._landed:
+            raise FramingError(f"response.{kind}", "arrived after the layer landed by CUDA IPC", "nothing after it")
+        if kind in ("ipc", "ipc_write") and not self._asked:
+            self._asked = True  # one of the two, once: the server hands out, or asks where to write
+            if kind == "ipc":
+                land(response.ipc, self._specs, self._sink, self._device)
+                self._held.send_last(pb.PrepareRequest(taken=pb.IpcTaken(lease_id=response.ipc.lease_id)))
+                self._landed = True
+            else:
+                self._write = (response.ipc_write.lease_id, time.perf_counter())
+                self._held.send_last(destinations(response.ipc_write, self._specs, self._sink))
+                log.debug("cuda_ipc: lease %s: destinations sent after %.6f s", response.ipc_write.lease_id,
+                          time.perf_counter() - self._write[1])
+        elif kind == "written" and self._write is not None:
+            lease, started = self._write
+            if lease and response.written.lease_id != lease:
+                raise FramingError("response.written.lease_id", f"is {response.written.lease_id!r}",
+                                   f"{lease!r}, the lease_id of response.ipc_write")
+            self._sink.tensors()
+            self._landed = True
+            log.debug("cuda_ipc: lease %s: %d bytes written into this process in %.6f s", response.written.lease_id,
+                      sum(spec.byte_length for spec in self._specs), time.perf_counter() - started)
+        else:
+            expected = "response.written" if self._write is not None else "response.ipc or response.ipc_write"
+            raise FramingError(f"response.{kind}", "arrived out of turn", expected)
+
+    def finish(self) -> None:
+        if not self._landed:
+            raise FramingError("response.written", "never came after response.ipc_write",
+                               "the server's word that every tensor is written")
+
+
+def destinations(message: pb.IpcWrite, specs: Sequence[TensorSpec], sink: Landing) -> pb.PrepareRequest:
+    """The CUDA IPC handles of the landing's tensors, for the server to write ``message``'s layer into, once the
+    work queued on them is done (the server writes as soon as it has them)."""
+    tensors = sink.tensors()
+    idle: set[torch.device] = set()
+    for spec in specs:
+        device = tensors[spec.name].device
+        if device.type != "cuda":
+            raise PrepProtocolError(f"response.ipc_write: asks to write {spec.name} into this process's memory, but "
+                                    f"it lands on {device}", field="response.ipc_write")
+        if device not in idle:
+            torch.cuda.current_stream(device).synchronize()
+            idle.add(device)
+    shared = [_memory(tensors[spec.name]) for spec in specs]
+    return pb.PrepareRequest(destinations=pb.IpcDestinations(lease_id=message.lease_id, tensors=shared))
+
+
+def _memory(tensor: torch.Tensor) -> pb.CudaIpcTensor:
+    """Where ``tensor`` lies, as a CUDA IPC destination (empty for an empty tensor)."""
+    if not tensor.numel():
+        return pb.CudaIpcTensor()
+    handle, size, offset = _shared(tensor.untyped_storage())
+    return pb.CudaIpcTensor(storage_handle=handle, storage_size_bytes=size, storage_offset_bytes=offset,
+                            tensor_offset=tensor.storage_offset(), stride=list(tensor.stride()))
+
+
+_SHARED_LOCK = threading.Lock()
+_SHARED: dict[int, tuple[StorageWeakRef, tuple[bytes, int, int]]] = {}  # by data pointer, while the storage lives
+
+
+def _shared(storage: torch.UntypedStorage) -> tuple[bytes, int, int]:
+    """(handle, size, offset) of ``storage`` as torch shares it, once per storage: torch wraps a storage again
+    each time it shares it. Its reference count is given up at once: the server maps without one, and the
+    storage then goes when this process drops it, as any other."""
+    key = storage.data_ptr()
+    with _SHARED_LOCK:
+        known = _SHARED.get(key)
+        if known is not None and not known[0].expired() and known[1][1] == storage.nbytes():
+            return known[1]
+        for old in [old for old, (ref, _) in _SHARED.items() if ref.expired()]:
+            del _SHARED[old]
+        try:
+            _, handle, size, offset, counter, counter_offset, _, _ = storage._share_cuda_()
+        except RuntimeError as err:  # e.g. a storage this process received by CUDA IPC itself
+            raise PrepInvalidArgument(f"out: a tensor's storage cannot be shared by CUDA IPC "
+                                      f"({str(err).splitlines()[0]}); expected tensors this process allocated, "
+                                      "or delivery='stream'", field="out") from None
+        torch.UntypedStorage._release_ipc_counter_cuda(counter, counter_offset)
+        _SHARED[key] = (StorageWeakRef(storage), (handle, size, offset))
+        return handle, size, offset

@@ -15,6 +15,7 @@ device memory handles instead of chunks (``response.ipc``), copied into the same
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -34,7 +35,7 @@ from nvfp4_prep.wire import (
 
 from .bulk import BulkAttempt
 from .errors import PrepChecksumError, PrepLayoutMismatch, PrepProtocolError, PrepUnavailable
-from .ipc import HeldRequests, land
+from .ipc import HeldRequests, IpcDelivery
 from .landing import Landing, Placement
 from .result import RemoteLayer
 
@@ -127,7 +128,7 @@ class Answer:
                 first = next(call, None)
         if first is None or chunk_of(first) is not None:
             raise PrepProtocolError("response.header: did not come first (expected a PreparedHeader)")
-        header = first.header
+        header, came = first.header, time.perf_counter()
         try:
             if resumed and not _same_answer(self._header, header):
                 self._drop()
@@ -136,17 +137,22 @@ class Answer:
             if not resumed:
                 self._start(header)
             receiver = self._receiver
-            handed = False  # the tensors came as CUDA IPC handles
+            ipc = None  # once the answer comes by CUDA IPC instead of chunks
             for response in bulk.chunks(call) if bulk is not None and bulk.active else call:
                 chunk = chunk_of(response)
-                if chunk is None or handed:
-                    handed = self._take_ipc(response, held, handed or receiver.bytes_received > 0)
+                if chunk is None or ipc is not None:
+                    ipc = ipc or self._ipc(response, held, receiver.bytes_received > 0, came)
+                    ipc.receive(response)
                     continue
                 receiver.add(chunk)
                 if self._progress is not None:
                     self._progress(Progress("download", receiver.bytes_received, self._total))
-            if not handed:
+            if ipc is None:
                 receiver.finish()
+            else:
+                ipc.finish()
+                if self._progress is not None:
+                    self._progress(Progress("download", self._total, self._total))
             tensors = self._sink.tensors()
             # The scalars are small: read back from a device to compare them with the header's lists.
             scalars = {name: tensors[name].to("cpu") for name in SCALAR_NAMES if name in tensors}
@@ -161,25 +167,22 @@ class Answer:
             field.name: list(getattr(header.scalars, field.name)) for field in pb.DerivedScalars.DESCRIPTOR.fields
         }, cache_hit=header.cache_hit)
 
-    def _take_ipc(self, response, held: HeldRequests | None, late: bool) -> bool:
-        """Copies the tensors of a ``response.ipc`` into the landing and takes them (True). Any other message
-        after the header that is not a chunk, a chunk after the handles, or handles unasked or ``late`` (after
-        chunks or handles) break the framing."""
-        kind = "chunk" if chunk_of(response) is not None else response.WhichOneof("message") or "message"
-        if kind == "chunk":
-            raise FramingError("response.chunk", "arrived after response.ipc", "nothing after the handles")
-        if kind != "ipc":
-            raise FramingError(f"response.{kind}", "arrived again", "only chunks after the first header")
+    def _ipc(self, response: pb.PrepareResponse, held: HeldRequests | None, late: bool, header_came: float
+             ) -> IpcDelivery:
+        """The CUDA IPC delivery that ``response`` (not a chunk) starts, after a header that came at
+        ``header_came``. A message that is none of its, or one unasked or ``late`` (after chunks), breaks the
+        framing."""
+        kind = response.WhichOneof("message") or "message"
+        upfront = bool(self.asked.ipc_destinations)
+        if kind not in ("ipc", "ipc_write") and not (kind == "written" and upfront):
+            raise FramingError(f"response.{kind}", "arrived out of turn",
+                               "chunks, response.ipc or response.ipc_write after the header")
         if held is None:
-            raise FramingError("response.ipc", "arrived, but this call did not ask for CUDA IPC", "chunks")
+            raise FramingError(f"response.{kind}", "arrived, but this call did not ask for CUDA IPC", "chunks")
         if late:
-            raise FramingError("response.ipc", "arrived after chunks or handles", "one response.ipc instead of chunks")
-        land(response.ipc, read_headers(self._header.tensors, "response.header.tensors"), self._sink,
-             self._placement.device)
-        held.take(response.ipc.lease_id)
-        if self._progress is not None:
-            self._progress(Progress("download", self._total, self._total))
-        return True
+            raise FramingError(f"response.{kind}", "arrived after chunks", "CUDA IPC instead of chunks")
+        return IpcDelivery(read_headers(self._header.tensors, "response.header.tensors"), self._sink, held,
+                           self._placement.device, upfront, header_came)
 
 
 def _check_layout(layout: dict, asked: pb.PrepareHeader) -> None:

@@ -147,7 +147,8 @@ class PrepClient:
     transport: the tensor chunks travel over N TCP connections beside the gRPC stream (TLS with the same
     ``tls_ca``/``tls_cert``/``tls_key``), checked and landed exactly as inline chunks. A server without it,
     or one whose bulk port cannot be reached within a few seconds, gets the call inline (logged once at INFO), and
-    so does a call with ``delivery="cuda_ipc"``, whose request stream stays open for ``PrepareRequest.taken``.
+    so does a call with ``delivery="cuda_ipc"``, whose request stream stays open for ``PrepareRequest.taken`` or
+    ``.destinations``.
     """
 
     def __init__(self, targets: str | Sequence[str], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -263,11 +264,14 @@ class PrepClient:
         same model or a calibration file). They travel with the weights. A weight sync lands the answer in the
         engine's own tensors with ``out=``.
 
-        ``delivery="cuda_ipc"`` (beside the server, on its node: a sidecar): the server hands its GPU's prepared
-        tensors over as CUDA IPC handles when it can, and they are copied device to device (a peer copy from
-        another GPU) into ``device`` (a CUDA device, required) or ``out``; no tensor byte crosses a socket. When
-        it cannot (another node, a CPU server, a cached answer), the answer streams as usual. The result's
-        tensors are this process's own either way. Needs CUDA here, else PrepInvalidArgument naming ``delivery``.
+        ``delivery="cuda_ipc"`` (beside the server, on its node: a sidecar): no tensor byte crosses a socket.
+        When the layer was prepared on the GPU the answer lands on (``device``, a CUDA device, required; or
+        ``out`` on one GPU), the server writes it straight into this process's tensors there, in one device copy
+        (it keeps them mapped for --ipc-lease-timeout, so landing in the same ``out`` tensors again costs no
+        mapping; the work queued on them is waited for first). Otherwise it hands its GPU's prepared tensors over
+        as CUDA IPC handles, copied device to device (a peer copy from another GPU). When it can do neither
+        (another node, a CPU server, a cached answer), the answer streams as usual. The result's tensors are
+        this process's own either way. Needs CUDA here, else PrepInvalidArgument naming ``delivery``.
         """
         where = placement(device, out, self.staging_bytes)
         sent = _with_activation_scales(tensors, quantize, activation_scales)

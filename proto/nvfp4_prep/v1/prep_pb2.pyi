@@ -66,7 +66,7 @@ class CheckpointRef(_message.Message):
     def __init__(self, location: _Optional[str] = ..., layer_prefix: _Optional[str] = ..., activation_scales_location: _Optional[str] = ...) -> None: ...
 
 class PrepareHeader(_message.Message):
-    __slots__ = ("backend", "activation", "input_scale_policy", "layout_version", "tensors", "ref", "resume_from", "profile", "gated_group_size", "shard", "quantize", "delivery", "node_id", "bulk")
+    __slots__ = ("backend", "activation", "input_scale_policy", "layout_version", "tensors", "ref", "resume_from", "profile", "gated_group_size", "shard", "quantize", "delivery", "node_id", "ipc_device_uuid", "process_id", "ipc_destinations", "bulk")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SCALE_POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,9 @@ class PrepareHeader(_message.Message):
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     DELIVERY_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    IPC_DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_ID_FIELD_NUMBER: _ClassVar[int]
+    IPC_DESTINATIONS_FIELD_NUMBER: _ClassVar[int]
     BULK_FIELD_NUMBER: _ClassVar[int]
     backend: str
     activation: str
@@ -94,8 +97,11 @@ class PrepareHeader(_message.Message):
     quantize: str
     delivery: Delivery
     node_id: str
+    ipc_device_uuid: str
+    process_id: str
+    ipc_destinations: _containers.RepeatedCompositeFieldContainer[IpcDestination]
     bulk: BulkRequest
-    def __init__(self, backend: _Optional[str] = ..., activation: _Optional[str] = ..., input_scale_policy: _Optional[str] = ..., layout_version: _Optional[str] = ..., tensors: _Optional[_Union[TensorSet, _Mapping]] = ..., ref: _Optional[_Union[CheckpointRef, _Mapping]] = ..., resume_from: _Optional[_Union[ResumePoint, _Mapping]] = ..., profile: _Optional[str] = ..., gated_group_size: _Optional[int] = ..., shard: _Optional[_Union[RankShard, _Mapping]] = ..., quantize: _Optional[str] = ..., delivery: _Optional[_Union[Delivery, str]] = ..., node_id: _Optional[str] = ..., bulk: _Optional[_Union[BulkRequest, _Mapping]] = ...) -> None: ...
+    def __init__(self, backend: _Optional[str] = ..., activation: _Optional[str] = ..., input_scale_policy: _Optional[str] = ..., layout_version: _Optional[str] = ..., tensors: _Optional[_Union[TensorSet, _Mapping]] = ..., ref: _Optional[_Union[CheckpointRef, _Mapping]] = ..., resume_from: _Optional[_Union[ResumePoint, _Mapping]] = ..., profile: _Optional[str] = ..., gated_group_size: _Optional[int] = ..., shard: _Optional[_Union[RankShard, _Mapping]] = ..., quantize: _Optional[str] = ..., delivery: _Optional[_Union[Delivery, str]] = ..., node_id: _Optional[str] = ..., ipc_device_uuid: _Optional[str] = ..., process_id: _Optional[str] = ..., ipc_destinations: _Optional[_Iterable[_Union[IpcDestination, _Mapping]]] = ..., bulk: _Optional[_Union[BulkRequest, _Mapping]] = ...) -> None: ...
 
 class BulkRequest(_message.Message):
     __slots__ = ("streams",)
@@ -173,6 +179,36 @@ class IpcTaken(_message.Message):
     lease_id: str
     def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
 
+class IpcWrite(_message.Message):
+    __slots__ = ("lease_id", "lease_seconds")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    lease_seconds: float
+    def __init__(self, lease_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+
+class IpcDestinations(_message.Message):
+    __slots__ = ("lease_id", "tensors")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    tensors: _containers.RepeatedCompositeFieldContainer[CudaIpcTensor]
+    def __init__(self, lease_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[CudaIpcTensor, _Mapping]]] = ...) -> None: ...
+
+class IpcDestination(_message.Message):
+    __slots__ = ("tensor", "memory")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    tensor: TensorHeader
+    memory: CudaIpcTensor
+    def __init__(self, tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., memory: _Optional[_Union[CudaIpcTensor, _Mapping]] = ...) -> None: ...
+
+class IpcWritten(_message.Message):
+    __slots__ = ("lease_id",)
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
+
 class ResumePoint(_message.Message):
     __slots__ = ("tensor_index", "offset")
     TENSOR_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -182,14 +218,16 @@ class ResumePoint(_message.Message):
     def __init__(self, tensor_index: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("header", "chunk", "taken")
+    __slots__ = ("header", "chunk", "taken", "destinations")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     TAKEN_FIELD_NUMBER: _ClassVar[int]
+    DESTINATIONS_FIELD_NUMBER: _ClassVar[int]
     header: PrepareHeader
     chunk: TensorChunk
     taken: IpcTaken
-    def __init__(self, header: _Optional[_Union[PrepareHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., taken: _Optional[_Union[IpcTaken, _Mapping]] = ...) -> None: ...
+    destinations: IpcDestinations
+    def __init__(self, header: _Optional[_Union[PrepareHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., taken: _Optional[_Union[IpcTaken, _Mapping]] = ..., destinations: _Optional[_Union[IpcDestinations, _Mapping]] = ...) -> None: ...
 
 class Layout(_message.Message):
     __slots__ = ("layout_id", "backend", "activation", "input_scale_policy", "pipeline_version", "flashinfer_layout_version", "epilogue_tile_m", "sf_vec_size", "num_experts", "hidden_dim", "hidden_dim_unpadded", "intermediate_dim", "intermediate_dim_unpadded", "profile", "flashinfer_release", "gated_group_size", "padding_fill_byte", "hidden_alignment", "intermediate_alignment", "tp_rank", "tp_size", "ep_rank", "ep_size", "expert_placement", "global_num_experts", "expert_ids", "engine_config", "quantize_recipe", "quantized_from")
@@ -294,16 +332,20 @@ class PreparedHeader(_message.Message):
     def __init__(self, layout: _Optional[_Union[Layout, _Mapping]] = ..., scalars: _Optional[_Union[DerivedScalars, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., cache_hit: _Optional[bool] = ...) -> None: ...
 
 class PrepareResponse(_message.Message):
-    __slots__ = ("header", "chunk", "bulk", "ipc")
+    __slots__ = ("header", "chunk", "bulk", "ipc", "ipc_write", "written")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     BULK_FIELD_NUMBER: _ClassVar[int]
     IPC_FIELD_NUMBER: _ClassVar[int]
+    IPC_WRITE_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
     header: PreparedHeader
     chunk: TensorChunk
     bulk: BulkOffer
     ipc: IpcLayer
-    def __init__(self, header: _Optional[_Union[PreparedHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., bulk: _Optional[_Union[BulkOffer, _Mapping]] = ..., ipc: _Optional[_Union[IpcLayer, _Mapping]] = ...) -> None: ...
+    ipc_write: IpcWrite
+    written: IpcWritten
+    def __init__(self, header: _Optional[_Union[PreparedHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., bulk: _Optional[_Union[BulkOffer, _Mapping]] = ..., ipc: _Optional[_Union[IpcLayer, _Mapping]] = ..., ipc_write: _Optional[_Union[IpcWrite, _Mapping]] = ..., written: _Optional[_Union[IpcWritten, _Mapping]] = ...) -> None: ...
 
 class GetCapabilitiesRequest(_message.Message):
     __slots__ = ()

@@ -59,8 +59,10 @@ class PrepServicer:
         without gaps. Responses: one PrepareResponse.header (layout record,
         derived scalars, tensor headers), then every chunk of every prepared
         tensor in the same order. With PrepareHeader.delivery DELIVERY_CUDA_IPC on
-        the server's node, one PrepareResponse.ipc replaces the chunks and the
-        client ends its requests with PrepareRequest.taken (see Delivery).
+        the server's node, no chunks follow the header: either the server writes
+        the tensors into the client's memory (PrepareResponse.ipc_write,
+        PrepareRequest.destinations, PrepareResponse.written), or it hands its
+        own out (PrepareResponse.ipc, PrepareRequest.taken); see Delivery.
 
         A client whose answer stream broke may call again with
         PrepareHeader.resume_from: the answer then starts at that byte.

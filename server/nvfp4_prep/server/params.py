@@ -34,6 +34,7 @@ from .errors import LayoutUnavailable, invalid
 STREAM, CUDA_IPC = "stream", "cuda_ipc"
 DELIVERIES = {pb.DELIVERY_STREAM: STREAM, pb.DELIVERY_CUDA_IPC: CUDA_IPC}
 MAX_NODE_ID_CHARS = 512
+MAX_TOKEN_CHARS = 64  # a GPU's UUID ("GPU-" and 36 characters) or a process token, with room
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,12 @@ class Params:
     inputs: str = "layer"
     # The recipe that quantizes a high-precision source first (``header.quantize``); empty: the source is NVFP4.
     quantize: str = ""
-    # How the answer travels (``header.delivery``), and the client's node for CUDA IPC; neither changes its bytes.
+    # How the answer travels (``header.delivery``), the client's node, process and GPU for CUDA
+    # IPC; none changes its bytes.
     delivery: str = STREAM
     node_id: str = ""
+    ipc_device_uuid: str = ""
+    process_id: str = ""
 
     @property
     def shard(self) -> Shard:
@@ -116,8 +120,9 @@ def _inputs(header: pb.PrepareHeader, shard: dict) -> str:
     return "shard" if source == "ref" and not whole else "layer"
 
 
-def _delivery(header: pb.PrepareHeader) -> tuple[str, str]:
-    """(delivery, node id): "stream", or "cuda_ipc" with the client's node id (``nvfp4_prep.contract.node``)."""
+def _delivery(header: pb.PrepareHeader) -> dict[str, str]:
+    """The delivery fields of ``Params``: "stream", or "cuda_ipc" with the client's node id and process
+    (``nvfp4_prep.contract.node``) and perhaps the UUID of the GPU it lands on."""
     if header.delivery not in DELIVERIES:
         raise invalid("header.delivery", f"is {header.delivery}", "DELIVERY_STREAM (0) or DELIVERY_CUDA_IPC (1)")
     delivery = DELIVERIES[header.delivery]
@@ -127,10 +132,17 @@ def _delivery(header: pb.PrepareHeader) -> tuple[str, str]:
     if delivery == CUDA_IPC and not header.node_id:
         raise invalid("header.node_id", "is empty with DELIVERY_CUDA_IPC",
                       "the client's node: its boot id, '/' and its hostname (nvfp4_prep.contract.node)")
-    if delivery == STREAM and header.node_id:
-        raise invalid("header.node_id", "is set without DELIVERY_CUDA_IPC",
-                      "empty, or header.delivery DELIVERY_CUDA_IPC")
-    return delivery, header.node_id
+    for field in ("node_id", "ipc_device_uuid", "process_id"):
+        if delivery == STREAM and getattr(header, field):
+            raise invalid(f"header.{field}", "is set without DELIVERY_CUDA_IPC",
+                          "empty, or header.delivery DELIVERY_CUDA_IPC")
+    for field, what in (("ipc_device_uuid", "a GPU's UUID as torch.cuda.get_device_properties gives it"),
+                        ("process_id", "a token naming the client's process")):
+        if len(getattr(header, field)) > MAX_TOKEN_CHARS:
+            raise invalid(f"header.{field}", f"is {len(getattr(header, field))} characters long",
+                          f"at most {MAX_TOKEN_CHARS}: {what}")
+    return {"delivery": delivery, "node_id": header.node_id, "ipc_device_uuid": header.ipc_device_uuid,
+            "process_id": header.process_id}
 
 
 def read_params(header: pb.PrepareHeader) -> Params:
@@ -157,6 +169,5 @@ def read_params(header: pb.PrepareHeader) -> Params:
         raise LayoutUnavailable(
             f"header.layout_version: this server produces {produced!r} for this request, "
             f"not {header.layout_version!r}", "header.layout_version")
-    delivery, node = _delivery(header)
     return Params(header.backend, activation, policy, produced, profile, group, **shard,
-                  inputs=_inputs(header, shard), quantize=header.quantize, delivery=delivery, node_id=node)
+                  inputs=_inputs(header, shard), quantize=header.quantize, **_delivery(header))

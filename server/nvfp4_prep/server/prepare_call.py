@@ -2,8 +2,8 @@
 
 The call reads its parameters, lets its source admit and bring in the layer, prepares it and has the
 responder stream it back (or replay it from the cache), or, for a client on this node that asked for CUDA IPC,
-hands it over as device memory handles (``ipc``). Everything it allocates is local to the call, so a client that
-goes away (or an error) frees it when the generator closes.
+writes it into the client's memory or hands it over as device memory handles (``ipc``). Everything it allocates
+is local to the call, so a client that goes away (or an error) frees it when the generator closes.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from nvfp4_prep.wire import chunk_of
 
 from .bulk.connection import BulkHub, BulkSession
 from .cache import CachedLayer
+from .client_memory import ClientMemory
 from .config import ServeConfig
 from .deadline import CallClock
 from .early_answer import EarlyAnswer
 from .errors import CallCancelled, invalid
-from .ipc import IpcLease, packed_size, packing_room, stream_reason
+from .ipc import IpcLease, IpcWriteLease, packed_size, packing_room, stream_reason, writes_into_client
 from .params import CUDA_IPC, Params, read_params
 from .resources import CallResources
 from .responder import Responder
@@ -33,13 +34,16 @@ from .status import end_from_another_thread, status_of
 
 class PrepareCall:
     """A call whose ``header`` arrived (and was admitted); ``requests`` are the messages after it.
-    ``ipc_lease_seconds``: --ipc-lease-timeout."""
+    ``ipc_lease_seconds``: --ipc-lease-timeout; ``client_memory``: the server's mappings of same-node clients'
+    memory, which CUDA IPC answers are written into."""
 
     def __init__(self, resources: CallResources, header: pb.PrepareHeader, requests: Iterator,
                  context: grpc.ServicerContext, clock: CallClock, summary: dict[str, object],
-                 bulk: BulkHub | None = None, ipc_lease_seconds: float = ServeConfig.ipc_lease_timeout) -> None:
+                 bulk: BulkHub | None = None, ipc_lease_seconds: float = ServeConfig.ipc_lease_timeout,
+                 client_memory: ClientMemory | None = None) -> None:
         self._resources = resources
         self._ipc_lease_seconds = ipc_lease_seconds
+        self._client_memory = client_memory
         self._bulk = bulk
         self._header = header
         self._requests = requests
@@ -59,7 +63,8 @@ class PrepareCall:
         kind = header.WhichOneof("source")
         self.summary["source"] = kind
         if kind == "tensors":
-            # A client that asked for CUDA IPC keeps its stream open after its chunks, for PrepareRequest.taken.
+            # A client that asked for CUDA IPC keeps its stream open after its chunks, for PrepareRequest.taken
+            # or .destinations.
             requests = _announced(self._requests, header.tensors) if params.delivery == CUDA_IPC else self._requests
             source = StreamedSource(header.tensors, requests, self._resources, params, self._clock, self._cancelled)
         elif kind == "ref":
@@ -133,6 +138,13 @@ class PrepareCall:
         self.summary["compute_s"] = round(time.perf_counter() - started, 4)
         outputs = sum(tensor.numel() * tensor.element_size() for tensor in prepared.tensors.values())
         reason = stream_reason(params, layer.worker, self._ipc_lease_seconds, self._header.HasField("resume_from"))
+        if params.delivery == CUDA_IPC and not reason and self._client_memory is not None \
+                and writes_into_client(params, layer.worker):
+            lease = IpcWriteLease(layer.worker, prepared, self._ipc_lease_seconds, self._end)
+            del prepared  # the lease holds the only references: ending it frees them
+            layer.reservation.shrink(max(0, layer.reservation.nbytes - lease.nbytes))  # the outputs, until written
+            yield from self._write_into_client(lease, self._client_memory)
+            return
         if params.delivery == CUDA_IPC and not reason:
             # Packed into the one storage CUDA IPC exports, the outputs are held twice for a moment. So the packing
             # comes before the reservation shrinks, in the bytes the compute just freed (inputs, assembled copy,
@@ -169,6 +181,29 @@ class PrepareCall:
             with self._clock.doing("waiting for its client to copy the layer handed over by CUDA IPC", client=True):
                 lease.wait_taken(self._requests)
             self.summary["handover_s"] = round(time.perf_counter() - handed, 4)  # the client's open, copy and take
+        finally:
+            lease.release()
+
+    def _write_into_client(self, lease: IpcWriteLease, memory: ClientMemory) -> Iterator[pb.PrepareResponse]:
+        """Sends the header and asks for the client's destinations (unless they came up front), writes the tensors
+        there and says so. Not cached, as a hand-over."""
+        self.summary.update(delivery="cuda_ipc (written into the client's memory)", bytes_out=lease.nbytes)
+        try:
+            upfront = lease.named(self._header.ipc_destinations) if self._header.ipc_destinations else None
+            self.summary["ipc_destinations"] = "up front" if upfront is not None else "asked for"
+            yield pb.PrepareResponse(header=lease.header)
+            asked = time.perf_counter()
+            if upfront is None:
+                yield pb.PrepareResponse(ipc_write=lease.message)
+                asked = time.perf_counter()
+                with self._clock.doing("waiting for its client's destinations of the layer", client=True):
+                    destinations = lease.destinations(self._requests)
+            else:
+                destinations = upfront
+            with self._clock.doing("writing the layer into its client's memory"):
+                written = lease.write(destinations, memory)
+            self.summary["handover_s"] = round(time.perf_counter() - asked, 4)  # the destinations and the copies
+            yield pb.PrepareResponse(written=written)
         finally:
             lease.release()
 

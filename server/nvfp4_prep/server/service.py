@@ -32,6 +32,7 @@ from .admission import Admission
 from .bounded_runner import BoundedRunner
 from .bulk.connection import BulkHub
 from .cache import PreparedCache
+from .client_memory import ClientMemory
 from .config import ServeConfig
 from .deadline import CallClock, Ceiling
 from .decode import decode_request_or_malformed, reject_malformed
@@ -68,6 +69,7 @@ class PrepService(prep_pb2_grpc.PrepServicer):
         self.workers = list(workers)
         self.bulk = bulk
         self.ipc_lease_seconds = ipc_lease_seconds
+        self.client_memory = ClientMemory(ipc_lease_seconds)  # same-node clients' memory that answers are written into
         self.capabilities = capabilities
         self.metrics = metrics
         self.ceiling = ceiling
@@ -110,7 +112,8 @@ class PrepService(prep_pb2_grpc.PrepServicer):
                 clock.on_end(slot.release)  # a call the watchdog ends gives its slot back at once
                 self.metrics.inflight.labels("Prepare").inc()
                 yield from clock.sent(PrepareCall(self.resources, header, requests, context, clock, summary,
-                                                       self.bulk, self.ipc_lease_seconds).run())
+                                                       self.bulk, self.ipc_lease_seconds,
+                                                       self.client_memory).run())
                 finished = True
         except Exception as err:
             failure = status_of(err)
@@ -183,9 +186,11 @@ class PrepService(prep_pb2_grpc.PrepServicer):
             return self._idle.wait_for(lambda: self.in_flight == 0, timeout)
 
     def close(self) -> None:
-        """Ends the pools' idle threads; busy ones end with their work (a stopping server waits for none)."""
+        """Ends the pools' idle threads, busy ones with their work (a stopping server waits for none), and closes
+        the mappings of clients' memory."""
         self.reads.close()
         self.hash_pool.shutdown(wait=False, cancel_futures=True)
+        self.client_memory.close()
 
 
 def add_to_server(service: PrepService, server: grpc.Server) -> None:
