@@ -271,7 +271,7 @@ def test_a_destination_past_the_client_allocation_is_refused_and_nothing_breaks(
 
 @pytest.mark.gpu
 @cuda_only
-def test_a_bulk_client_asking_for_cuda_ipc_uploads_inline_and_takes_the_handles(serve, tmp_path, caplog):
+def test_a_bulk_client_asking_for_cuda_ipc_uploads_inline_and_gets_the_layer_written(serve, tmp_path, caplog):
     """A client with bulk connections that asks for CUDA IPC: its request stream stays open for its destinations,
     so the SDK offers no bulk transport for that call; the chunks go inline and the answer comes back by CUDA
     IPC."""

@@ -18,6 +18,7 @@ from nvfp4_prep.client.sdk import header_options
 from nvfp4_prep.contract.errors import PrepError
 from nvfp4_prep.contract.node import node_id
 from nvfp4_prep.server.client_memory import ClientMemory
+from nvfp4_prep.server.errors import DeadlinePassed
 from nvfp4_prep.server.ipc import IpcWriteLease
 from nvfp4_prep.server.worker import DeviceWorker
 from nvfp4_prep.v1 import prep_pb2 as pb
@@ -83,6 +84,8 @@ def test_ipc_lease_timeout_zero_turns_cuda_ipc_off(start_server, raw_stub, make_
      "at most 64"),
     ({"delivery": pb.DELIVERY_CUDA_IPC, "node_id": "b/h", "process_id": "x" * 65}, "header.process_id",
      "at most 64"),
+    ({"delivery": pb.DELIVERY_CUDA_IPC, "node_id": "b/h", "ipc_destinations": [pb.IpcDestination()]},
+     "header.ipc_destinations", "without header.ipc_device_uuid"),
 ])
 def test_bad_delivery_fields_are_refused_naming_them(prep_address, raw_stub, make_layer, fields, field, words):
     layer = make_layer()
@@ -134,9 +137,20 @@ def test_a_write_out_of_turn_breaks_the_framing(make_layer, responses, field, wo
     prepared = pipeline.prepare(make_layer(), BACKEND)
     header = pb.PreparedHeader(tensors=[header_for(n, t) for n, t in prepared.tensors.items()])
     held = HeldRequests(iter(()))
+    asked = _header(make_layer(), delivery=pb.DELIVERY_CUDA_IPC, node_id="b/h", ipc_device_uuid="GPU-1")
     with pytest.raises(PrepProtocolError, match=words) as info:
-        Answer(_header(make_layer()), None).receive(iter([pb.PrepareResponse(header=header), *responses]), held)
+        Answer(asked, None).receive(iter([pb.PrepareResponse(header=header), *responses]), held)
     assert info.value.field == field
+
+
+def test_a_write_asked_of_a_call_that_named_no_gpu_breaks_the_framing(make_layer):
+    prepared = pipeline.prepare(make_layer(), BACKEND)
+    header = pb.PreparedHeader(tensors=[header_for(n, t) for n, t in prepared.tensors.items()])
+    asked = _header(make_layer(), delivery=pb.DELIVERY_CUDA_IPC, node_id="b/h")
+    responses = [pb.PrepareResponse(header=header), pb.PrepareResponse(ipc_write=pb.IpcWrite(lease_id="l"))]
+    with pytest.raises(PrepProtocolError, match="named no GPU") as info:
+        Answer(asked, None).receive(iter(responses), HeldRequests(iter(())))
+    assert info.value.field == "response.ipc_write"
 
 
 @pytest.mark.parametrize(("shared", "field", "words"), [
@@ -153,11 +167,30 @@ def test_client_memory_refuses_a_destination_before_mapping_it(shared, field, wo
     assert len(memory) == 0
 
 
-def _write_lease() -> tuple[IpcWriteLease, dict[str, torch.Tensor]]:
+def _write_lease(seconds: float = 30.0, on_expire=lambda error: None) -> tuple[IpcWriteLease, dict]:
     prepared = pipeline.prepare(random_layer(experts=2, hidden=256, inter=128), BACKEND)
     shapes = {name: (str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in prepared.tensors.items()}
-    lease = IpcWriteLease(DeviceWorker(torch.device("cpu"), 1 << 30, 1 << 20), prepared, 30.0, lambda error: None)
+    lease = IpcWriteLease(DeviceWorker(torch.device("cpu"), 1 << 30, 1 << 20), prepared, seconds, on_expire)
     return lease, shapes
+
+
+def test_a_lease_settled_in_time_never_expires():
+    ended = threading.Event()
+    lease, shapes = _write_lease(0.2, lambda error: ended.set())
+    try:
+        lease.named(_named(shapes))  # settles it
+        assert not ended.wait(0.6), "the lease timer ended a call whose client did its part"
+        assert lease.expired is None
+    finally:
+        lease.release()
+
+
+def test_a_lease_that_ran_out_cannot_be_settled_after():
+    ended = threading.Event()
+    lease, shapes = _write_lease(0.05, lambda error: ended.set())
+    assert ended.wait(10)
+    with pytest.raises(DeadlinePassed, match=r"--ipc-lease-timeout=0\.05s"):
+        lease.named(_named(shapes))
 
 
 def _named(shapes: dict, **changes) -> list[pb.IpcDestination]:

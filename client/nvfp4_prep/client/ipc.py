@@ -23,6 +23,7 @@ a device copy; the ``taken`` message and the server's OK that follow are bookkee
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -65,7 +66,8 @@ def delivery_fields(delivery: str, where: Placement) -> dict:
                                   "(/proc/sys/kernel/random/boot_id); expected 'stream'", field="delivery")
     fields = {"delivery": pb.DELIVERY_CUDA_IPC, "node_id": node, "process_id": process_id()}
     devices = {tensor.device for tensor in where.out.values()} if where.out is not None else {where.device}
-    if len(devices) == 1 and (device := devices.pop()).type == "cuda":  # one GPU: the server may write there
+    if len(devices) == 1 and (device := devices.pop()).type == "cuda" and _plainly_shared():
+        # One GPU, whose memory torch shares as whole cudaMalloc allocations: the server may write there.
         fields["ipc_device_uuid"] = str(torch.cuda.get_device_properties(device).uuid)
         if where.out is not None:  # known already: up front, so that the server writes as soon as it can
             torch.cuda.current_stream(device).synchronize()
@@ -75,8 +77,8 @@ def delivery_fields(delivery: str, where: Placement) -> dict:
 
 
 class HeldRequests:
-    """The request stream of a call that asked for CUDA IPC: the requests, then held open until ``take`` sends
-    PrepareRequest.taken (or ``close``, when the call ends, lets it end)."""
+    """The request stream of a call that asked for CUDA IPC: the requests, then held open until ``send_last``
+    sends PrepareRequest.taken or .destinations (or ``close``, when the call ends, lets it end)."""
 
     def __init__(self, requests: Iterator) -> None:
         self._requests = requests
@@ -239,8 +241,7 @@ class IpcDelivery:
 
     def finish(self) -> None:
         if not self._landed:
-            raise FramingError("response.written", "never came after response.ipc_write",
-                               "the server's word that every tensor is written")
+            raise FramingError("response.written", "never came", "the server's word that every tensor is written")
 
 
 def destinations(message: pb.IpcWrite, specs: Sequence[TensorSpec], sink: Landing) -> pb.PrepareRequest:
@@ -258,6 +259,15 @@ def destinations(message: pb.IpcWrite, specs: Sequence[TensorSpec], sink: Landin
             idle.add(device)
     shared = [_memory(tensors[spec.name]) for spec in specs]
     return pb.PrepareRequest(destinations=pb.IpcDestinations(lease_id=message.lease_id, tensors=shared))
+
+
+def _plainly_shared() -> bool:
+    """Whether torch here shares CUDA memory as legacy CUDA IPC handles of whole cudaMalloc allocations, the only
+    kind the server maps to write into: not with the cudaMallocAsync backend (which cannot share) nor with
+    expandable segments (handles of another kind); the server then hands its own memory out instead."""
+    settings = ",".join(os.environ.get(name, "") for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
+    return torch.cuda.get_allocator_backend() == "native" and \
+        "expandable_segments:true" not in settings.replace(" ", "").lower()
 
 
 def _memory(tensor: torch.Tensor) -> pb.CudaIpcTensor:

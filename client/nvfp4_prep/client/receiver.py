@@ -181,6 +181,9 @@ class Answer:
             raise FramingError(f"response.{kind}", "arrived, but this call did not ask for CUDA IPC", "chunks")
         if late:
             raise FramingError(f"response.{kind}", "arrived after chunks", "CUDA IPC instead of chunks")
+        if kind == "ipc_write" and not self.asked.ipc_device_uuid:
+            raise FramingError("response.ipc_write", "arrived, but this call named no GPU of its own to write into",
+                               "response.ipc: the server's handles")
         return IpcDelivery(read_headers(self._header.tensors, "response.header.tensors"), self._sink, held,
                            self._placement.device, upfront, header_came)
 

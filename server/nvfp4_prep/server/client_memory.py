@@ -7,7 +7,8 @@ reused by the caching allocator) call after call. So a mapping stays open while 
 opened handles makes every later view of an open allocation free.
 
 The client's memory is the client's: it keeps it alive and idle until the server says it wrote (the client
-waits for that), so no cross-process reference counter is taken. What the server must guard is itself: a
+waits for that; one that gives a call up may let it go sooner, so a write starts only while its call is still
+on), so no cross-process reference counter is taken. What the server must guard is itself: a
 destination is written only after checking that it lies inside the allocation the CUDA driver reports for the
 mapping, so a lying size cannot make a copy run past the client's memory and fault this server's context.
 """
@@ -56,7 +57,7 @@ def _driver() -> ctypes.CDLL:
 
 @dataclass
 class _Mapping:
-    anchor: torch.Tensor | None  # the whole allocation, flat; keeps torch's mapping of it open until dropped
+    anchor: torch.Tensor | None  # the whole allocation, flat; keeps torch's mapping of it open (None: closed)
     size: int
     used: float
 
@@ -102,7 +103,7 @@ class ClientMemory:
         key = (device, shared.storage_handle)
         with self._lock:
             mapping = self._mappings.get(key)
-            if mapping is not None and mapping.anchor is not None:
+            if mapping is not None:
                 mapping.used = time.monotonic()
                 self._mappings.move_to_end(key)
                 return mapping.anchor
@@ -122,8 +123,7 @@ class ClientMemory:
                           f"({str(err).splitlines()[0]})", "a CUDA IPC memory handle of the client's tensor on "
                           "the GPU named by header.ipc_device_uuid") from None
         flat = torch.empty(0, dtype=torch.uint8, device=device).set_(whole, 0, (size,), (1,))
-        kept = self._keep(key, _Mapping(flat, size, time.monotonic()))
-        return flat if kept.anchor is None else kept.anchor
+        return self._keep(key, _Mapping(flat, size, time.monotonic())).anchor
 
     def _keep(self, key: tuple[int, bytes], mapping: _Mapping) -> _Mapping:
         evicted = []
@@ -162,8 +162,13 @@ class ClientMemory:
                 self._wake.wait(None if oldest is None else oldest + self.idle_seconds - now)
 
     def _close(self, device: int, mapping: _Mapping) -> None:
-        with torch.cuda.device(device):
-            mapping.anchor = None  # the last view of the allocation here closes torch's mapping of it
+        try:
+            with torch.cuda.device(device):
+                mapping.anchor = None  # the last view of the allocation here closes torch's mapping of it
+        except RuntimeError:  # e.g. a client that died first: the sweeper carries on with the others
+            log.warning("cuda_ipc: closing a client allocation of %d bytes on cuda:%d failed", mapping.size, device,
+                        exc_info=True)
+            return
         log.debug("cuda_ipc: closed a client allocation of %d bytes on cuda:%d", mapping.size, device)
 
     def close(self) -> None:

@@ -132,7 +132,10 @@ def _delivery(header: pb.PrepareHeader) -> dict[str, str]:
     if delivery == CUDA_IPC and not header.node_id:
         raise invalid("header.node_id", "is empty with DELIVERY_CUDA_IPC",
                       "the client's node: its boot id, '/' and its hostname (nvfp4_prep.contract.node)")
-    for field in ("node_id", "ipc_device_uuid", "process_id"):
+    if header.ipc_destinations and not header.ipc_device_uuid:
+        raise invalid("header.ipc_destinations", "is set without header.ipc_device_uuid",
+                      "empty, or the GPU of the tensors it names in header.ipc_device_uuid")
+    for field in ("node_id", "ipc_device_uuid", "process_id", "ipc_destinations"):
         if delivery == STREAM and getattr(header, field):
             raise invalid(f"header.{field}", "is set without DELIVERY_CUDA_IPC",
                           "empty, or header.delivery DELIVERY_CUDA_IPC")

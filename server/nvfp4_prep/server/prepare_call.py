@@ -200,6 +200,8 @@ class PrepareCall:
                     destinations = lease.destinations(self._requests)
             else:
                 destinations = upfront
+            if self._cancelled():  # a client that gave up may have freed or reused its destinations since
+                raise CallCancelled("client went away before its layer was written into its memory")
             with self._clock.doing("writing the layer into its client's memory"):
                 written = lease.write(destinations, memory)
             self.summary["handover_s"] = round(time.perf_counter() - asked, 4)  # the destinations and the copies
