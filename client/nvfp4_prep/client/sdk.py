@@ -268,8 +268,9 @@ class PrepClient:
         When the layer was prepared on the GPU the answer lands on (``device``, a CUDA device, required; or
         ``out`` on one GPU), the server writes it straight into this process's tensors there, in one device copy
         (it keeps them mapped for --ipc-lease-timeout, so landing in the same ``out`` tensors again costs no
-        mapping; the work queued on them is waited for first). Otherwise it hands its GPU's prepared tensors over
-        as CUDA IPC handles, copied device to device (a peer copy from another GPU). When it can do neither
+        mapping; the work queued on their device's current stream is waited for first; on an error their
+        contents are undefined). Otherwise it hands its GPU's prepared tensors over as CUDA IPC handles, copied
+        device to device (a peer copy from another GPU). When it can do neither
         (another node, a CPU server, a cached answer), the answer streams as usual. The result's tensors are
         this process's own either way. Needs CUDA here, else PrepInvalidArgument naming ``delivery``.
         """
