@@ -196,10 +196,10 @@ def test_a_lease_that_ran_out_cannot_be_settled_after():
 def _named(shapes: dict, **changes) -> list[pb.IpcDestination]:
     """Up-front destinations of ``shapes`` (name to dtype and shape), with ``changes`` (name to (dtype, shape),
     or None to leave the name out)."""
-    wanted = {**shapes, **changes}
+    wanted = {name: value for name, value in {**shapes, **changes}.items() if value is not None}
     return [pb.IpcDestination(tensor=pb.TensorHeader(name=name, dtype=dtype, shape=shape),
                               memory=pb.CudaIpcTensor(storage_handle=bytes(64)))
-            for name, (dtype, shape) in ((n, v) for n, v in wanted.items() if v is not None)]
+            for name, (dtype, shape) in wanted.items()]
 
 
 def test_up_front_destinations_are_put_in_the_answers_order():

@@ -35,7 +35,7 @@ import grpc
 import torch
 
 from nvfp4_prep.contract.node import node_id, process_id
-from nvfp4_prep.contract.tensor_bytes import packed_offsets, row_major_strides
+from nvfp4_prep.contract.tensor_bytes import dense, packed_offsets, row_major_strides
 from nvfp4_prep.pipeline import PreparedLayer
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.wire import header_for, layout_to_proto, scalars_to_proto
@@ -80,6 +80,11 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s bytes in row-major order, as a flat uint8 tensor on its device."""
+    return dense(tensor).reshape(-1).view(torch.uint8)
+
+
 def packed_size(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of the buffer that ``pack`` makes for ``tensors``."""
     return packed_offsets([_nbytes(tensor) for tensor in tensors])[1]
@@ -96,7 +101,7 @@ def pack(tensors: MutableMapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict
     for name, start in zip(names, offsets, strict=True):
         tensor = tensors.pop(name)
         span = buffer[start:start + _nbytes(tensor)]
-        span.copy_(tensor.contiguous().reshape(-1).view(torch.uint8))
+        span.copy_(_flat(tensor))
         views[name] = span.view(tensor.dtype).view(tensor.shape)
         del tensor
     return buffer, views
@@ -324,7 +329,7 @@ class IpcWriteLease(Lease):
             stream = torch.cuda.Stream(self._device)
             with torch.cuda.stream(stream):
                 for target, tensor in copies:
-                    target.copy_(tensor.contiguous().reshape(-1).view(torch.uint8), non_blocking=True)
+                    target.copy_(_flat(tensor), non_blocking=True)
             # A few milliseconds that the client waits out too: spinning wakes sooner than a blocking event.
             stream.synchronize()
         log.debug("cuda_ipc: lease %s: %d bytes written into the client's memory in %.6f s (its destinations "

@@ -189,17 +189,15 @@ class PrepareCall:
         there and says so. Not cached, as a hand-over."""
         self.summary.update(delivery="cuda_ipc (written into the client's memory)", bytes_out=lease.nbytes)
         try:
-            upfront = lease.named(self._header.ipc_destinations) if self._header.ipc_destinations else None
-            self.summary["ipc_destinations"] = "up front" if upfront is not None else "asked for"
+            destinations = lease.named(self._header.ipc_destinations) if self._header.ipc_destinations else None
+            self.summary["ipc_destinations"] = "up front" if destinations is not None else "asked for"
             yield pb.PrepareResponse(header=lease.header)
-            asked = time.perf_counter()
-            if upfront is None:
+            if destinations is None:
                 yield pb.PrepareResponse(ipc_write=lease.message)
-                asked = time.perf_counter()
+            asked = time.perf_counter()
+            if destinations is None:
                 with self._clock.doing("waiting for its client's destinations of the layer", client=True):
                     destinations = lease.destinations(self._requests)
-            else:
-                destinations = upfront
             if self._cancelled():  # a client that gave up may have freed or reused its destinations since
                 raise CallCancelled("client went away before its layer was written into its memory")
             with self._clock.doing("writing the layer into its client's memory"):
