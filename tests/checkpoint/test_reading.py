@@ -161,3 +161,26 @@ def test_source_identity_follows_the_layer_shards(tmp_path: Path, ct_checkpoint:
     shard = sharded / "model-00001-of-00002.safetensors"
     os.utime(shard, ns=(1, 1))
     assert open_checkpoint(sharded).source_identity(PREFIXES[0]) != before
+
+
+def test_several_tensors_read_together_equal_the_library_reading(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from nvfp4_prep.checkpoint.safetensors_file import SafetensorsFile
+
+    gen = torch.Generator().manual_seed(5)
+    tensors = {"a.scale": torch.rand((), generator=gen), "b.scale": torch.rand(3, generator=gen).to(torch.bfloat16),
+               "c.empty": torch.empty(0, 4), "d.codes": torch.randint(0, 256, (4, 8), dtype=torch.uint8,
+                                                                        generator=gen),
+               "e.scale": torch.rand(2, 2, generator=gen, dtype=torch.float64)}
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, path)
+    file = SafetensorsFile(path)
+    try:
+        got = file.tensors(["e.scale", "a.scale", "c.empty", "b.scale", "d.codes"])
+    finally:
+        file.close()
+    assert set(got) == set(tensors)
+    for name, want in tensors.items():
+        assert got[name].dtype == want.dtype and got[name].shape == want.shape, name
+        assert torch.equal(as_bytes(got[name]), as_bytes(want)), name

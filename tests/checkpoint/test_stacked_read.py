@@ -80,10 +80,14 @@ def test_the_read_is_the_stack_of_the_expert_tensors(tmp_path, threads, fmt, nam
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "swigluoai"])
-def test_ready_hears_of_each_expert_once_in_order_once_its_rows_are_in(tmp_path, threads, activation):
+@pytest.mark.parametrize("run", [1, 2, EXPERTS])  # experts that READY_BYTES asks for a run, at least
+def test_ready_hears_of_each_expert_once_in_order_once_its_rows_are_in(tmp_path, threads, activation, run,
+                                                                       monkeypatch):
     directory = write_layer(tmp_path / "ckpt", "modelopt", "qwen", activation, files=2)
     prefix = prefix_of("qwen")
     want = library_stacked(directory, prefix, activation)
+    per_expert = sum(want[name][0].numel() * want[name].element_size() for name in ROWS)
+    monkeypatch.setattr(stacked_read, "READY_BYTES", per_expert * (run - 1) + 1)
     heard: list[tuple[int, int]] = []
 
     def ready(stacked, start: int, end: int) -> None:
@@ -96,6 +100,29 @@ def test_ready_hears_of_each_expert_once_in_order_once_its_rows_are_in(tmp_path,
         got = checkpoint.read_layer(prefix, activation, ready=ready)
     assert_same(got, want)
     assert [expert for start, end in heard for expert in range(start, end)] == list(range(EXPERTS))
+    assert all(end - start >= run for start, end in heard[:-1])  # runs of READY_BYTES, the last perhaps shorter
+    if threads == "one thread":  # the experts come in order, so each run is exactly as long as asked
+        assert [end - start for start, end in heard] == [run] * (EXPERTS // run) + [EXPERTS % run] * (EXPERTS % run > 0)
+
+
+def test_the_scales_of_a_file_come_in_one_read(tmp_path, monkeypatch):
+    directory = write_layer(tmp_path / "ckpt", "modelopt", "qwen", "swiglu", files=1)
+    prefix = prefix_of("qwen")
+    want = library_stacked(directory, prefix, "swiglu")
+    reads: list[int] = []
+    preadv = os.preadv
+
+    def counted(fd, views, offset):
+        reads.append(sum(len(view) for view in views))
+        return preadv(fd, views, offset)
+
+    monkeypatch.setattr(os, "preadv", counted)
+    with open_checkpoint(directory) as checkpoint:
+        assert_same(checkpoint.read_layer(prefix, "swiglu"), want)
+    scales = EXPERTS * 3 * 2 * 4  # weight_scale_2 and input_scale of three projections, float32 each
+    tensors = EXPERTS * 3 * 2  # a weight and a block scale per projection
+    assert reads[0] == scales  # the writer keeps the float32 scales side by side: one read takes them all
+    assert len(reads) == 1 + tensors
 
 
 def test_a_layer_that_does_not_stack_is_refused_before_any_byte_is_read(tmp_path):

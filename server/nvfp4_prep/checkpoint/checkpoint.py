@@ -170,6 +170,11 @@ class Checkpoint:
         files = [*self._sources, *((shard.path.name, shard.identity) for shard in self.shard_files(prefix))]
         return ";".join(f"{name}:{':'.join(map(str, ident))}" for name, ident in files)
 
+    def file_identities(self) -> list[tuple[Path, Identity]]:
+        """Path and identity, as opened, of every file the checkpoint reads: configs, index and shards."""
+        return [*((self.directory / name, known) for name, known in self._sources),
+                *((shard.path, shard.identity) for shard in self._shards.values())]
+
     def auxiliary_files(self) -> list[Path]:
         """Config, tokenizer and other non-weight files at the top of the checkpoint directory (by path:
         for the local prepare job, not for the server)."""

@@ -6,9 +6,9 @@ first (every expert's weights and block scales alike, before any byte is read); 
 then read from its file into its rows of the stacked tensors (interleaved rows too) with no copy between, and the
 scalars are stacked as ``assemble_layer`` stacks them. A layer of more than ``BYTES_PER_THREAD`` is read by up to
 ``READ_THREADS`` threads at once (a read from the page cache is a copy, and one thread copies at a fraction of
-the memory's bandwidth), tensor by tensor in the plan's order, the scales first. ``ready`` hears of each run of
-experts whose rows are all in place, in order, so that a caller can copy them to a device (and prepare them) while
-later ones are still being read.
+the memory's bandwidth), tensor by tensor in the plan's order, the scales first (each file's in one read).
+``ready`` hears of each run of experts whose rows are all in place (of at least ``READY_BYTES``), in order, so that
+a caller can copy them to a device (and prepare them) while later ones are still being read.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -38,6 +39,9 @@ Scales = Callable[[Mapping[str, torch.Tensor]], None]
 READ_THREADS = 4
 # A layer gets one reader thread per this many bytes (up to READ_THREADS): a small one is read on the caller's.
 BYTES_PER_THREAD = 64 << 20
+# ``ready`` hears of runs of experts holding at least this many bytes (the last run may hold fewer): each call costs
+# its caller a copy per tensor, more than the bytes of a small expert take to read.
+READY_BYTES = 16 << 20
 # The stacked tensors holding rows of per-expert ones, by (down projection, suffix: 0 weight, 1 block scale).
 _STACKED = {(False, 0): "w13_weight", (False, 1): "w13_weight_scale", (True, 0): "w2_weight",
             (True, 1): "w2_weight_scale"}
@@ -45,12 +49,11 @@ _STACKED = {(False, 0): "w13_weight", (False, 1): "w13_weight_scale", (True, 0):
 
 @dataclass(frozen=True)
 class _Task:
-    """One tensor's read; ``expert``: the stacked expert whose rows it fills (None for a scalar or a projection
-    that the activation does not use)."""
+    """One read; ``expert``: the stacked expert whose rows it fills (None for scalars or a projection that the
+    activation does not use)."""
 
     run: Callable[[Interrupt | None], None]
     expert: int | None
-    scalar: bool = False
 
 
 def read_stacked(layer: MoeLayer, reads: RankReads, file_of: FileOf, compressed: bool, activation: str,
@@ -64,10 +67,12 @@ def read_stacked(layer: MoeLayer, reads: RankReads, file_of: FileOf, compressed:
     stacked = {name: torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
                for name, (shape, dtype) in _stacked_shapes(layer, reads, file_of, used).items()}
     scalars: dict[str, torch.Tensor] = {}
-    tasks = [_task(layer, read, file_of(read.name), activation, used, stacked, scalars) for read in reads.all()]
+    tensors, scalar_reads = [], []
+    for read in reads.all():  # a key is "expert.projection.suffix"; suffixes 2 and 3 are the per-expert scales
+        (tensors if layer.suffixes.index(read.key.split(".")[2]) < 2 else scalar_reads).append(read)
     total = sum(read.nbytes for read in reads.all())
     threads = min(READ_THREADS, max(1, total // BYTES_PER_THREAD))
-    _run([task for task in tasks if task.scalar], threads, interrupt, lambda _: None)
+    _run(_scalar_tasks(scalar_reads, file_of, scalars), threads, interrupt, lambda _: None)
     _, _, global_scale, input_scale = layer.suffixes
     s13, s2 = stacked_scalars(layer, scalars, global_scale, len(reads.expert_ids), activation, compressed)
     a13, a2 = stacked_scalars(layer, scalars, input_scale, layer.num_experts, activation, compressed)
@@ -77,7 +82,7 @@ def read_stacked(layer: MoeLayer, reads: RankReads, file_of: FileOf, compressed:
                      "w2_weight_scale_2": s2, "w2_input_scale": a2}
     if scales is not None:
         scales(stacked_layer)
-    weights = [task for task in tasks if not task.scalar]
+    weights = [_task(layer, read, file_of(read.name), activation, used, stacked) for read in tensors]
     _run(weights, threads, interrupt, _ready_in_order(weights, len(reads.expert_ids), stacked, ready))
     return stacked_layer
 
@@ -127,16 +132,27 @@ def _stacked_shapes(layer: MoeLayer, reads: RankReads, file_of: FileOf, used: tu
     return shapes
 
 
+def _scalar_tasks(reads: list[TensorRead], file_of: FileOf, scalars: dict[str, torch.Tensor]) -> list[_Task]:
+    """The reads of the per-expert scales into ``scalars`` (by key): one per file, ``SafetensorsFile.tensors``."""
+    by_file: dict[Path, list[TensorRead]] = {}
+    for read in reads:
+        by_file.setdefault(file_of(read.name).path, []).append(read)
+
+    def task(group: list[TensorRead]) -> _Task:
+        def scalar(interrupt: Interrupt | None) -> None:
+            read = file_of(group[0].name).tensors([read.name for read in group], interrupt=interrupt)
+            scalars.update({item.key: read[item.name] for item in group})
+
+        return _Task(scalar, None)
+
+    return [task(group) for group in by_file.values()]
+
+
 def _task(layer: MoeLayer, read: TensorRead, file: SafetensorsFile, activation: str, used: tuple[str, ...],
-          stacked: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor]) -> _Task:
-    """The read of one tensor: a weight or block scale into its rows of ``stacked``, a scalar into ``scalars``."""
+          stacked: dict[str, torch.Tensor]) -> _Task:
+    """The read of one weight or block scale into its rows of ``stacked``."""
     position, proj, suffix = read.key.split(".")
     kind = layer.suffixes.index(suffix)
-    if kind >= 2:
-        def scalar(interrupt: Interrupt | None) -> None:
-            scalars[read.key] = file.tensor(read.name, interrupt=interrupt)
-
-        return _Task(scalar, None, scalar=True)
     ranges = ([(read.entry.start, read.entry.nbytes)] if read.rows is None
               else file.block_ranges(read.name, read.rows, read.cols))
     down = layer.projections[-1]
@@ -169,18 +185,20 @@ def _ready_in_order(tasks: list[_Task], experts: int, stacked: Mapping[str, torc
                     ready: Ready | None) -> Callable[[_Task], None]:
     """What to do once a task is done: tell ``ready`` of the experts whose every read is done, in order."""
     left = Counter(task.expert for task in tasks if task.expert is not None)
-    upto = 0
+    per_expert = sum(tensor[0].numel() * tensor.element_size() for tensor in stacked.values() if len(tensor))
+    run = max(1, -(-READY_BYTES // max(per_expert, 1)))
+    upto = told = 0
 
     def done(task: _Task) -> None:
-        nonlocal upto
+        nonlocal upto, told
         if task.expert is None:
             return
         left[task.expert] -= 1
-        start = upto
         while upto < experts and left[upto] == 0:
             upto += 1
-        if ready is not None and upto > start:
-            ready(stacked, start, upto)
+        if ready is not None and upto > told and (upto - told >= run or upto == experts):
+            ready(stacked, told, upto)
+            told = upto
 
     return done
 

@@ -126,8 +126,8 @@ class Metrics:
     status name; ``request_seconds`` (method, backend) their duration;
     ``stage_seconds`` (stage, backend) the time of each stage in ``STAGES``;
     ``received_bytes`` (backend, source) and ``sent_bytes`` (backend) tensor
-    payload bytes; ``checkpoint_read_bytes`` (backend) tensor bytes read from
-    checkpoint files; ``inflight`` (method) RPCs being served; ``queue_depth``
+    payload bytes; ``checkpoint_read_bytes`` (backend) tensor bytes of the layers
+    read from checkpoint files; ``inflight`` (method) RPCs being served; ``queue_depth``
     (device) requests waiting for memory budget; ``memory_budget_bytes`` and
     ``memory_in_use_bytes`` (device) the budget and how much of it is held;
     ``cache_hits``, ``cache_misses`` and ``cache_bytes`` the prepared-layer
@@ -155,7 +155,8 @@ class Metrics:
             "received_bytes", "Tensor bytes taken in, from the request stream or a checkpoint.",
             ["backend", "source"], namespace=NAMESPACE, registry=registry)
         self.checkpoint_read_bytes = Counter(
-            "checkpoint_read_bytes", "Tensor bytes read from checkpoint files (for a rank shard, the rank's only).",
+            "checkpoint_read_bytes",
+            "Tensor bytes of the layers read from checkpoint files (for a rank shard, the rank's only).",
             ["backend"], namespace=NAMESPACE, registry=registry)
         self.sent_bytes = Counter(
             "sent_bytes", "Prepared tensor bytes sent to clients.",

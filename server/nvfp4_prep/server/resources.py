@@ -9,6 +9,7 @@ from .admission import Admission
 from .bounded_runner import BoundedRunner
 from .cache import PreparedCache
 from .metrics import Metrics
+from .open_checkpoints import OpenCheckpoints
 
 
 @dataclass(frozen=True)
@@ -20,3 +21,4 @@ class CallResources:
     allowed_roots: tuple[str, ...]
     hash_pool: ThreadPoolExecutor
     reads: BoundedRunner  # checkpoint opens and reads, bounded by each call's deadline
+    checkpoints: OpenCheckpoints  # the checkpoints reference calls named, kept open

@@ -39,6 +39,7 @@ from .decode import decode_request_or_malformed, reject_malformed
 from .errors import ServerDraining, invalid
 from .limits import ConcurrencyGate, RequestLimits
 from .metrics import UNKNOWN_BACKEND, Metrics
+from .open_checkpoints import OpenCheckpoints
 from .prepare_call import PrepareCall
 from .resources import CallResources
 from .status import Status, abort, status_of
@@ -76,8 +77,9 @@ class PrepService(prep_pb2_grpc.PrepServicer):
         self.gate = ConcurrencyGate(limits.max_concurrent, limits.max_concurrent_per_client)
         self.hash_pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="nvfp4-prep-hash")
         self.reads = BoundedRunner("nvfp4-prep-read", READ_THREADS_PER_SLOT * limits.max_concurrent)
-        self.resources = CallResources(Admission(self.workers, limits), cache, metrics, chunk_size,
-                                       tuple(str(root) for root in allowed_roots), self.hash_pool, self.reads)
+        roots = tuple(str(root) for root in allowed_roots)
+        self.resources = CallResources(Admission(self.workers, limits), cache, metrics, chunk_size, roots,
+                                       self.hash_pool, self.reads, OpenCheckpoints(roots))
         self.in_flight = 0
         self.outcomes: Counter[str] = Counter()
         self.draining = False
@@ -187,8 +189,9 @@ class PrepService(prep_pb2_grpc.PrepServicer):
 
     def close(self) -> None:
         """Ends the pools' idle threads, busy ones with their work (a stopping server waits for none), and closes
-        the mappings of clients' memory."""
+        the mappings of clients' memory and the checkpoints kept open."""
         self.reads.close()
+        self.resources.checkpoints.close()
         self.hash_pool.shutdown(wait=False, cancel_futures=True)
         self.client_memory.close()
 

@@ -208,24 +208,23 @@ class ReferencedSource:
                     return
             shard, worker, reservation = self._admit(checkpoint, owned)
             activation, upload = self._params.activation, worker.upload()
-            try:
-                with metrics.stage_timer("read", backend):
-                    host = self._bounded(
-                        lambda interrupt: read_layer(checkpoint, prefix, activation, upload, interrupt, shard, scales),
-                        f"reading layer {prefix} of checkpoint {location}", owned)
-            finally:
-                metrics.checkpoint_read_bytes.labels(backend).inc(checkpoint.bytes_read)
+            with metrics.stage_timer("read", backend):
+                host = self._bounded(
+                    lambda interrupt: read_layer(checkpoint, prefix, activation, upload, interrupt, shard, scales),
+                    f"reading layer {prefix} of checkpoint {location}", owned)
+            metrics.checkpoint_read_bytes.labels(backend).inc(self.inputs)
             with metrics.stage_timer("host_to_device", backend):  # what the read's overlap left to copy
                 received = [upload.finish(host) if upload is not None else host]
             del host
             yield LayerOnDevice(worker, reservation, received, self.inputs, scales is not None, worker.ring(), key)
 
     def _opened(self, owned: contextlib.ExitStack) -> ckpt.Checkpoint:
-        """The referenced checkpoint, opened on a reader thread and closed with ``owned``."""
-        location = self._ref.location
-        checkpoint = self._bounded(lambda _interrupt: ckpt.open_checkpoint(location, self._resources.allowed_roots),
-                                   f"opening checkpoint {location}", owned, ckpt.Checkpoint.close)
-        owned.callback(checkpoint.close)
+        """The referenced checkpoint, from the server's open ones (opened on a reader thread if need be), let go
+        of with ``owned``."""
+        location, checkpoints = self._ref.location, self._resources.checkpoints
+        checkpoint = self._bounded(lambda _interrupt: checkpoints.acquire(location), f"opening checkpoint {location}",
+                                   owned, checkpoints.release)
+        owned.callback(checkpoints.release, checkpoint)
         return checkpoint
 
     def _admit(self, checkpoint: ckpt.Checkpoint, owned: contextlib.ExitStack
@@ -298,11 +297,10 @@ class ReferencedSource:
                     lambda interrupt: checkpoint.read_layer(prefix, self._params.activation, upload is not None,
                                                             interrupt=interrupt, shard=shard, ready=ready,
                                                             scales=scales), check, owned)
+            metrics.checkpoint_read_bytes.labels(self._params.backend).inc(self.inputs)
             arrivals.ended(None)
         except BaseException as err:  # the answer raises it at its next wait
             arrivals.ended(err)
-        finally:
-            metrics.checkpoint_read_bytes.labels(self._params.backend).inc(checkpoint.bytes_read)
 
     def _activation_scales(self, checkpoint: ckpt.Checkpoint, owned: contextlib.ExitStack
                            ) -> ActivationScales | None:
