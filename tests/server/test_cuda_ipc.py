@@ -28,11 +28,13 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from nvfp4_prep import pipeline
 from nvfp4_prep.client import PrepClient
-from nvfp4_prep.client.ipc import HeldRequests
-from nvfp4_prep.client.landing import Placement
+from nvfp4_prep.client import ipc as client_ipc
+from nvfp4_prep.client.ipc import HeldRequests, IpcDelivery
+from nvfp4_prep.client.landing import DEFAULT_STAGING_BYTES, DeviceLanding, Placement
 from nvfp4_prep.client.receiver import Answer
 from nvfp4_prep.client.sdk import header_options
 from nvfp4_prep.contract.node import node_id
@@ -44,7 +46,7 @@ from nvfp4_prep.server.ipc import pack, packed_size, packing_room
 from nvfp4_prep.server.server import PrepServer
 from nvfp4_prep.v1 import prep_pb2 as pb
 from nvfp4_prep.v1 import prep_pb2_grpc
-from nvfp4_prep.wire import encode_tensors, header_for, read_headers
+from nvfp4_prep.wire import TensorSpec, encode_tensors, header_for, read_headers
 from tests.helpers import ipc_client
 from tests.helpers.server_state import settled as _settled
 
@@ -192,6 +194,27 @@ def _mapped(caplog) -> int:
     """Client allocations the server mapped so far."""
     return sum(r.name == "nvfp4_prep.server.client_memory" and r.getMessage().startswith("cuda_ipc: mapped")
                for r in caplog.records)
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_a_device_landing_the_server_was_told_to_write_into_outlives_a_call_that_failed(monkeypatch):
+    monkeypatch.setattr(client_ipc, "WRITE_GRACE", 1.0)
+    device = torch.device("cuda", 0)
+    specs = [TensorSpec("w13_weight", torch.uint8, (1 << 20,), 1 << 20)]
+
+    def landing_after(asked_to_write: bool) -> StorageWeakRef:
+        landing = DeviceLanding(specs, device, DEFAULT_STAGING_BYTES)
+        delivery = IpcDelivery(specs, landing, HeldRequests(iter(())), device, False, time.perf_counter())
+        if asked_to_write:
+            delivery.receive(pb.PrepareResponse(ipc_write=pb.IpcWrite(lease_id="lease-1", lease_seconds=5)))
+        delivery.abandon()  # the call failed before the server said written
+        return StorageWeakRef(landing.packed.untyped_storage())
+
+    assert landing_after(asked_to_write=False).expired()  # never shared: let go at once
+    held = landing_after(asked_to_write=True)
+    assert not held.expired()  # the server may still be writing into it
+    assert settled(held.expired)
 
 
 @pytest.mark.gpu

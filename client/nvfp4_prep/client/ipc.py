@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 STREAM, CUDA_IPC = "stream", "cuda_ipc"
 DELIVERIES = (STREAM, CUDA_IPC)
 _END = object()
+# Seconds that a ``device=`` landing the server was told to write into outlives a call that ended before the server
+# said ``written``: the write may still be in flight, and memory freed under it would go to this process's next
+# tensor. (``out=`` tensors are the caller's: see ``PrepClient.prepare_layer``.)
+WRITE_GRACE = 10.0
 
 
 def delivery_fields(delivery: str, where: Placement) -> dict:
@@ -242,6 +246,18 @@ class IpcDelivery:
     def finish(self) -> None:
         if not self._landed:
             raise FramingError("response.written", "never came", "the server's word that every tensor is written")
+
+    def abandon(self) -> None:
+        """The call ends without the layer landed: a ``device=`` landing whose destinations went to the server is
+        kept for ``WRITE_GRACE`` seconds more (the server may be writing into it), then let go."""
+        if self._write is not None and not self._landed and isinstance(self._sink, DeviceLanding):
+            timer = threading.Timer(WRITE_GRACE, _let_go, args=(self._sink.packed,))
+            timer.daemon = True
+            timer.start()
+
+
+def _let_go(memory: torch.Tensor) -> None:
+    """Nothing: the timer that calls it held ``memory`` until then."""
 
 
 def destinations(message: pb.IpcWrite, specs: Sequence[TensorSpec], sink: Landing) -> pb.PrepareRequest:

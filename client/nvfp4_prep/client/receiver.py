@@ -129,6 +129,7 @@ class Answer:
         if first is None or chunk_of(first) is not None:
             raise PrepProtocolError("response.header: did not come first (expected a PreparedHeader)")
         header, came = first.header, time.perf_counter()
+        ipc = None  # once the answer comes by CUDA IPC instead of chunks
         try:
             if resumed and not _same_answer(self._header, header):
                 self._drop()
@@ -137,7 +138,6 @@ class Answer:
             if not resumed:
                 self._start(header)
             receiver = self._receiver
-            ipc = None  # once the answer comes by CUDA IPC instead of chunks
             for response in bulk.chunks(call) if bulk is not None and bulk.active else call:
                 chunk = chunk_of(response)
                 if chunk is None or ipc is not None:
@@ -157,10 +157,14 @@ class Answer:
             # The scalars are small: read back from a device to compare them with the header's lists.
             scalars = {name: tensors[name].to("cpu") for name in SCALAR_NAMES if name in tensors}
             check_scalars(header.scalars, scalars, "response.header.scalars")
-        except ChecksumError as err:
-            raise PrepChecksumError(str(err), field=err.field) from None
-        except FramingError as err:
-            raise PrepProtocolError(str(err), field=err.field) from None
+        except BaseException as err:
+            if ipc is not None:
+                ipc.abandon()
+            if isinstance(err, ChecksumError):
+                raise PrepChecksumError(str(err), field=err.field) from None
+            if isinstance(err, FramingError):
+                raise PrepProtocolError(str(err), field=err.field) from None
+            raise
         layout = layout_from_proto(header.layout)
         _check_layout(layout, self.asked)
         return RemoteLayer(tensors=tensors, layout=layout, scalars={

@@ -269,8 +269,10 @@ class PrepClient:
         ``out`` on one GPU), the server writes it straight into this process's tensors there, in one device copy
         (it keeps them mapped for --ipc-lease-timeout, so landing in the same ``out`` tensors again costs no
         mapping; the work queued on their device's current stream is waited for first; on an error their
-        contents are undefined). Otherwise it hands its GPU's prepared tensors over as CUDA IPC handles, copied
-        device to device (a peer copy from another GPU). When it can do neither
+        contents are undefined, and a ``device`` landing the server was told to write into is kept for
+        ``ipc.WRITE_GRACE`` seconds before its memory goes back, as the write may still be landing). Otherwise
+        it hands its GPU's prepared tensors over as CUDA IPC handles, copied device to device (a peer copy from
+        another GPU). When it can do neither
         (another node, a CPU server, a cached answer), the answer streams as usual. The result's tensors are
         this process's own either way. Needs CUDA here, else PrepInvalidArgument naming ``delivery``.
         """
