@@ -8,11 +8,12 @@ index), then measures in the same run, on the same hot page cache:
   bytes as it reads;
 - ``prepare``: what ``nvfp4-prep prepare`` does without --server (the pipeline in
   this process, on the GPU when there is one; no gRPC);
-- ``prepare --server``: through a separately started server process, layers
-  streamed over loopback (``--send tensors``);
-- ``prepare --server (references)``: the same server, started with
-  ``--allowed-root`` over the checkpoint, sent references (``--send references``):
-  it reads each layer itself and only prepared bytes come back;
+- ``prepare --server``: what ``nvfp4-prep prepare --server`` does, through a separately
+  started server process on loopback, started with ``--allowed-root`` over the
+  checkpoint: ``--send auto`` finds that it reads the files and sends references, so
+  the server reads each layer itself and only prepared bytes come back;
+- ``prepare --server --send tensors``: the same server sent the layers' bytes
+  (what a server that cannot read the files gets);
 - both again with ``--bulk-streams 4``: the tensor bytes over the server's bulk
   transport (``--bulk-address``) instead of the gRPC stream.
 
@@ -58,7 +59,7 @@ from nvfp4_prep.checkpoint.checkpoint import Checkpoint
 from nvfp4_prep.cli.checkpoint_commands import Sending, layer_preparers
 from nvfp4_prep.client.sdk import PrepClient
 from nvfp4_prep.contract.layout import BACKENDS
-from nvfp4_prep.prepared.prepare_job import prepare_checkpoint
+from nvfp4_prep.prepared.prepare_job import ReferencePreparer, prepare_checkpoint
 from nvfp4_prep.prepared.writer import PreparedCheckpointWriter
 from report import add_json_flag, print_rows, reset_device_peak, row, write_json
 
@@ -288,14 +289,16 @@ def main() -> int:
         process, address = start_server_process(source)
         try:
             for suffix, security in (("", {}), (f" --bulk-streams {BULK_STREAMS}", {"bulk_streams": BULK_STREAMS})):
-                with layer_preparers([address], security=security) as preparers:  # uploads: --send tensors
+                with open_checkpoint(source) as checkpoint, layer_preparers(  # --send auto: references here
+                        [address], security=security,
+                        sending=Sending("auto", checkpoint, str(source), args.backend)) as preparers:
+                    if not isinstance(preparers[0], ReferencePreparer):
+                        raise RuntimeError("--send auto did not send references to a server that reads the files")
                     seconds = best(lambda: timed_prepare(source, out, preparers, args.backend))
                     rows.append(row(f"prepare --server{suffix}", gbps(seconds), copy, copy_gbps))
-                with open_checkpoint(source) as checkpoint, layer_preparers(
-                        [address], security=security,
-                        sending=Sending("references", checkpoint, str(source), args.backend)) as preparers:
+                with layer_preparers([address], security=security) as preparers:  # uploads: --send tensors
                     seconds = best(lambda: timed_prepare(source, out, preparers, args.backend))
-                    rows.append(row(f"prepare --server (references){suffix}", gbps(seconds), copy, copy_gbps))
+                    rows.append(row(f"prepare --server --send tensors{suffix}", gbps(seconds), copy, copy_gbps))
         finally:
             process.terminate()
             process.wait(60)
