@@ -10,12 +10,13 @@ index), then measures in the same run, on the same hot page cache:
   this process, on the GPU when there is one; no gRPC);
 - ``prepare --server``: what ``nvfp4-prep prepare --server`` does, through a separately
   started server process on loopback, started with ``--allowed-root`` over the
-  checkpoint: ``--send auto`` finds that it reads the files and sends references, so
-  the server reads each layer itself and only prepared bytes come back;
+  checkpoint and a bulk port (``--bulk-address``): ``--send auto`` finds that it reads
+  the files and sends references, so the server reads each layer itself and only
+  prepared bytes come back, over the bulk transport (the CLI's default 4 connections);
 - ``prepare --server --send tensors``: the same server sent the layers' bytes
   (what a server that cannot read the files gets);
-- both again with ``--bulk-streams 4``: the tensor bytes over the server's bulk
-  transport (``--bulk-address``) instead of the gRPC stream.
+- both again with ``--bulk-streams 0``: the tensor bytes on the gRPC stream (what a
+  server without a bulk port, or out of its reach, gets).
 
 Each prepare run reads every shard, prepares every layer and writes (and fsyncs)
 a complete prepared checkpoint. GB/s is source checkpoint bytes over wall time;
@@ -57,6 +58,7 @@ from safetensors.torch import save_file
 from nvfp4_prep.checkpoint import open_checkpoint
 from nvfp4_prep.checkpoint.checkpoint import Checkpoint
 from nvfp4_prep.cli.checkpoint_commands import Sending, layer_preparers
+from nvfp4_prep.cli.connection_flags import DEFAULT_BULK_STREAMS
 from nvfp4_prep.client.sdk import PrepClient
 from nvfp4_prep.contract.layout import BACKENDS
 from nvfp4_prep.prepared.prepare_job import ReferencePreparer, prepare_checkpoint
@@ -66,8 +68,6 @@ from report import add_json_flag, print_rows, reset_device_peak, row, write_json
 SERVER = ("import sys; from nvfp4_prep.server.config import ServeConfig; from nvfp4_prep.server.server import run; "
           "sys.exit(run(ServeConfig(host='127.0.0.1', port=int(sys.argv[1]), metrics_port=0, log_level='WARNING', "
           "allowed_roots=(sys.argv[2],), bulk_address=('127.0.0.1', 0))))")
-# Bulk connections per call in the rows that use the bulk transport (``--bulk-streams``).
-BULK_STREAMS = 4
 
 
 def layer_bytes(experts: int, hidden: int, inter: int) -> int:
@@ -288,7 +288,8 @@ def main() -> int:
                 profiled_prepare(source, out, preparers[0], args.backend)
         process, address = start_server_process(source)
         try:
-            for suffix, security in (("", {}), (f" --bulk-streams {BULK_STREAMS}", {"bulk_streams": BULK_STREAMS})):
+            for suffix, streams in (("", DEFAULT_BULK_STREAMS), (" --bulk-streams 0", 0)):
+                security = {"bulk_streams": streams}
                 with open_checkpoint(source) as checkpoint, layer_preparers(  # --send auto: references here
                         [address], security=security,
                         sending=Sending("auto", checkpoint, str(source), args.backend)) as preparers:

@@ -18,9 +18,11 @@ import pytest
 import torch
 
 from nvfp4_prep import pipeline
-from nvfp4_prep.cli.connection_flags import add_security_flags, security_options
+from nvfp4_prep.cli.connection_flags import DEFAULT_BULK_STREAMS, add_security_flags, security_options
 from nvfp4_prep.client import PrepClient
-from nvfp4_prep.client.bulk import target_host
+from nvfp4_prep.client import bulk as bulk_client
+from nvfp4_prep.client.bulk import BulkDialer, target_host
+from nvfp4_prep.v1 import prep_pb2 as pb
 from tests.helpers.certificates import server_and_client
 from tests.helpers.layer_factory import random_layer
 from tests.helpers.server_state import idle, wait_for
@@ -165,6 +167,19 @@ def test_an_advertised_host_nobody_listens_on_falls_back(start_server, layer, sa
     assert len(fallbacks(server_log)) == 1
 
 
+def test_a_client_that_could_not_connect_asks_for_no_bulk_until_a_while_passed(start_server, monkeypatch):
+    monkeypatch.setattr(bulk_client, "UNREACHABLE_SECONDS", 1.0)
+    server = start_server(**BULK)
+    with PrepClient(server.address, bulk_streams=2) as client:
+        offer = client.capabilities().bulk_port
+    server.bulk.stop()  # connections are refused from now on
+    dialer = BulkDialer(2, server.address, None)
+    assert dialer.request() == pb.BulkRequest(streams=2)
+    assert dialer.connect(pb.BulkOffer(ticket=bytes(32), port=offer, streams=2)) is None
+    assert dialer.request() is None  # its calls go inline at once, without waiting for the port again
+    wait_for(lambda: dialer.request() is not None, 30)
+
+
 def test_a_server_without_bulk_answers_inline(start_server, layer, same_tensors, server_log):
     server = start_server()
     with PrepClient(server.address, bulk_streams=4) as client:
@@ -227,7 +242,8 @@ def test_the_cli_flag_reaches_the_client(monkeypatch):
     parser = argparse.ArgumentParser()
     add_security_flags(parser)
     assert security_options(parser.parse_args(["--bulk-streams", "4"]))["bulk_streams"] == 4
-    assert security_options(parser.parse_args([]))["bulk_streams"] == 0
+    assert security_options(parser.parse_args([]))["bulk_streams"] == DEFAULT_BULK_STREAMS == 4
+    assert security_options(parser.parse_args(["--bulk-streams", "0"]))["bulk_streams"] == 0
     with pytest.raises(SystemExit):
         parser.parse_args(["--bulk-streams", "9"])
     monkeypatch.setenv("NVFP4_PREP_BULK_STREAMS", "2")

@@ -568,14 +568,15 @@ def test_prepare_job_is_a_client_and_never_a_server_pod(manifests):
     for selector in selectors:
         assert not selector.items() <= labels.items(), f"the Job's pods would be selected by {selector}"
     assert labels.get("nvfp4-prep/client") == "true"  # admitted by the servers' NetworkPolicy
-    # Its own policy: nothing in, out only to the servers' gRPC port (and DNS).
+    # Its own policy: nothing in, out only to the servers' gRPC and bulk ports (and DNS); the CLI asks for bulk.
     policy = manifests["prepare-job"]["NetworkPolicy", "nvfp4-prep-prepare"]["spec"]
     assert policy["podSelector"]["matchLabels"].items() <= labels.items()
     assert policy["ingress"] == []
     server_labels = deployment(objects)["spec"]["template"]["metadata"]["labels"]
-    assert any(peer.get("podSelector", {}).get("matchLabels", {}).items() <= server_labels.items()
-               and "namespaceSelector" not in peer and {"port": "grpc", "protocol": "TCP"} in rule["ports"]
-               for rule in policy["egress"] for peer in rule["to"])
+    for port in ("grpc", "bulk"):
+        assert any(peer.get("podSelector", {}).get("matchLabels", {}).items() <= server_labels.items()
+                   and "namespaceSelector" not in peer and {"port": port, "protocol": "TCP"} in rule["ports"]
+                   for rule in policy["egress"] for peer in rule["to"]), port
     assert job["spec"]["template"]["spec"]["restartPolicy"] in ("Never", "OnFailure")
     container, environ = job_environment(manifests["prepare-job"])
     mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}

@@ -26,6 +26,11 @@ def _seconds(text: str) -> float:
     return value
 
 
+# Bulk connections per call unless told otherwise: a server started with --bulk-address then moves the tensor bytes
+# over them (several times the inline stream's rate); one without, or out of reach, answers inline.
+DEFAULT_BULK_STREAMS = 4
+
+
 def _bulk_streams(text: str) -> int:
     try:
         value = int(text)
@@ -52,11 +57,12 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
                         help="keep retrying a call that failed for a passing reason (server restarting or "
                              "unreachable, too busy) for this long, with backoff; 0: no retries (default 60) "
                              "[env NVFP4_PREP_RETRY_TIMEOUT]")
-    parser.add_argument("--bulk-streams", type=_bulk_streams, default=env_value("bulk-streams", "0"), metavar="N",
+    parser.add_argument("--bulk-streams", type=_bulk_streams,
+                        default=env_value("bulk-streams", str(DEFAULT_BULK_STREAMS)), metavar="N",
                         help="move tensor bytes over N TCP connections beside each Prepare call (the server's "
                              f"--bulk-address; TLS like the channel), 1 to {MAX_STREAMS}; inline when the server "
-                             "has none or it cannot be reached; 0: always inline (default 0) "
-                             "[env NVFP4_PREP_BULK_STREAMS]")
+                             "has none or it cannot be reached; 0: always inline (default "
+                             f"{DEFAULT_BULK_STREAMS}) [env NVFP4_PREP_BULK_STREAMS]")
 
 
 def security_options(args: argparse.Namespace) -> dict:
@@ -70,7 +76,7 @@ def security_options(args: argparse.Namespace) -> dict:
         if path is not None and not os.access(path, os.R_OK):
             raise ValueError(f"{flag}: {path!r} is not a readable file")
     options = {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
-               "retry_timeout": args.retry_timeout, "bulk_streams": getattr(args, "bulk_streams", 0)}
+               "retry_timeout": args.retry_timeout, "bulk_streams": getattr(args, "bulk_streams", DEFAULT_BULK_STREAMS)}
     if args.token_file is not None:
         options["token"] = read_token_file(args.token_file)
     return options

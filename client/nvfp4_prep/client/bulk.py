@@ -8,7 +8,8 @@ caller's tensors (each stream's thread computes its chunks' CRC32C and writes th
 answer's header still comes on the gRPC stream, its chunks over the connections, checked by the same
 ``TensorReceiver`` and landed by the same sinks as inline chunks. When the server offers nothing (port 0),
 or the connections cannot be made within ``CONNECT_TIMEOUT`` seconds (a closed port, a firewall, a TLS
-failure, a refused ticket), the call simply goes on inline; that is logged once per client at INFO.
+failure, a refused ticket), the call simply goes on inline; that is logged once per client at INFO, and the
+client's calls of the next ``UNREACHABLE_SECONDS`` ask for no bulk transport.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ CONNECT_TIMEOUT = 5.0
 OFFER_TIMEOUT = 10.0
 # Largest frame taken from a server: its largest message.
 FRAME_LIMIT = MAX_CHUNK_SIZE + MESSAGE_OVERHEAD
+# Seconds a client that could not connect asks for no bulk transport (its calls go inline at once, instead of each
+# waiting up to CONNECT_TIMEOUT for a port that a firewall drops), before it tries again.
+UNREACHABLE_SECONDS = 60.0
 
 
 class _Refused(Exception):
@@ -126,13 +130,17 @@ class BulkDialer:
         self._tls = tls
         self._server_name = server_name or self._host
         self._unusable = unusable  # why bulk cannot work with this client at all ("" when it can)
+        self._unreachable_until = 0.0  # time.monotonic() until which the last failed connection holds
         self._logged = False
         self._lock = threading.Lock()
 
     def request(self) -> pb.BulkRequest | None:
-        """What the header asks for (None: the header asks for nothing, since bulk cannot work here)."""
+        """What the header asks for (None: the header asks for nothing, since bulk cannot work here, or could not
+        connect less than ``UNREACHABLE_SECONDS`` ago)."""
         if self._unusable:
             self.fell_back(self._unusable)
+            return None
+        if time.monotonic() < self._unreachable_until:
             return None
         return pb.BulkRequest(streams=self.streams)
 
@@ -163,7 +171,9 @@ class BulkDialer:
         except (OSError, ValueError, _Refused) as err:
             for sock in sockets:
                 _close(sock)
-            self.fell_back(f"bulk stream {len(sockets)} to {host}:{offer.port}: {err}")
+            self._unreachable_until = time.monotonic() + UNREACHABLE_SECONDS
+            self.fell_back(f"bulk stream {len(sockets)} to {host}:{offer.port}: {err}; not tried again for "
+                           f"{UNREACHABLE_SECONDS:g}s")
             return None
         return sockets
 
