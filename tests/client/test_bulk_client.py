@@ -180,6 +180,17 @@ def test_a_client_that_could_not_connect_asks_for_no_bulk_until_a_while_passed(s
     wait_for(lambda: dialer.request() is not None, 30)
 
 
+def test_a_call_whose_offer_never_came_goes_inline_and_the_next_asks_for_no_bulk(monkeypatch):
+    monkeypatch.setattr(bulk_client, "OFFER_TIMEOUT", 0.1)  # a server that ignores header.bulk sends no offer
+    monkeypatch.setattr(bulk_client, "UNREACHABLE_SECONDS", 30.0)
+    dialer = BulkDialer(2, "127.0.0.1:1", None)
+    attempt = bulk_client.BulkAttempt(dialer)
+    piece = (0, 0, memoryview(b"abcd"))
+    sent = list(attempt.requests("header", iter([piece])))
+    assert sent[0] == "header" and len(sent) == 2 and not attempt.active  # the piece went inline, encoded
+    assert dialer.request() is None
+
+
 def test_a_server_without_bulk_answers_inline(start_server, layer, same_tensors, server_log):
     server = start_server()
     with PrepClient(server.address, bulk_streams=4) as client:

@@ -1,12 +1,15 @@
 """The server's table of open checkpoints (``OpenCheckpoints``): a checkpoint that reference calls name is opened
-once and reused while its files stay the same; a file rewritten, replaced or touched makes the next call open it
-again (and a real server then answers the new bytes); the least recently used beyond ``CAPACITY`` is closed once
-no call uses it; the allowed roots hold as for ``open_checkpoint``."""
+once and reused while its files stay the same; a file rewritten, replaced, touched or added makes the next call
+open it again (and a real server then answers the new bytes); one moved out of the allowed roots behind a symlink
+is refused as a fresh open would be; the least recently used beyond ``CAPACITY`` and one left unused for
+``IDLE_SECONDS`` are closed once no call uses them."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ from nvfp4_prep.client import PrepClient
 from nvfp4_prep.server import open_checkpoints
 from nvfp4_prep.server.open_checkpoints import OpenCheckpoints
 from tests.helpers.checkpoint_factory import moe_checkpoint
+from tests.helpers.server_state import wait_for
 
 PREFIX = "model.layers.0.mlp.experts"
 EXPERTS, HIDDEN, INTER = 4, 256, 128
@@ -91,6 +95,50 @@ def test_the_least_recently_used_beyond_capacity_is_closed_once_unused(tmp_path,
     table.release(newest)
     table.close()
     assert not is_open(unused) and not is_open(newest)
+
+
+def test_a_file_added_that_an_open_would_read_opens_the_checkpoint_again(tmp_path):
+    location = str(make(tmp_path / "ckpt"))
+    table = OpenCheckpoints((str(tmp_path),))
+    first = table.acquire(location)
+    table.release(first)
+    names = first.tensor_names()
+    (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(  # an open prefers the index to the file
+        json.dumps({"weight_map": {name: "model.safetensors" for name in names}}))
+    again = table.acquire(location)
+    assert again is not first and not is_open(first)
+    assert again.tensor_names() == names
+    table.release(again)
+    table.close()
+
+
+def test_a_checkpoint_moved_out_of_the_roots_behind_a_symlink_is_refused_and_let_go(tmp_path):
+    (tmp_path / "root").mkdir()
+    location = str(make(tmp_path / "root" / "ckpt"))
+    table = OpenCheckpoints((str(tmp_path / "root"),))
+    first = table.acquire(location)
+    table.release(first)
+    (tmp_path / "root" / "ckpt").rename(tmp_path / "outside")
+    (tmp_path / "root" / "ckpt").symlink_to(tmp_path / "outside")
+    with pytest.raises(CheckpointPermissionDenied):
+        table.acquire(location)
+    assert not is_open(first)
+
+
+def test_a_checkpoint_left_unused_is_closed(tmp_path, monkeypatch):
+    monkeypatch.setattr(open_checkpoints, "IDLE_SECONDS", 0.5)
+    location = str(make(tmp_path / "ckpt"))
+    table = OpenCheckpoints((str(tmp_path),))
+    used = table.acquire(location)
+    table.release(table.acquire(location))  # a second user comes and goes: the first still holds it
+    time.sleep(1.0)
+    assert is_open(used)
+    table.release(used)
+    wait_for(lambda: not is_open(used), 30)
+    fresh = table.acquire(location)
+    assert fresh is not used
+    table.release(fresh)
+    table.close()
 
 
 def test_the_allowed_roots_hold(tmp_path):

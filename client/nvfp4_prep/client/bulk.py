@@ -8,8 +8,8 @@ caller's tensors (each stream's thread computes its chunks' CRC32C and writes th
 answer's header still comes on the gRPC stream, its chunks over the connections, checked by the same
 ``TensorReceiver`` and landed by the same sinks as inline chunks. When the server offers nothing (port 0),
 or the connections cannot be made within ``CONNECT_TIMEOUT`` seconds (a closed port, a firewall, a TLS
-failure, a refused ticket), the call simply goes on inline; that is logged once per client at INFO, and the
-client's calls of the next ``UNREACHABLE_SECONDS`` ask for no bulk transport.
+failure, a refused ticket), or no offer comes within ``OFFER_TIMEOUT``, the call simply goes on inline; that is
+logged once per client at INFO, and the client's calls of the next ``UNREACHABLE_SECONDS`` ask for none.
 """
 
 from __future__ import annotations
@@ -151,6 +151,11 @@ class BulkDialer:
         if not logged:
             log.info("bulk transport not used (%s); sending inline over gRPC", why)
 
+    def unreachable(self, why: str) -> None:
+        """A call waited for its bulk connections in vain (``why``): the next ``UNREACHABLE_SECONDS`` ask for none."""
+        self._unreachable_until = time.monotonic() + UNREACHABLE_SECONDS
+        self.fell_back(f"{why}; not asked for again for {UNREACHABLE_SECONDS:g}s")
+
     def connect(self, offer: pb.BulkOffer) -> list[socket.socket] | None:
         """Every stream of ``offer`` connected and accepted, or None (logged) to go inline."""
         host = offer.host or self._host
@@ -171,9 +176,7 @@ class BulkDialer:
         except (OSError, ValueError, _Refused) as err:
             for sock in sockets:
                 _close(sock)
-            self._unreachable_until = time.monotonic() + UNREACHABLE_SECONDS
-            self.fell_back(f"bulk stream {len(sockets)} to {host}:{offer.port}: {err}; not tried again for "
-                           f"{UNREACHABLE_SECONDS:g}s")
+            self.unreachable(f"bulk stream {len(sockets)} to {host}:{offer.port}: {err}")
             return None
         return sockets
 
@@ -220,8 +223,8 @@ class BulkAttempt:
         ``upload`` pieces go over the connections, encoded by the streams' threads) or the ``upload`` pieces
         encoded inline."""
         yield first
-        if not self._decided.wait(OFFER_TIMEOUT):
-            self._decide(None, f"no bulk offer came within {OFFER_TIMEOUT:g}s")
+        if not self._decided.wait(OFFER_TIMEOUT) and self._decide(None, ""):
+            self._dialer.unreachable(f"no bulk offer came within {OFFER_TIMEOUT:g}s")
         with self._lock:
             if self._closed:
                 return

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .discovery import MoeLayer, discover_moe_layers
-from .errors import CheckpointInvalid, CheckpointNotFound, shown
+from .errors import CheckpointError, CheckpointInvalid, CheckpointNotFound, shown
 from .files import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, Identity, identity, parse_json, read_bounded
 from .formats import BF16, COMPRESSED_TENSORS, CONFIG, HF_QUANT_CONFIG, QuantFormat, detect_format
 from .location import Found, Opened, PathLike, Tree
@@ -170,10 +170,10 @@ class Checkpoint:
         files = [*self._sources, *((shard.path.name, shard.identity) for shard in self.shard_files(prefix))]
         return ";".join(f"{name}:{':'.join(map(str, ident))}" for name, ident in files)
 
-    def file_identities(self) -> list[tuple[Path, Identity]]:
-        """Path and identity, as opened, of every file the checkpoint reads: configs, index and shards."""
-        return [*((self.directory / name, known) for name, known in self._sources),
-                *((shard.path, shard.identity) for shard in self._shards.values())]
+    def file_identities(self) -> dict[str, Identity]:
+        """The identity, as opened, of every file the checkpoint reads (configs, index, shards), by name in its
+        directory."""
+        return {**dict(self._sources), **{name: shard.identity for name, shard in self._shards.items()}}
 
     def auxiliary_files(self) -> list[Path]:
         """Config, tokenizer and other non-weight files at the top of the checkpoint directory (by path:
@@ -245,6 +245,28 @@ def _weight_map(index: Opened) -> dict[str, str]:
         raise CheckpointInvalid(
             f"{shown(index.display)}: weight_map is missing or not an object of tensor name -> shard file")
     return weight_map
+
+
+def unchanged_since(checkpoint: Checkpoint, location: PathLike, allowed_roots: Sequence[PathLike] | None) -> bool:
+    """Whether opening ``location`` now would read the very files ``checkpoint`` was opened from, each unchanged:
+    the same config files present (none added), the same index or single file, the same shards. Walked as
+    ``open_checkpoint`` walks (no symlink followed, nothing outside the roots touched), parsing nothing; a
+    location that no longer opens is changed too."""
+    try:
+        with Tree(allowed_roots) as tree:
+            found = tree.open_location(location)
+            weights = _weights_file(tree, found)
+            seen = {Path(weights.display).name: identity(weights.stat)}
+            weights.close()
+            known = checkpoint.file_identities()
+            for name in (*CONFIG_FILES, *(name for name in known if name not in seen and name not in CONFIG_FILES)):
+                opened = tree.open_in(found, name, "checkpoint file", missing_ok=True)
+                if opened is not None:
+                    seen[name] = identity(opened.stat)
+                    opened.close()
+    except (CheckpointError, OSError):
+        return False
+    return seen == known
 
 
 def open_checkpoint(location: PathLike, allowed_roots: Sequence[PathLike] | None = None, *,

@@ -18,7 +18,6 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -134,18 +133,19 @@ def _stacked_shapes(layer: MoeLayer, reads: RankReads, file_of: FileOf, used: tu
 
 def _scalar_tasks(reads: list[TensorRead], file_of: FileOf, scalars: dict[str, torch.Tensor]) -> list[_Task]:
     """The reads of the per-expert scales into ``scalars`` (by key): one per file, ``SafetensorsFile.tensors``."""
-    by_file: dict[Path, list[TensorRead]] = {}
+    by_file: dict[int, tuple[SafetensorsFile, list[TensorRead]]] = {}
     for read in reads:
-        by_file.setdefault(file_of(read.name).path, []).append(read)
+        file = file_of(read.name)
+        by_file.setdefault(id(file), (file, []))[1].append(read)
 
-    def task(group: list[TensorRead]) -> _Task:
+    def task(file: SafetensorsFile, group: list[TensorRead]) -> _Task:
         def scalar(interrupt: Interrupt | None) -> None:
-            read = file_of(group[0].name).tensors([read.name for read in group], interrupt=interrupt)
+            read = file.tensors([item.name for item in group], interrupt=interrupt)
             scalars.update({item.key: read[item.name] for item in group})
 
         return _Task(scalar, None)
 
-    return [task(group) for group in by_file.values()]
+    return [task(file, group) for file, group in by_file.values()]
 
 
 def _task(layer: MoeLayer, read: TensorRead, file: SafetensorsFile, activation: str, used: tuple[str, ...],

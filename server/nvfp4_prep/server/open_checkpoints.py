@@ -2,39 +2,40 @@
 
 A reference call names one layer, and opening its checkpoint parses every shard's header (a large model has
 hundreds, of a megabyte or more each), which a job that sends one call per layer would otherwise pay again for
-every layer. An opened checkpoint is reused while each file it was opened from (configs, index, shards) still
-has the identity it had then (device, inode, size, mtime, ctime, by ``os.stat`` of its path: a file replaced,
-rewritten or touched shows), else it is opened again. At most ``CAPACITY`` are kept, the least recently used
-pushed out: closed at once when no call uses it, else when its last call lets go.
+every layer. An opened checkpoint is reused while opening its location again would read the very same files,
+unchanged (``unchanged_since``: walked as an open walks, within the allowed roots, comparing each file's device,
+inode, size, mtime and ctime; a file added, replaced, rewritten or touched shows), else it is opened again. At
+most ``CAPACITY`` are kept, the least recently used pushed out, and one left unused for ``IDLE_SECONDS`` is
+closed, so that a deleted checkpoint's space comes back: each closes at once when no call uses it, else when
+its last call lets go.
 """
 
 from __future__ import annotations
 
-import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nvfp4_prep import checkpoint as ckpt
-from nvfp4_prep.checkpoint.files import identity
+from nvfp4_prep.checkpoint.checkpoint import unchanged_since
 
 # Checkpoints kept open: a fleet's server serves a model or two at a time; each holds its parsed headers.
 CAPACITY = 4
+# Seconds a kept checkpoint no call uses stays open: a job's next layer comes within it; a deleted checkpoint's
+# files are let go of after it.
+IDLE_SECONDS = 120.0
 
 
 @dataclass
 class _Opened:
+    location: str
     checkpoint: ckpt.Checkpoint
     users: int = 0
     kept: bool = True  # still in the table (else closed once ``users`` drops to 0)
-
-    def unchanged(self) -> bool:
-        """Whether every file the checkpoint was opened from is still the same file, unchanged."""
-        try:
-            return all(identity(os.stat(path)) == known for path, known in self.checkpoint.file_identities())
-        except OSError:
-            return False
+    idle_since: float = field(default_factory=time.monotonic)
+    sweep: threading.Timer | None = None
 
 
 class OpenCheckpoints:
@@ -52,12 +53,15 @@ class OpenCheckpoints:
         it where the call's deadline bounds it."""
         with self._lock:
             kept = self._table.get(location)
-        if kept is not None and kept.unchanged():
+        if kept is not None:
+            fresh = unchanged_since(kept.checkpoint, location, self._allowed_roots)
             with self._lock:
                 if self._table.get(location) is kept:
-                    self._table.move_to_end(location)
-                    return self._use(kept)
-        opened = _Opened(ckpt.open_checkpoint(location, self._allowed_roots))
+                    if fresh:
+                        self._table.move_to_end(location)
+                        return self._use(kept)
+                    self._drop(self._table.pop(location))  # stale: gone even if opening again fails
+        opened = _Opened(location, ckpt.open_checkpoint(location, self._allowed_roots))
         with self._lock:
             replaced = self._table.pop(location, None)
             if replaced is not None:
@@ -72,10 +76,15 @@ class OpenCheckpoints:
         with self._lock:
             opened = self._users[id(checkpoint)]
             opened.users -= 1
-            if opened.users == 0:
-                del self._users[id(checkpoint)]
-                if not opened.kept:
-                    opened.checkpoint.close()
+            if opened.users:
+                return
+            del self._users[id(checkpoint)]
+            if not opened.kept:
+                opened.checkpoint.close()
+                return
+            opened.idle_since = time.monotonic()
+            if opened.sweep is None:
+                self._sweep_later(opened, IDLE_SECONDS)
 
     def close(self) -> None:
         """Closes every kept checkpoint that no call uses (the others close when their calls let go)."""
@@ -90,5 +99,25 @@ class OpenCheckpoints:
 
     def _drop(self, opened: _Opened) -> None:
         opened.kept = False
+        if opened.sweep is not None:
+            opened.sweep.cancel()
+            opened.sweep = None
         if opened.users == 0:
             opened.checkpoint.close()
+
+    def _sweep_later(self, opened: _Opened, seconds: float) -> None:
+        opened.sweep = threading.Timer(seconds, self._sweep, args=(opened,))
+        opened.sweep.daemon = True
+        opened.sweep.start()
+
+    def _sweep(self, opened: _Opened) -> None:
+        """Closes ``opened`` if it stayed unused for IDLE_SECONDS, else looks again when it may have."""
+        with self._lock:
+            opened.sweep = None
+            if not opened.kept or opened.users:
+                return  # dropped meanwhile, or in use: its last release looks after it
+            left = opened.idle_since + IDLE_SECONDS - time.monotonic()
+            if left > 0:
+                self._sweep_later(opened, left)
+            elif self._table.get(opened.location) is opened:
+                self._drop(self._table.pop(opened.location))
