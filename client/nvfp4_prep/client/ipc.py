@@ -248,8 +248,8 @@ class IpcDelivery:
             raise FramingError("response.written", "never came", "the server's word that every tensor is written")
 
     def abandon(self) -> None:
-        """The call ends without the layer landed: a ``device=`` landing whose destinations went to the server is
-        kept for ``WRITE_GRACE`` seconds more (the server may be writing into it), then let go."""
+        """The call ends: if without the layer landed, a ``device=`` landing whose destinations went to the server
+        is kept for ``WRITE_GRACE`` seconds more (the server may be writing into it), then let go."""
         if self._write is not None and not self._landed and isinstance(self._sink, DeviceLanding):
             timer = threading.Timer(WRITE_GRACE, _let_go, args=(self._sink.packed,))
             timer.daemon = True

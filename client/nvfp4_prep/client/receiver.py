@@ -157,14 +157,13 @@ class Answer:
             # The scalars are small: read back from a device to compare them with the header's lists.
             scalars = {name: tensors[name].to("cpu") for name in SCALAR_NAMES if name in tensors}
             check_scalars(header.scalars, scalars, "response.header.scalars")
-        except BaseException as err:
+        except ChecksumError as err:
+            raise PrepChecksumError(str(err), field=err.field) from None
+        except FramingError as err:
+            raise PrepProtocolError(str(err), field=err.field) from None
+        finally:
             if ipc is not None:
-                ipc.abandon()
-            if isinstance(err, ChecksumError):
-                raise PrepChecksumError(str(err), field=err.field) from None
-            if isinstance(err, FramingError):
-                raise PrepProtocolError(str(err), field=err.field) from None
-            raise
+                ipc.abandon()  # nothing once the layer landed
         layout = layout_from_proto(header.layout)
         _check_layout(layout, self.asked)
         return RemoteLayer(tensors=tensors, layout=layout, scalars={
